@@ -1,0 +1,19 @@
+//! The dataset crate's error type.
+
+/// Result alias for the dataset crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong reading a dataset.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file's content is not what its format requires.
+    #[error("{file}: at byte offset {offset}: {reason}")]
+    Format {
+        /// The file (local path or object key).
+        file: String,
+        /// Byte offset of the problem.
+        offset: u64,
+        /// What was expected and what was found.
+        reason: String,
+    },
+}

@@ -1,0 +1,11 @@
+//! Datasets for effnet-cluster, without any tensor library: what the coordinator needs to plan
+//! epochs (sizes, splits, the distributed sampler) and what a worker needs to find and parse
+//! its samples (CIFAR-10 binary records, image folders).
+
+pub mod cifar;
+pub mod error;
+pub mod folder;
+pub mod sampler;
+pub mod split;
+
+pub use error::{Error, Result};

@@ -1,0 +1,260 @@
+//! Distributed sampling with PyTorch `DistributedSampler` semantics, plus a resumable,
+//! re-splittable position.
+//!
+//! Each epoch has one global order: a permutation of `0..len` drawn from `(seed, epoch)`.
+//! Training walks that order from the front: a step of `world` ranks with `batch` samples each
+//! consumes the next `world * batch` positions. Rank `r` takes positions `r, r + world, ...`
+//! of what remains (PyTorch's strided split), so on a fresh epoch the shards are exactly
+//! `DistributedSampler`'s. Because every step consumes a prefix, the position is one number,
+//! [`SamplerState::consumed`], and the rest of the epoch can be split over any number of ranks:
+//! a ring that shrinks or grows mid-epoch continues without repeating or skipping a sample.
+
+use serde::{Deserialize, Serialize};
+
+/// How an epoch is sampled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SamplerConfig {
+    /// Number of samples in the dataset split.
+    pub len: usize,
+    /// Seed of the run; the epoch number is mixed in.
+    pub seed: u64,
+    /// Shuffle each epoch (training) or keep the dataset order (evaluation).
+    pub shuffle: bool,
+    /// Drop the tail that does not fill every rank equally instead of padding it by wrapping
+    /// around to the start of the epoch.
+    pub drop_last: bool,
+}
+
+/// Where training stands inside an epoch: save it with a checkpoint, restore it to resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SamplerState {
+    /// The epoch, from 0.
+    pub epoch: u64,
+    /// Positions of the epoch's order already trained on.
+    pub consumed: usize,
+}
+
+impl SamplerConfig {
+    /// The epoch's global order of sample indices.
+    pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.len).collect();
+        if self.shuffle {
+            let mut rng = SplitMix64::new(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            // Fisher-Yates, from the back.
+            for i in (1..order.len()).rev() {
+                let j = rng.below(i as u64 + 1) as usize;
+                order.swap(i, j);
+            }
+        }
+        order
+    }
+
+    /// The sample indices rank `rank` of `world` takes for the rest of the epoch, from
+    /// `state`, in the order it should train on them. Every rank gets the same count.
+    ///
+    /// # Panics
+    /// When `world` is 0 or `rank >= world` (a programming error, not an input error).
+    pub fn shard(&self, state: SamplerState, world: usize, rank: usize) -> Vec<usize> {
+        assert!(world > 0 && rank < world, "rank {rank} of world {world}");
+        let order = self.epoch_order(state.epoch);
+        let rest = &order[state.consumed.min(order.len())..];
+        let per_rank = self.per_rank(rest.len(), world);
+        (0..per_rank)
+            .map(|k| {
+                let pos = k * world + rank;
+                // Padding wraps around to the start of the epoch, as PyTorch pads with the
+                // first indices.
+                if pos < rest.len() {
+                    rest[pos]
+                } else {
+                    order[(pos - rest.len()) % order.len()]
+                }
+            })
+            .collect()
+    }
+
+    /// Samples each rank takes when `remaining` positions are split over `world` ranks.
+    pub fn per_rank(&self, remaining: usize, world: usize) -> usize {
+        if self.drop_last || remaining == 0 {
+            remaining / world
+        } else {
+            remaining.div_ceil(world)
+        }
+    }
+
+    /// Optimizer steps left in the epoch for `world` ranks of `batch` samples each.
+    pub fn steps_left(&self, state: SamplerState, world: usize, batch: usize) -> usize {
+        let remaining = self.len.saturating_sub(state.consumed);
+        self.per_rank(remaining, world).div_ceil(batch)
+    }
+
+    /// The state after one step of `world` ranks with `batch` samples each.
+    pub fn advance(&self, state: SamplerState, world: usize, batch: usize) -> SamplerState {
+        let remaining = self.len.saturating_sub(state.consumed);
+        let per_rank = self.per_rank(remaining, world);
+        // The step's share of real (non-padding) positions.
+        let taken = (batch.min(per_rank) * world).min(remaining);
+        let consumed = state.consumed + taken;
+        let done = (self.drop_last && remaining - taken < world) || consumed >= self.len;
+        if done {
+            SamplerState {
+                epoch: state.epoch + 1,
+                consumed: 0,
+            }
+        } else {
+            SamplerState {
+                epoch: state.epoch,
+                consumed,
+            }
+        }
+    }
+}
+
+/// SplitMix64 (Steele, Lea and Flood, 2014): tiny, fast, and fixed forever, so a seed gives
+/// the same order in every version of this crate and every process.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A uniform integer in `0..n` (Lemire's multiply-shift; the bias is below 2^-32 for the
+    /// sizes used here).
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+
+    /// A uniform float in `[0, 1)`.
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn cfg(len: usize, drop_last: bool) -> SamplerConfig {
+        SamplerConfig {
+            len,
+            seed: 42,
+            shuffle: true,
+            drop_last,
+        }
+    }
+
+    #[test]
+    fn matches_pytorch_strided_split_on_a_fresh_epoch() {
+        let c = SamplerConfig {
+            len: 10,
+            seed: 0,
+            shuffle: false,
+            drop_last: false,
+        };
+        let s = SamplerState::default();
+        // torch DistributedSampler(shuffle=False, num_replicas=3): pad with [0, 1], stride 3.
+        assert_eq!(c.shard(s, 3, 0), [0, 3, 6, 9]);
+        assert_eq!(c.shard(s, 3, 1), [1, 4, 7, 0]);
+        assert_eq!(c.shard(s, 3, 2), [2, 5, 8, 1]);
+        let d = SamplerConfig { drop_last: true, ..c };
+        assert_eq!(d.shard(s, 3, 2), [2, 5, 8]);
+    }
+
+    #[test]
+    fn epochs_differ_and_seeds_reproduce() {
+        let c = cfg(1000, false);
+        assert_ne!(c.epoch_order(0), c.epoch_order(1));
+        assert_eq!(c.epoch_order(3), cfg(1000, false).epoch_order(3));
+        let mut sorted = c.epoch_order(5);
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+    }
+
+    /// Train `steps` steps with `world` ranks, returning what each step took.
+    fn train(
+        c: &SamplerConfig,
+        mut state: SamplerState,
+        world: usize,
+        batch: usize,
+        steps: usize,
+    ) -> (Vec<usize>, SamplerState) {
+        let mut seen = Vec::new();
+        for _ in 0..steps {
+            for rank in 0..world {
+                let shard = c.shard(state, world, rank);
+                seen.extend(shard.iter().take(batch));
+            }
+            state = c.advance(state, world, batch);
+        }
+        (seen, state)
+    }
+
+    proptest! {
+        #[test]
+        fn shards_are_disjoint_equal_and_cover_the_epoch(len in 1usize..300, world in 1usize..9, drop_last: bool) {
+            let c = cfg(len, drop_last);
+            let s = SamplerState::default();
+            let shards: Vec<Vec<usize>> = (0..world).map(|r| c.shard(s, world, r)).collect();
+            let n = shards[0].len();
+            prop_assert!(shards.iter().all(|sh| sh.len() == n), "equal counts");
+            let mut counts = BTreeMap::new();
+            for i in shards.iter().flatten() { *counts.entry(*i).or_insert(0usize) += 1; }
+            if drop_last {
+                prop_assert_eq!(counts.len(), n * world);
+                prop_assert!(counts.values().all(|&c| c == 1), "disjoint");
+                prop_assert!(len - n * world < world, "drops less than one round");
+            } else {
+                prop_assert_eq!(counts.len(), len, "union covers the epoch");
+                let dups: usize = counts.values().map(|c| c - 1).sum();
+                prop_assert!(dups < world, "only the padding repeats");
+            }
+            prop_assert_eq!(&shards[0], &c.shard(s, world, 0), "deterministic");
+        }
+
+        #[test]
+        fn resplitting_mid_epoch_neither_repeats_nor_skips(
+            len in 1usize..400, w1 in 1usize..6, w2 in 1usize..6, batch in 1usize..9, k in 0usize..20,
+        ) {
+            let c = cfg(len, false);
+            let k = k.min(c.steps_left(SamplerState::default(), w1, batch));
+            let (mut seen, state) = train(&c, SamplerState::default(), w1, batch, k);
+            if state.epoch == 0 {
+                prop_assert_eq!(state.consumed, (k * batch * w1).min(len));
+                let steps = c.steps_left(state, w2, batch);
+                let (rest, end) = train(&c, state, w2, batch, steps);
+                seen.extend(rest);
+                prop_assert_eq!(end, SamplerState { epoch: 1, consumed: 0 }, "the epoch ends exactly");
+            }
+            let mut counts = BTreeMap::new();
+            for i in &seen { *counts.entry(*i).or_insert(0usize) += 1; }
+            prop_assert_eq!(counts.len(), len, "every sample seen");
+            let dups: usize = counts.values().map(|c| c - 1).sum();
+            prop_assert!(dups < w1.max(w2), "only padding repeats: {} duplicates", dups);
+        }
+
+        #[test]
+        fn a_saved_state_resumes_the_same_shards(len in 1usize..300, world in 1usize..5, batch in 1usize..8, k in 0usize..10) {
+            let c = cfg(len, false);
+            let (_, state) = train(&c, SamplerState::default(), world, batch, k);
+            let json = serde_json::to_string(&state).unwrap();
+            let restored: SamplerState = serde_json::from_str(&json).unwrap();
+            for r in 0..world {
+                prop_assert_eq!(c.shard(restored, world, r), c.shard(state, world, r));
+            }
+        }
+    }
+}

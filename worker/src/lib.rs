@@ -1,0 +1,18 @@
+//! The worker: EfficientNet models on Burn, weight loading, prediction and training.
+//!
+//! Everything here is generic over the compute device: the same code runs on Burn's CPU
+//! backend (flex) and, with the `cuda` feature, on NVIDIA GPUs.
+
+pub mod bench;
+pub mod config;
+pub mod device;
+pub mod download;
+pub mod error;
+pub mod image;
+pub mod imagenet;
+pub mod model;
+pub mod modelfile;
+pub mod predict;
+pub mod weights;
+
+pub use error::{Error, Result};

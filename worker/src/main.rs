@@ -1,0 +1,249 @@
+//! `worker`: the per-GPU process of an effnet-cluster run, and the tools around the model.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use worker::config::{EfficientNetConfig, MODEL_NAMES};
+use worker::modelfile::{self, WeightsSource};
+use worker::{bench, device, predict};
+
+const TORCH_BENCH: &str = include_str!("../scripts/torch_bench.py");
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "worker",
+    version,
+    about = "effnet-cluster worker: EfficientNet on Burn"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Classify images and print the top classes (ImageNet models or our fine-tuned ones).
+    Predict(PredictArgs),
+    /// Measure throughput.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args, Debug, Clone)]
+struct DeviceArgs {
+    /// Run on CUDA device N (needs a binary built with `--features cuda`).
+    #[arg(long, value_name = "N", conflicts_with = "cpu")]
+    gpu: Option<usize>,
+    /// Run on the CPU (the default).
+    #[arg(long)]
+    cpu: bool,
+}
+
+#[derive(Args, Debug)]
+struct PredictArgs {
+    /// Architecture: efficientnet-b0..b7 or efficientnet-lite0..lite4. Our own model files
+    /// name their architecture, so it can be left out for them.
+    #[arg(long)]
+    model: Option<String>,
+    /// `imagenet` (download torchvision's B0 weights), `none`, or a weights file: PyTorch
+    /// .pth, safetensors (torchvision, timm or EfficientNet-PyTorch names) or our model file.
+    #[arg(long, default_value = "imagenet")]
+    weights: WeightsSource,
+    /// How many classes to print per image.
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Input size in pixels (default: the model's native resolution).
+    #[arg(long)]
+    image_size: Option<usize>,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// JPEG or PNG images.
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Inference and training-step images/s of a model on random input, beside PyTorch's.
+    Model(BenchModelArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchModelArgs {
+    /// Architecture to measure.
+    #[arg(long, default_value = "efficientnet-b0")]
+    model: String,
+    /// Images per step.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Input size in pixels.
+    #[arg(long, default_value_t = 224)]
+    image_size: usize,
+    /// Untimed iterations first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed iterations (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Also run torchvision's B0 through `python3` when torch is installed.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "yes", "no"])]
+    torch: String,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = EnvFilter::try_from_env("WORKER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Predict(args) => run_predict(args),
+        Command::Bench(BenchCommand::Model(args)) => run_bench_model(args),
+    }
+}
+
+fn run_predict(args: PredictArgs) -> Result<()> {
+    if args.top_k == 0 {
+        bail!("--top-k must be at least 1");
+    }
+    let device = device::select(args.device.gpu)?;
+    let loaded = modelfile::load(args.model.as_deref(), &args.weights, &device).with_context(|| {
+        format!(
+            "cannot build the model (valid --model names: {})",
+            MODEL_NAMES.join(", ")
+        )
+    })?;
+    let size = args.image_size.unwrap_or(loaded.config.resolution);
+    let top_k = args.top_k.min(loaded.classes.len());
+    let predictions = predict::predict(&loaded, &args.images, top_k, size)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&predictions)?);
+    } else {
+        print!("{}", predict::render_text(&predictions));
+    }
+    Ok(())
+}
+
+fn run_bench_model(args: BenchModelArgs) -> Result<()> {
+    let cfg = EfficientNetConfig::from_name(&args.model)?;
+    let device = device::select(args.device.gpu)?;
+    let (b, s) = (args.batch_size, args.image_size);
+    eprintln!("measuring {} at batch {b}, {s} px ...", cfg.name);
+    let infer = bench::inference(&cfg, b, s, args.warmup, args.iters, &device);
+    let train = bench::train_step(&cfg, b, s, args.warmup, args.iters, &device);
+    let backend = if args.device.gpu.is_some() {
+        "burn cuda"
+    } else {
+        "burn flex (cpu)"
+    };
+    let torch = match args.torch.as_str() {
+        "no" => None,
+        _ if cfg.name != "efficientnet-b0" => None,
+        mode => torch_reference(b, s, args.warmup, args.iters).or_else(|e| {
+            if mode == "yes" {
+                Err(e)
+            } else {
+                eprintln!("pytorch reference skipped: {e:#}");
+                Ok(None)
+            }
+        })?,
+    };
+    println!(
+        "| {:<22} | {:>11} | {:>16} |",
+        "backend", "infer img/s", "train-step img/s"
+    );
+    println!("|{:-<24}|{:->13}|{:->18}|", "", "", "");
+    println!(
+        "| {backend:<22} | {:>11.2} | {:>16.2} |",
+        infer.images_per_sec, train.images_per_sec
+    );
+    if let Some((name, ti, tt)) = torch {
+        println!("| {name:<22} | {ti:>11.2} | {tt:>16.2} |");
+        println!(
+            "\nburn / pytorch: inference {:.2}x, training step {:.2}x",
+            infer.images_per_sec / ti,
+            train.images_per_sec / tt
+        );
+    }
+    Ok(())
+}
+
+/// Run the embedded PyTorch script; `Ok(None)` never happens, the option is for the caller.
+fn torch_reference(
+    batch: usize,
+    size: usize,
+    warmup: usize,
+    iters: usize,
+) -> Result<Option<(String, f64, f64)>> {
+    use std::io::Write;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut child = std::process::Command::new("python3")
+        .args([
+            "-",
+            &batch.to_string(),
+            &size.to_string(),
+            &warmup.to_string(),
+            &iters.to_string(),
+            &threads.to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot start python3")?;
+    child
+        .stdin
+        .take()
+        .context("python3 stdin")?
+        .write_all(TORCH_BENCH.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        bail!(
+            "python3 torch benchmark failed: {}",
+            err.lines().last().unwrap_or("no output")
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("torch benchmark output is not JSON")?;
+    let num = |k: &str| {
+        v[k].as_f64()
+            .with_context(|| format!("torch benchmark output lacks '{k}'"))
+    };
+    Ok(Some((
+        format!("pytorch {} cpu", v["torch"].as_str().unwrap_or("?")),
+        num("infer")?,
+        num("train")?,
+    )))
+}

@@ -1,0 +1,303 @@
+//! EfficientNet modules: the backbone (Keras `include_top=False`), the ImageNet-style top and
+//! the classifier that puts preprocessing, backbone and head together.
+
+use burn::module::{Flag, Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::tensor::activation::{relu6, sigmoid, silu};
+use burn::tensor::{Device, Distribution, Tensor};
+
+use crate::config::{Activation, BlockSpec, EfficientNetConfig, Padding, Preprocess};
+
+const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+fn activate<const D: usize>(act: Activation, x: Tensor<D>) -> Tensor<D> {
+    match act {
+        Activation::Silu => silu(x),
+        Activation::Relu6 => relu6(x),
+    }
+}
+
+fn padding(padding: Padding, kernel: usize) -> PaddingConfig2d {
+    match padding {
+        Padding::Symmetric => {
+            let p = (kernel - 1) / 2;
+            PaddingConfig2d::Explicit(p, p, p, p)
+        }
+        Padding::TfSame => PaddingConfig2d::Same,
+    }
+}
+
+/// Convolution (no bias), BatchNorm and an optional activation.
+#[derive(Module, Debug)]
+pub struct ConvBn {
+    /// The convolution.
+    pub conv: Conv2d,
+    /// Its BatchNorm.
+    pub bn: BatchNorm,
+    #[module(skip)]
+    act: Option<Activation>,
+}
+
+impl ConvBn {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: &EfficientNetConfig,
+        channels: [usize; 2],
+        kernel: usize,
+        stride: usize,
+        groups: usize,
+        act: Option<Activation>,
+        device: &Device,
+    ) -> Self {
+        let conv = Conv2dConfig::new(channels, [kernel, kernel])
+            .with_stride([stride, stride])
+            .with_groups(groups)
+            .with_padding(padding(cfg.padding, kernel))
+            .with_bias(false)
+            .init(device);
+        let bn = BatchNormConfig::new(channels[1])
+            .with_epsilon(cfg.bn_eps)
+            .init(device);
+        Self { conv, bn, act }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = self.bn.forward(self.conv.forward(x));
+        match self.act {
+            Some(act) => activate(act, x),
+            None => x,
+        }
+    }
+}
+
+/// Squeeze-excitation: a per-channel gate computed from the pooled feature map.
+#[derive(Module, Debug)]
+pub struct SqueezeExcite {
+    /// 1x1 convolution down to the bottleneck.
+    pub reduce: Conv2d,
+    /// 1x1 convolution back up to the block's width.
+    pub expand: Conv2d,
+    #[module(skip)]
+    act: Activation,
+}
+
+impl SqueezeExcite {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let scale = x.clone().mean_dim(3).mean_dim(2);
+        let scale = activate(self.act, self.reduce.forward(scale));
+        let scale = sigmoid(self.expand.forward(scale));
+        x * scale
+    }
+}
+
+/// The inverted-bottleneck block (MBConv) with optional squeeze-excitation and stochastic depth.
+#[derive(Module, Debug)]
+pub struct MbConv {
+    /// 1x1 expansion, absent when the expansion ratio is 1.
+    pub expand: Option<ConvBn>,
+    /// Depthwise convolution.
+    pub depthwise: ConvBn,
+    /// Squeeze-excitation, absent in the Lite models.
+    pub se: Option<SqueezeExcite>,
+    /// 1x1 projection, without activation.
+    pub project: ConvBn,
+    /// Whether the block adds its input back (stride 1 and same width).
+    pub residual: bool,
+    /// Probability of dropping the residual branch for a sample while training.
+    pub drop_path: f64,
+    /// Stochastic depth is active only while training.
+    pub training: Param<Flag>,
+}
+
+impl MbConv {
+    fn new(cfg: &EfficientNetConfig, spec: &BlockSpec, device: &Device) -> Self {
+        let act = Some(cfg.activation);
+        let expand = (spec.expanded_channels != spec.in_channels).then(|| {
+            ConvBn::new(
+                cfg,
+                [spec.in_channels, spec.expanded_channels],
+                1,
+                1,
+                1,
+                act,
+                device,
+            )
+        });
+        let depthwise = ConvBn::new(
+            cfg,
+            [spec.expanded_channels, spec.expanded_channels],
+            spec.kernel,
+            spec.stride,
+            spec.expanded_channels,
+            act,
+            device,
+        );
+        let se = spec.se_channels.map(|squeeze| SqueezeExcite {
+            reduce: Conv2dConfig::new([spec.expanded_channels, squeeze], [1, 1]).init(device),
+            expand: Conv2dConfig::new([squeeze, spec.expanded_channels], [1, 1]).init(device),
+            act: cfg.activation,
+        });
+        let project = ConvBn::new(
+            cfg,
+            [spec.expanded_channels, spec.out_channels],
+            1,
+            1,
+            1,
+            None,
+            device,
+        );
+        Self {
+            expand,
+            depthwise,
+            se,
+            project,
+            residual: spec.stride == 1 && spec.in_channels == spec.out_channels,
+            drop_path: spec.drop_path,
+            training: Param::from_bool(true),
+        }
+    }
+
+    fn forward(&self, input: Tensor<4>) -> Tensor<4> {
+        let mut x = input.clone();
+        if let Some(expand) = &self.expand {
+            x = expand.forward(x);
+        }
+        x = self.depthwise.forward(x);
+        if let Some(se) = &self.se {
+            x = se.forward(x);
+        }
+        x = self.project.forward(x);
+        if !self.residual {
+            return x;
+        }
+        if self.drop_path > 0.0 && self.training.is_enabled() && x.device().is_autodiff() {
+            // "Row" stochastic depth: each sample keeps or drops the whole branch.
+            let keep = 1.0 - self.drop_path;
+            let [batch, _, _, _] = x.dims();
+            let mask = Tensor::<4>::random([batch, 1, 1, 1], Distribution::Bernoulli(keep), &x.device());
+            x = x * mask.div_scalar(keep);
+        }
+        x + input
+    }
+}
+
+/// The convolutional trunk: stem, MBConv blocks and the final 1x1 convolution. Its output is
+/// the feature map a head is attached to (Keras `include_top=False`).
+#[derive(Module, Debug)]
+pub struct Backbone {
+    /// 3x3 stride-2 stem convolution.
+    pub stem: ConvBn,
+    /// The MBConv blocks of all stages, in order.
+    pub blocks: Vec<MbConv>,
+    /// 1x1 convolution to the feature width.
+    pub head: ConvBn,
+}
+
+impl Backbone {
+    /// A randomly initialised backbone for `cfg`.
+    pub fn new(cfg: &EfficientNetConfig, device: &Device) -> Self {
+        let act = Some(cfg.activation);
+        let blocks = cfg.blocks();
+        let last = blocks.last().map_or(cfg.stem_channels(), |b| b.out_channels);
+        Self {
+            stem: ConvBn::new(cfg, [3, cfg.stem_channels()], 3, 2, 1, act, device),
+            blocks: blocks.iter().map(|spec| MbConv::new(cfg, spec, device)).collect(),
+            head: ConvBn::new(cfg, [last, cfg.head_channels()], 1, 1, 1, act, device),
+        }
+    }
+
+    /// Feature maps `[batch, features, h/32, w/32]` for model-ready input.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let mut x = self.stem.forward(x);
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        self.head.forward(x)
+    }
+}
+
+/// Global average pooling, dropout and a dense layer: the ImageNet top, and the linear head
+/// used for transfer learning.
+#[derive(Module, Debug)]
+pub struct LinearHead {
+    /// Dropout before the dense layer.
+    pub dropout: Dropout,
+    /// The dense layer (`[features, classes]`).
+    pub fc: Linear,
+}
+
+impl LinearHead {
+    /// A randomly initialised head.
+    pub fn new(features: usize, classes: usize, dropout: f64, device: &Device) -> Self {
+        Self {
+            dropout: DropoutConfig::new(dropout).init(),
+            fc: LinearConfig::new(features, classes).init(device),
+        }
+    }
+
+    /// Logits `[batch, classes]` from feature maps `[batch, features, h, w]`.
+    pub fn forward(&self, features: Tensor<4>) -> Tensor<2> {
+        let [batch, channels, _, _] = features.dims();
+        let pooled = features.mean_dim(3).mean_dim(2).reshape([batch, channels]);
+        self.fc.forward(self.dropout.forward(pooled))
+    }
+}
+
+/// An image classifier: in-model preprocessing, an EfficientNet backbone and a head.
+#[derive(Module, Debug)]
+pub struct Classifier {
+    /// The convolutional trunk.
+    pub backbone: Backbone,
+    /// The classification head.
+    pub head: LinearHead,
+    #[module(skip)]
+    preprocess: Preprocess,
+}
+
+impl Classifier {
+    /// A randomly initialised classifier with `classes` outputs (1000 for the ImageNet top).
+    pub fn new(cfg: &EfficientNetConfig, classes: usize, device: &Device) -> Self {
+        Self {
+            backbone: Backbone::new(cfg, device),
+            head: LinearHead::new(cfg.head_channels(), classes, cfg.dropout, device),
+            preprocess: cfg.preprocess,
+        }
+    }
+
+    /// Replace the head with a fresh one of `classes` outputs (transfer learning).
+    pub fn with_new_head(self, classes: usize, dropout: f64, device: &Device) -> Self {
+        let [features, _] = self.head.fc.weight.dims();
+        Self {
+            head: LinearHead::new(features, classes, dropout, device),
+            ..self
+        }
+    }
+
+    /// Number of output classes.
+    pub fn num_classes(&self) -> usize {
+        self.head.fc.weight.dims()[1]
+    }
+
+    /// Logits for raw pixels `[batch, 3, h, w]` in 0..255 (RGB).
+    pub fn forward(&self, pixels: Tensor<4>) -> Tensor<2> {
+        let x = preprocess(self.preprocess, pixels);
+        self.head.forward(self.backbone.forward(x))
+    }
+}
+
+/// Scale raw 0..255 RGB pixels `[batch, 3, h, w]` to what the network was trained on.
+pub fn preprocess(kind: Preprocess, pixels: Tensor<4>) -> Tensor<4> {
+    match kind {
+        Preprocess::Symmetric127 => pixels.sub_scalar(127.0).div_scalar(128.0),
+        Preprocess::ImagenetMeanStd => {
+            let device = pixels.device();
+            let mean =
+                Tensor::<1>::from_floats(IMAGENET_MEAN.map(|m| m * 255.0), &device).reshape([1, 3, 1, 1]);
+            let std =
+                Tensor::<1>::from_floats(IMAGENET_STD.map(|s| s * 255.0), &device).reshape([1, 3, 1, 1]);
+            (pixels - mean) / std
+        }
+    }
+}
