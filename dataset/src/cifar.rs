@@ -39,7 +39,7 @@ pub const CLASS_NAMES: [&str; CLASSES] = [
 /// size is not a whole number of records.
 pub fn record_count(file: &str, size: u64) -> Result<usize> {
     let record = RECORD as u64;
-    if size == 0 || size % record != 0 {
+    if size == 0 || !size.is_multiple_of(record) {
         return Err(Error::Format {
             file: file.to_string(),
             offset: size - size % record,

@@ -63,7 +63,7 @@ fn download(url: &str, dest: &Path, what: &str) -> Result<()> {
         url: url.to_string(),
         reason: format!(
             "{reason}. If this machine is offline, download {what} elsewhere and pass the \
-             file's path instead"
+             local file instead (--weights FILE)"
         ),
     };
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -206,6 +206,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("offline"), "{err}");
-        assert!(err.contains("pass the file's path"), "{err}");
+        assert!(
+            err.contains("pass the local file instead (--weights FILE)"),
+            "{err}"
+        );
     }
 }

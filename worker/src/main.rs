@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use worker::config::{EfficientNetConfig, MODEL_NAMES};
+use worker::config::EfficientNetConfig;
 use worker::modelfile::{self, WeightsSource};
 use worker::{bench, device, predict};
 
@@ -138,12 +138,8 @@ fn run_predict(args: PredictArgs) -> Result<()> {
         bail!("--top-k must be at least 1");
     }
     let device = device::select(args.device.gpu)?;
-    let loaded = modelfile::load(args.model.as_deref(), &args.weights, &device).with_context(|| {
-        format!(
-            "cannot build the model (valid --model names: {})",
-            MODEL_NAMES.join(", ")
-        )
-    })?;
+    let loaded =
+        modelfile::load(args.model.as_deref(), &args.weights, &device).context("cannot load the model")?;
     let size = args.image_size.unwrap_or(loaded.config.resolution);
     let top_k = args.top_k.min(loaded.classes.len());
     let predictions = predict::predict(&loaded, &args.images, top_k, size)?;
