@@ -16,4 +16,32 @@ pub enum Error {
         /// What was expected and what was found.
         reason: String,
     },
+
+    /// A dataset location cannot be opened.
+    #[error("dataset location {location}: {reason}")]
+    Location {
+        /// The location as given.
+        location: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+
+    /// An object could not be read.
+    #[error("cannot read {file}: {source}")]
+    Read {
+        /// The file or object.
+        file: String,
+        /// The store's error.
+        #[source]
+        source: object_store::Error,
+    },
+
+    /// An image could not be decoded.
+    #[error("cannot decode image {file}: {reason}")]
+    Image {
+        /// The image file or object.
+        file: String,
+        /// The decoder's complaint.
+        reason: String,
+    },
 }

@@ -5,7 +5,10 @@
 pub mod cifar;
 pub mod error;
 pub mod folder;
+pub mod loader;
 pub mod sampler;
+pub mod source;
 pub mod split;
+pub mod store;
 
 pub use error::{Error, Result};

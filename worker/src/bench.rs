@@ -87,3 +87,49 @@ pub fn train_step(
     }
     throughput(batch, times)
 }
+
+/// Throughput of the input pipeline, in images per second.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PipelineThroughput {
+    /// Reading and decoding on the prefetch thread alone.
+    pub read_decode: f64,
+    /// Reading, decoding, uploading, resizing and augmenting, as training consumes it.
+    pub full: f64,
+}
+
+/// Measure the input pipeline over the first `images` training samples of `dataset`.
+pub fn data_pipeline(
+    dataset: std::sync::Arc<dataset::source::Dataset>,
+    images: usize,
+    batch: usize,
+    size: usize,
+    augment: crate::augment::Augment,
+    device: &Device,
+) -> dataset::Result<PipelineThroughput> {
+    use crate::augment::{Variant, to_input};
+    use dataset::loader::{Prefetcher, batches};
+    let indices: Vec<usize> = dataset.train.iter().copied().take(images).collect();
+    let plan = batches(&indices, batch);
+    let start = Instant::now();
+    let mut n = 0;
+    for b in Prefetcher::spawn(dataset.clone(), plan.clone(), 4)? {
+        n += b?.samples.len();
+    }
+    let read_decode = n as f64 / start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for b in Prefetcher::spawn(dataset, plan, 4)? {
+        let b = b?;
+        let variants: Vec<Variant> = b
+            .indices
+            .iter()
+            .map(|&i| Variant::draw(augment, 0, 0, i))
+            .collect();
+        let x = to_input(&b.samples, size, &variants, device);
+        // Reading the data back waits for the device to finish.
+        let _ = x.narrow(0, 0, 1).into_data();
+    }
+    Ok(PipelineThroughput {
+        read_decode,
+        full: n as f64 / start.elapsed().as_secs_f64(),
+    })
+}

@@ -35,7 +35,10 @@ pub fn sha256_prefix_from_name(url: &str) -> Option<&str> {
 /// Return the cached copy of `url` under `dir`, downloading it first when missing. The file
 /// must have a sha256 starting with `sha256_prefix`; a partial download never takes the
 /// final name.
-pub fn fetch_cached(url: &str, dir: &Path, sha256_prefix: &str, what: &str) -> Result<PathBuf> {
+///
+/// `what` names the file in messages; `flag` is the option that takes a local copy instead
+/// (`--weights FILE`), which the offline error recommends.
+pub fn fetch_cached(url: &str, dir: &Path, sha256_prefix: &str, what: &str, flag: &str) -> Result<PathBuf> {
     let name = url
         .rsplit('/')
         .next()
@@ -49,7 +52,7 @@ pub fn fetch_cached(url: &str, dir: &Path, sha256_prefix: &str, what: &str) -> R
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     tracing::info!(url, dest = %dest.display(), "downloading {what}");
     let partial = dir.join(format!(".{name}.partial-{}", std::process::id()));
-    let result = download(url, &partial, what).and_then(|()| verify_sha256(&partial, sha256_prefix));
+    let result = download(url, &partial, what, flag).and_then(|()| verify_sha256(&partial, sha256_prefix));
     if let Err(e) = result {
         let _ = std::fs::remove_file(&partial);
         return Err(e);
@@ -58,12 +61,12 @@ pub fn fetch_cached(url: &str, dir: &Path, sha256_prefix: &str, what: &str) -> R
     Ok(dest)
 }
 
-fn download(url: &str, dest: &Path, what: &str) -> Result<()> {
+fn download(url: &str, dest: &Path, what: &str, flag: &str) -> Result<()> {
     let offline = |reason: String| Error::Download {
         url: url.to_string(),
         reason: format!(
             "{reason}. If this machine is offline, download {what} elsewhere and pass the \
-             local file instead (--weights FILE)"
+             local file instead ({flag})"
         ),
     };
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -126,12 +129,12 @@ pub fn verify_sha256(path: &Path, prefix: &str) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::net::TcpListener;
 
     /// A one-shot HTTP server on loopback that answers every request with `body`.
-    fn serve(body: &'static [u8], requests: usize) -> String {
+    pub(crate) fn serve(body: &'static [u8], requests: usize) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         std::thread::spawn(move || {
@@ -163,11 +166,11 @@ mod tests {
         let base = serve(b"hello weights", 1);
         let dir = tempfile::tempdir().unwrap();
         let url = format!("{base}/w-{}.pth", &digest[..8]);
-        let path = fetch_cached(&url, dir.path(), &digest[..8], "test weights").unwrap();
+        let path = fetch_cached(&url, dir.path(), &digest[..8], "test weights", "--weights FILE").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"hello weights");
         // The second call is served from the cache: the server took only one request.
         assert_eq!(
-            fetch_cached(&url, dir.path(), &digest[..8], "test weights").unwrap(),
+            fetch_cached(&url, dir.path(), &digest[..8], "test weights", "--weights FILE").unwrap(),
             path
         );
     }
@@ -181,6 +184,7 @@ mod tests {
             dir.path(),
             "deadbeef",
             "test weights",
+            "--weights FILE",
         )
         .unwrap_err()
         .to_string();
@@ -202,7 +206,7 @@ mod tests {
             .port();
         let dir = tempfile::tempdir().unwrap();
         let url = format!("http://127.0.0.1:{port}/w-deadbeef.pth");
-        let err = fetch_cached(&url, dir.path(), "deadbeef", "ImageNet weights")
+        let err = fetch_cached(&url, dir.path(), "deadbeef", "ImageNet weights", "--weights FILE")
             .unwrap_err()
             .to_string();
         assert!(err.contains("offline"), "{err}");

@@ -3,8 +3,10 @@
 //! Everything here is generic over the compute device: the same code runs on Burn's CPU
 //! backend (flex) and, with the `cuda` feature, on NVIDIA GPUs.
 
+pub mod augment;
 pub mod bench;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod download;
 pub mod error;

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use worker::augment::Augment;
 use worker::config::EfficientNetConfig;
 use worker::modelfile::{self, WeightsSource};
 use worker::{bench, device, predict};
@@ -76,6 +77,29 @@ struct PredictArgs {
 enum BenchCommand {
     /// Inference and training-step images/s of a model on random input, beside PyTorch's.
     Model(BenchModelArgs),
+    /// Images/s of the input pipeline: read, decode, upload, resize and augment.
+    Data(BenchDataArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchDataArgs {
+    /// Dataset: `cifar10`, a local directory, file://... or s3://bucket/prefix.
+    #[arg(long)]
+    data: String,
+    /// How many training images to push through.
+    #[arg(long, default_value_t = 2048)]
+    images: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Output size in pixels.
+    #[arg(long, default_value_t = 224)]
+    image_size: usize,
+    /// Skip the flips and rotations.
+    #[arg(long)]
+    no_augment: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args, Debug)]
@@ -130,6 +154,7 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Predict(args) => run_predict(args),
         Command::Bench(BenchCommand::Model(args)) => run_bench_model(args),
+        Command::Bench(BenchCommand::Data(args)) => run_bench_data(args),
     }
 }
 
@@ -148,6 +173,37 @@ fn run_predict(args: PredictArgs) -> Result<()> {
     } else {
         print!("{}", predict::render_text(&predictions));
     }
+    Ok(())
+}
+
+fn run_bench_data(args: BenchDataArgs) -> Result<()> {
+    let device = device::select(args.device.gpu)?;
+    let location = worker::data::resolve(&args.data)?;
+    let store = dataset::store::DataStore::open(&location)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let ds = std::sync::Arc::new(runtime.block_on(dataset::source::Dataset::open(store))?);
+    let augment = if args.no_augment {
+        Augment::none()
+    } else {
+        Augment::tutorial()
+    };
+    let images = args.images.min(ds.train.len());
+    eprintln!("reading {images} images of {} ...", args.data);
+    let t = bench::data_pipeline(ds, images, args.batch_size, args.image_size, augment, &device)?;
+    println!("| {:<44} | {:>9} |", "stage", "images/s");
+    println!("|{:-<46}|{:->11}|", "", "");
+    println!(
+        "| {:<44} | {:>9.0} |",
+        "read + decode (prefetch thread)", t.read_decode
+    );
+    let full = format!(
+        "+ upload, resize to {0}x{0}{1}",
+        args.image_size,
+        if args.no_augment { "" } else { ", augment" }
+    );
+    println!("| {full:<44} | {:>9.0} |", t.full);
     Ok(())
 }
 

@@ -123,6 +123,7 @@ fn imagenet_weights(config: &EfficientNetConfig) -> Result<PathBuf> {
         &download::cache_dir().join("weights"),
         prefix,
         "EfficientNet-B0 ImageNet weights",
+        "--weights FILE",
     )
 }
 

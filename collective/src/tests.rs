@@ -1,0 +1,186 @@
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{Receiver, Sender, channel};
+
+use super::*;
+
+/// An in-memory link: a bounded channel, like a flow-controlled stream.
+struct ChannelLink {
+    tx: Option<Sender<Piece>>,
+    rx: Option<Receiver<Piece>>,
+}
+
+impl Link for ChannelLink {
+    async fn send(&mut self, piece: Piece) -> std::result::Result<(), String> {
+        let tx = self.tx.as_ref().ok_or("not a sending link")?;
+        tx.send(piece).await.map_err(|_| "receiver gone".to_string())
+    }
+
+    async fn recv(&mut self) -> Option<Piece> {
+        self.rx.as_mut()?.recv().await
+    }
+}
+
+/// Links for a ring of `n`: element r is (link to next, link from prev) of rank r.
+fn ring_links(n: usize) -> Vec<(ChannelLink, ChannelLink)> {
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for _ in 0..n {
+        let (tx, rx) = channel(4);
+        senders.push(Some(tx));
+        receivers.push(Some(rx));
+    }
+    (0..n)
+        .map(|r| {
+            // Channel r carries rank r's output to rank r+1.
+            let next = ChannelLink {
+                tx: senders[r].take(),
+                rx: None,
+            };
+            let prev = ChannelLink {
+                tx: None,
+                rx: receivers[(r + n - 1) % n].take(),
+            };
+            (next, prev)
+        })
+        .collect()
+}
+
+fn input(rank: usize, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 31 + rank * 17) % 97) as f32 * 0.013 - 0.5 + rank as f32)
+        .collect()
+}
+
+async fn run_ring(n: usize, len: usize, max_piece: usize) -> Vec<Vec<f32>> {
+    let mut tasks = Vec::new();
+    for (rank, (mut next, mut prev)) in ring_links(n).into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let ring = Ring {
+                max_piece,
+                ..Ring::new(n, rank, 1)
+            };
+            let mut buf = input(rank, len);
+            all_reduce(&ring, 5, &mut buf, true, &mut next, &mut prev)
+                .await
+                .unwrap();
+            buf
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn averages_match_a_direct_sum_and_are_bit_identical() {
+    for n in 1..=4 {
+        for len in [1, 3, 1000, 1_048_577] {
+            let results = run_ring(n, len, 65_536).await;
+            let inputs: Vec<Vec<f32>> = (0..n).map(|r| input(r, len)).collect();
+            let expected: Vec<f64> = (0..len)
+                .map(|i| inputs.iter().map(|x| f64::from(x[i])).sum::<f64>() / n as f64)
+                .collect();
+            for (got, want) in results[0].iter().zip(&expected) {
+                assert!(
+                    (f64::from(*got) - want).abs() < 1e-5 * want.abs().max(1.0),
+                    "n={n} len={len}"
+                );
+            }
+            for other in &results[1..] {
+                let same = other
+                    .iter()
+                    .zip(&results[0])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "n={n} len={len}: ranks differ");
+            }
+        }
+    }
+}
+
+#[test]
+fn chunks_partition_the_buffer() {
+    for (len, n) in [(10, 3), (2, 4), (1_048_577, 4), (0, 2)] {
+        let mut next = 0;
+        for c in 0..n {
+            let r = chunk_range(len, n, c);
+            assert_eq!(r.start, next);
+            next = r.end;
+        }
+        assert_eq!(next, len);
+    }
+}
+
+#[tokio::test]
+async fn a_stale_message_is_rejected_not_summed() {
+    let mut links = ring_links(2);
+    let (mut next1, _) = links.pop().unwrap();
+    let (_, mut prev0) = links.pop().unwrap();
+    // Rank 1 speaks for an old generation.
+    next1
+        .send(Piece {
+            tag: Tag {
+                generation: 0,
+                step: 5,
+                phase: Phase::ReduceScatter,
+                round: 0,
+                chunk: 0,
+                offset: 0,
+            },
+            data: vec![1.0; 2],
+        })
+        .await
+        .unwrap();
+    let (tx, _keep) = channel(4);
+    let mut sink = ChannelLink {
+        tx: Some(tx),
+        rx: None,
+    };
+    let mut buf = vec![0.0; 4];
+    let err = all_reduce(&Ring::new(2, 0, 1), 5, &mut buf, false, &mut sink, &mut prev0)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Mismatch { .. }), "{msg}");
+    assert!(
+        msg.contains("expected generation 1") && msg.contains("got generation 0"),
+        "{msg}"
+    );
+    assert_eq!(buf, [0.0; 4], "nothing was summed");
+}
+
+#[tokio::test]
+async fn a_silent_peer_fails_within_the_timeout() {
+    let mut links = ring_links(3);
+    let (mut next, mut prev) = links.remove(0);
+    let ring = Ring {
+        timeout: Duration::from_millis(300),
+        ..Ring::new(3, 0, 1)
+    };
+    let started = Instant::now();
+    let mut buf = vec![1.0; 30];
+    // Ranks 1 and 2 never run; rank 0's sends fit in the channel, then it waits.
+    let err = all_reduce(&ring, 0, &mut buf, false, &mut next, &mut prev)
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("no data from rank 2") && msg.contains("is it alive"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn a_closed_peer_is_reported() {
+    let mut links = ring_links(2);
+    let (mut next, mut prev) = links.remove(0);
+    drop(links);
+    let mut buf = vec![1.0; 8];
+    let err = all_reduce(&Ring::new(2, 0, 1), 0, &mut buf, false, &mut next, &mut prev)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Link { .. }), "{err}");
+}

@@ -1,0 +1,129 @@
+//! Where a dataset lives: a local directory, `file://...` or `s3://bucket/prefix`, all read
+//! through `object_store` so that a worker reads only the bytes it needs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, RetryConfig};
+
+use crate::error::{Error, Result};
+
+/// An opened dataset location.
+#[derive(Debug, Clone)]
+pub struct DataStore {
+    /// The store.
+    pub store: Arc<dyn ObjectStore>,
+    /// Prefix of the dataset inside the store (empty for a local directory).
+    pub prefix: ObjectPath,
+    /// The location as the user wrote it, for messages.
+    pub display: String,
+}
+
+impl DataStore {
+    /// Open `spec`: a local path, `file:///abs/path`, or `s3://bucket/prefix`. S3 endpoint,
+    /// region and credentials come from the standard `AWS_*` environment variables
+    /// (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...);
+    /// plain-HTTP endpoints (local servers) are allowed when the endpoint says `http://`.
+    pub fn open(spec: &str) -> Result<Self> {
+        Self::open_with(spec, &[])
+    }
+
+    /// [`open`](Self::open), with S3 settings that override the environment, as `object_store`
+    /// keys (`aws_endpoint`, `aws_access_key_id`, `aws_secret_access_key`, `aws_region`,
+    /// `aws_allow_http`, ...).
+    pub fn open_with(spec: &str, s3_options: &[(&str, &str)]) -> Result<Self> {
+        if let Some(rest) = spec.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(Error::Location {
+                    location: spec.to_string(),
+                    reason: "expected s3://bucket/prefix".into(),
+                });
+            }
+            let http_endpoint = ["AWS_ENDPOINT_URL", "AWS_ENDPOINT", "AWS_ENDPOINT_URL_S3"]
+                .iter()
+                .filter_map(|k| std::env::var(k).ok())
+                .chain(
+                    s3_options
+                        .iter()
+                        .filter(|(k, _)| k.contains("endpoint"))
+                        .map(|(_, v)| v.to_string()),
+                )
+                .any(|v| v.starts_with("http://"));
+            let mut builder = AmazonS3Builder::from_env().with_allow_http(http_endpoint);
+            for (key, value) in s3_options {
+                let key = key.parse().map_err(|e| Error::Location {
+                    location: spec.to_string(),
+                    reason: format!("unknown S3 option '{key}': {e}"),
+                })?;
+                builder = builder.with_config(key, *value);
+            }
+            let retry = RetryConfig {
+                backoff: BackoffConfig::default(),
+                max_retries: 4,
+                retry_timeout: Duration::from_secs(30),
+            };
+            let store = builder
+                .with_bucket_name(bucket)
+                .with_retry(retry)
+                .build()
+                .map_err(|e| Error::Location {
+                    location: spec.to_string(),
+                    reason: format!("cannot configure S3 access: {e}"),
+                })?;
+            return Ok(Self {
+                store: Arc::new(store),
+                prefix: ObjectPath::from(prefix.trim_matches('/')),
+                display: spec.to_string(),
+            });
+        }
+        let path = spec.strip_prefix("file://").unwrap_or(spec);
+        let dir = std::path::Path::new(path);
+        if !dir.is_dir() {
+            return Err(Error::Location {
+                location: spec.to_string(),
+                reason: "no such directory (expected a local directory, file://..., or s3://bucket/prefix)"
+                    .into(),
+            });
+        }
+        let store = LocalFileSystem::new_with_prefix(dir).map_err(|e| Error::Location {
+            location: spec.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            store: Arc::new(store),
+            prefix: ObjectPath::default(),
+            display: spec.to_string(),
+        })
+    }
+
+    /// The object path of `relative` (a `/`-separated path under the dataset).
+    pub fn path(&self, relative: &str) -> ObjectPath {
+        let mut parts: Vec<String> = self.prefix.parts().map(|p| p.as_ref().to_string()).collect();
+        parts.extend(relative.split('/').filter(|p| !p.is_empty()).map(String::from));
+        ObjectPath::from_iter(parts)
+    }
+
+    /// `relative` as the user would name it, for messages.
+    pub fn describe(&self, relative: &str) -> String {
+        format!("{}/{relative}", self.display.trim_end_matches('/'))
+    }
+
+    /// The whole object at `relative`; errors name it as the user would.
+    pub async fn get_bytes(&self, relative: &str) -> Result<bytes::Bytes> {
+        let read_err = |source| Error::Read {
+            file: self.describe(relative),
+            source,
+        };
+        self.store
+            .get(&self.path(relative))
+            .await
+            .map_err(read_err)?
+            .bytes()
+            .await
+            .map_err(read_err)
+    }
+}

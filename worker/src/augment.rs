@@ -1,0 +1,224 @@
+//! Preprocessing on the worker's device: decoded samples become a resized, optionally
+//! augmented `[batch, 3, size, size]` tensor of raw 0..255 values (the model scales them).
+//!
+//! Augmentation is the tutorial's: random left-right and up-down flips and a random multiple
+//! of 90 degrees of rotation. Each sample's choice comes from `(seed, epoch, dataset index)`,
+//! so a run is reproducible whatever the number of workers or the batch a sample lands in.
+
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use burn::tensor::{Device, Tensor, TensorData};
+use dataset::sampler::SplitMix64;
+use dataset::source::Sample;
+
+/// Which random transforms to apply while training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Augment {
+    /// Random left-right and up-down flips, each with probability 1/2.
+    pub flips: bool,
+    /// Random rotation by 0, 90, 180 or 270 degrees.
+    pub rot90: bool,
+}
+
+impl Augment {
+    /// The tutorial's augmentation: flips and rotations.
+    pub fn tutorial() -> Self {
+        Self {
+            flips: true,
+            rot90: true,
+        }
+    }
+
+    /// No augmentation (evaluation).
+    pub fn none() -> Self {
+        Self::default()
+    }
+}
+
+/// The transform drawn for one sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Variant {
+    /// Mirror left-right.
+    pub flip_lr: bool,
+    /// Mirror up-down.
+    pub flip_ud: bool,
+    /// Quarter turns counter-clockwise (0..4).
+    pub quarter_turns: u8,
+}
+
+impl Variant {
+    /// The variant of dataset sample `index` in `epoch` of a run seeded with `seed`.
+    pub fn draw(augment: Augment, seed: u64, epoch: u64, index: usize) -> Self {
+        let mut rng = SplitMix64::new(
+            seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407)
+                ^ (index as u64).wrapping_mul(0x9FB2_1C65_1E98_DF25),
+        );
+        let bits = rng.next_u64();
+        Self {
+            flip_lr: augment.flips && bits & 1 == 1,
+            flip_ud: augment.flips && bits & 2 == 2,
+            quarter_turns: if augment.rot90 { ((bits >> 2) & 3) as u8 } else { 0 },
+        }
+    }
+
+    /// Apply to `[n, c, h, w]` images (square images keep their shape).
+    pub fn apply(self, mut x: Tensor<4>) -> Tensor<4> {
+        if self.flip_lr {
+            x = x.flip([3]);
+        }
+        if self.flip_ud {
+            x = x.flip([2]);
+        }
+        for _ in 0..self.quarter_turns {
+            // Counter-clockwise: transpose, then mirror up-down.
+            x = x.swap_dims(2, 3).flip([2]);
+        }
+        x
+    }
+}
+
+/// Upload `samples`, resize each to `size` x `size` (bilinear) and apply `variants` (one per
+/// sample, or empty for none).
+pub fn to_input(samples: &[Sample], size: usize, variants: &[Variant], device: &Device) -> Tensor<4> {
+    let same_size = samples
+        .windows(2)
+        .all(|w| (w[0].width, w[0].height) == (w[1].width, w[1].height));
+    let images: Vec<Tensor<4>> = if same_size && !samples.is_empty() {
+        // One upload and one resize for the whole batch (the CIFAR case).
+        let (w, h) = (samples[0].width, samples[0].height);
+        let data: Vec<f32> = samples
+            .iter()
+            .flat_map(|s| s.rgb.iter().map(|&v| f32::from(v)))
+            .collect();
+        let batch = Tensor::<4>::from_data(TensorData::new(data, [samples.len(), h, w, 3]), device);
+        let batch = resize(batch.permute([0, 3, 1, 2]), size);
+        if variants.is_empty() {
+            return batch;
+        }
+        (0..samples.len())
+            .map(|i| batch.clone().narrow(0, i, 1))
+            .collect()
+    } else {
+        samples
+            .iter()
+            .map(|s| {
+                let data: Vec<f32> = s.rgb.iter().map(|&v| f32::from(v)).collect();
+                let t = Tensor::<4>::from_data(TensorData::new(data, [1, s.height, s.width, 3]), device);
+                resize(t.permute([0, 3, 1, 2]), size)
+            })
+            .collect()
+    };
+    let images = if variants.is_empty() {
+        images
+    } else {
+        images
+            .into_iter()
+            .zip(variants)
+            .map(|(x, v)| v.apply(x))
+            .collect()
+    };
+    Tensor::cat(images, 0)
+}
+
+fn resize(x: Tensor<4>, size: usize) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    if (h, w) == (size, size) {
+        return x;
+    }
+    interpolate(
+        x,
+        InterpolateOptions::new(InterpolateMode::Bilinear).with_output_size([size, size]),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(w: usize, h: usize, f: impl Fn(usize, usize, usize) -> u8) -> Sample {
+        let mut rgb = Vec::new();
+        for y in 0..h {
+            for x in 0..w {
+                for c in 0..3 {
+                    rgb.push(f(x, y, c));
+                }
+            }
+        }
+        Sample {
+            width: w,
+            height: h,
+            rgb,
+            label: 0,
+        }
+    }
+
+    fn values(t: Tensor<4>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn pixels_land_in_channel_planes_and_transforms_are_exact() {
+        let device = Device::flex();
+        // 2x2 image, red channel = 10 * (y * 2 + x): [[0, 10], [20, 30]].
+        let s = sample(2, 2, |x, y, c| if c == 0 { (10 * (y * 2 + x)) as u8 } else { 0 });
+        let red = |v: Variant| values(to_input(std::slice::from_ref(&s), 2, &[v], &device))[..4].to_vec();
+        assert_eq!(red(Variant::default()), [0., 10., 20., 30.]);
+        assert_eq!(
+            red(Variant {
+                flip_lr: true,
+                ..Default::default()
+            }),
+            [10., 0., 30., 20.]
+        );
+        assert_eq!(
+            red(Variant {
+                flip_ud: true,
+                ..Default::default()
+            }),
+            [20., 30., 0., 10.]
+        );
+        // A quarter turn counter-clockwise moves the top-right pixel to the top-left.
+        assert_eq!(
+            red(Variant {
+                quarter_turns: 1,
+                ..Default::default()
+            }),
+            [10., 30., 0., 20.]
+        );
+        assert_eq!(
+            red(Variant {
+                quarter_turns: 2,
+                ..Default::default()
+            }),
+            [30., 20., 10., 0.]
+        );
+    }
+
+    #[test]
+    fn resizing_keeps_constant_images_constant_and_mixes_sizes() {
+        let device = Device::flex();
+        let a = sample(32, 32, |_, _, c| [200, 100, 50][c]);
+        let b = sample(7, 5, |_, _, c| [1, 2, 3][c]);
+        let t = to_input(&[a, b], 16, &[], &device);
+        assert_eq!(t.dims(), [2, 3, 16, 16]);
+        let v = values(t);
+        let plane = 256;
+        assert!(v[..plane].iter().all(|&x| (x - 200.0).abs() < 1e-3));
+        assert!(v[2 * plane..3 * plane].iter().all(|&x| (x - 50.0).abs() < 1e-3));
+        assert!(v[5 * plane..].iter().all(|&x| (x - 3.0).abs() < 1e-3));
+    }
+
+    #[test]
+    fn draws_are_reproducible_and_cover_all_variants() {
+        let aug = Augment::tutorial();
+        assert_eq!(Variant::draw(aug, 7, 3, 11), Variant::draw(aug, 7, 3, 11));
+        let seen: std::collections::BTreeSet<(bool, bool, u8)> = (0..200)
+            .map(|i| Variant::draw(aug, 7, 0, i))
+            .map(|v| (v.flip_lr, v.flip_ud, v.quarter_turns))
+            .collect();
+        assert_eq!(seen.len(), 16, "every flip and turn combination occurs");
+        let epochs_differ = (0..50).any(|i| Variant::draw(aug, 7, 0, i) != Variant::draw(aug, 7, 1, i));
+        assert!(epochs_differ);
+        assert_eq!(Variant::draw(Augment::none(), 7, 0, 5), Variant::default());
+    }
+}
