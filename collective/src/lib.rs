@@ -7,6 +7,8 @@
 //! the chunk; anything that does not match what is expected next is rejected, never summed. A
 //! peer that goes silent fails the collective after the configured timeout instead of hanging.
 
+pub mod local;
+
 use std::future::Future;
 use std::ops::Range;
 use std::time::Duration;

@@ -1,49 +1,10 @@
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::{Receiver, Sender, channel};
-
+use super::local::{ring as ring_links_depth, sender};
 use super::*;
 
-/// An in-memory link: a bounded channel, like a flow-controlled stream.
-struct ChannelLink {
-    tx: Option<Sender<Piece>>,
-    rx: Option<Receiver<Piece>>,
-}
-
-impl Link for ChannelLink {
-    async fn send(&mut self, piece: Piece) -> std::result::Result<(), String> {
-        let tx = self.tx.as_ref().ok_or("not a sending link")?;
-        tx.send(piece).await.map_err(|_| "receiver gone".to_string())
-    }
-
-    async fn recv(&mut self) -> Option<Piece> {
-        self.rx.as_mut()?.recv().await
-    }
-}
-
-/// Links for a ring of `n`: element r is (link to next, link from prev) of rank r.
-fn ring_links(n: usize) -> Vec<(ChannelLink, ChannelLink)> {
-    let mut senders = Vec::new();
-    let mut receivers = Vec::new();
-    for _ in 0..n {
-        let (tx, rx) = channel(4);
-        senders.push(Some(tx));
-        receivers.push(Some(rx));
-    }
-    (0..n)
-        .map(|r| {
-            // Channel r carries rank r's output to rank r+1.
-            let next = ChannelLink {
-                tx: senders[r].take(),
-                rx: None,
-            };
-            let prev = ChannelLink {
-                tx: None,
-                rx: receivers[(r + n - 1) % n].take(),
-            };
-            (next, prev)
-        })
-        .collect()
+fn ring_links(n: usize) -> Vec<(local::ChannelLink, local::ChannelLink)> {
+    ring_links_depth(n, 4)
 }
 
 fn input(rank: usize, len: usize) -> Vec<f32> {
@@ -133,11 +94,7 @@ async fn a_stale_message_is_rejected_not_summed() {
         })
         .await
         .unwrap();
-    let (tx, _keep) = channel(4);
-    let mut sink = ChannelLink {
-        tx: Some(tx),
-        rx: None,
-    };
+    let (mut sink, _keep) = sender(4);
     let mut buf = vec![0.0; 4];
     let err = all_reduce(&Ring::new(2, 0, 1), 5, &mut buf, false, &mut sink, &mut prev0)
         .await

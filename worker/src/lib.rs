@@ -10,6 +10,7 @@ pub mod data;
 pub mod device;
 pub mod download;
 pub mod error;
+pub mod grads;
 pub mod image;
 pub mod imagenet;
 pub mod model;
