@@ -15,6 +15,7 @@ pub mod image;
 pub mod imagenet;
 pub mod model;
 pub mod modelfile;
+pub mod phase;
 pub mod predict;
 pub mod weights;
 

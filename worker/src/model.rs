@@ -1,7 +1,7 @@
 //! EfficientNet modules: the backbone (Keras `include_top=False`), the ImageNet-style top and
 //! the classifier that puts preprocessing, backbone and head together.
 
-use burn::module::{Flag, Module, Param};
+use burn::module::{Flag, Initializer, Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::{relu6, sigmoid, silu};
@@ -17,6 +17,25 @@ fn activate<const D: usize>(act: Activation, x: Tensor<D>) -> Tensor<D> {
         Activation::Silu => silu(x),
         Activation::Relu6 => relu6(x),
     }
+}
+
+/// torchvision's EfficientNet init for convolutions: Kaiming-normal over PyTorch's fan-out
+/// (`out_channels * k * k`, not divided by groups). Burn's default shrinks activations layer by
+/// layer, which leaves a randomly initialised network with vanishing features.
+fn conv_init(out_channels: usize, kernel: usize) -> Initializer {
+    Initializer::Normal {
+        mean: 0.0,
+        std: (2.0 / (out_channels * kernel * kernel) as f64).sqrt(),
+    }
+}
+
+/// A 1x1 convolution with bias (squeeze-excitation), initialised as torchvision does.
+fn conv1x1_bias(channels: [usize; 2], device: &Device) -> Conv2d {
+    let mut conv = Conv2dConfig::new(channels, [1, 1])
+        .with_initializer(conv_init(channels[1], 1))
+        .init(device);
+    conv.bias = Some(Initializer::Zeros.init([channels[1]], device));
+    conv
 }
 
 fn padding(padding: Padding, kernel: usize) -> PaddingConfig2d {
@@ -56,6 +75,7 @@ impl ConvBn {
             .with_groups(groups)
             .with_padding(padding(cfg.padding, kernel))
             .with_bias(false)
+            .with_initializer(conv_init(channels[1], kernel))
             .init(device);
         let bn = BatchNormConfig::new(channels[1])
             .with_epsilon(cfg.bn_eps)
@@ -63,7 +83,8 @@ impl ConvBn {
         Self { conv, bn, act }
     }
 
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    /// Convolution, BatchNorm and activation.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let x = self.bn.forward(self.conv.forward(x));
         match self.act {
             Some(act) => activate(act, x),
@@ -135,8 +156,8 @@ impl MbConv {
             device,
         );
         let se = spec.se_channels.map(|squeeze| SqueezeExcite {
-            reduce: Conv2dConfig::new([spec.expanded_channels, squeeze], [1, 1]).init(device),
-            expand: Conv2dConfig::new([squeeze, spec.expanded_channels], [1, 1]).init(device),
+            reduce: conv1x1_bias([spec.expanded_channels, squeeze], device),
+            expand: conv1x1_bias([squeeze, spec.expanded_channels], device),
             act: cfg.activation,
         });
         let project = ConvBn::new(
@@ -159,7 +180,8 @@ impl MbConv {
         }
     }
 
-    fn forward(&self, input: Tensor<4>) -> Tensor<4> {
+    /// The block applied to `[batch, in, h, w]`.
+    pub fn forward(&self, input: Tensor<4>) -> Tensor<4> {
         let mut x = input.clone();
         if let Some(expand) = &self.expand {
             x = expand.forward(x);
@@ -229,11 +251,20 @@ pub struct LinearHead {
 }
 
 impl LinearHead {
-    /// A randomly initialised head.
+    /// A randomly initialised head (torchvision's init: uniform in +-1/sqrt(classes), zero
+    /// bias).
     pub fn new(features: usize, classes: usize, dropout: f64, device: &Device) -> Self {
+        let range = 1.0 / (classes as f64).sqrt();
+        let mut fc = LinearConfig::new(features, classes)
+            .with_initializer(Initializer::Uniform {
+                min: -range,
+                max: range,
+            })
+            .init(device);
+        fc.bias = Some(Initializer::Zeros.init([classes], device));
         Self {
             dropout: DropoutConfig::new(dropout).init(),
-            fc: LinearConfig::new(features, classes).init(device),
+            fc,
         }
     }
 

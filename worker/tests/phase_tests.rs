@@ -1,0 +1,134 @@
+//! What each phase trains: which parameters receive gradients, and whether BatchNorm
+//! statistics move during a step. (Checked on gradients rather than on weight changes: a
+//! randomly initialised network in inference mode has vanishing activations, in torchvision as
+//! here, so weight updates of a frozen-backbone step can be below float resolution.)
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use worker::config::EfficientNetConfig;
+use worker::model::Classifier;
+use worker::phase::{Phase, prepare};
+use worker::weights::collect_tensors;
+
+fn model(device: &Device) -> Classifier {
+    let cfg = EfficientNetConfig::b(0)
+        .unwrap()
+        .with_width(0.25)
+        .with_depth(0.25)
+        .with_dropout(0.0);
+    Classifier::new(&cfg, 3, device)
+}
+
+/// Gradients of one training batch.
+fn grads(m: &Classifier, device: &Device) -> GradientsParams {
+    let n = 4;
+    let data: Vec<f32> = (0..n * 3 * 32 * 32).map(|p| ((p * 7) % 256) as f32).collect();
+    let x = Tensor::<4>::from_data(TensorData::new(data, [n, 3, 32, 32]), device);
+    let y = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1, 2, 1], [n]), device);
+    let loss = CrossEntropyLossConfig::new()
+        .init(device)
+        .forward(m.forward(x), y);
+    GradientsParams::from_grads(loss.backward(), m)
+}
+
+/// Module paths of the parameters that received a gradient.
+fn with_grads(m: &Classifier, grads: &GradientsParams) -> Vec<String> {
+    struct V<'a> {
+        grads: &'a GradientsParams,
+        path: Vec<String>,
+        out: Vec<String>,
+    }
+    impl ModuleVisitor for V<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.into());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if self.grads.get::<D>(param.id).is_some() {
+                self.out.push(self.path.join("."));
+            }
+        }
+    }
+    let mut v = V {
+        grads,
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    m.visit(&mut v);
+    v.out
+}
+
+/// BatchNorm statistics that a training step changes. Values are copied before the step:
+/// clones of a module share their running statistics.
+fn stats_moved_by_step(m: Classifier, device: &Device) -> Vec<String> {
+    let stats = |m: &Classifier| {
+        collect_tensors(&m.valid())
+            .into_iter()
+            .filter(|(n, _)| n.contains("running_"))
+            .collect::<Vec<_>>()
+    };
+    let before = stats(&m);
+    let g = grads(&m, device);
+    let after = stats(&SgdConfig::new().init().step(0.5, m, g));
+    before
+        .iter()
+        .zip(&after)
+        .filter(|(a, b)| a.1 != b.1)
+        .map(|(a, _)| a.0.clone())
+        .collect()
+}
+
+#[test]
+fn head_phase_trains_only_the_head() {
+    let device = Device::flex().autodiff();
+    let m = prepare(model(&device), Phase::Head);
+    assert_eq!(
+        with_grads(&m, &grads(&m, &device)),
+        ["head.fc.weight", "head.fc.bias"]
+    );
+    assert_eq!(stats_moved_by_step(m, &device), Vec::<String>::new());
+}
+
+#[test]
+fn finetune_phase_trains_everything_but_batchnorm() {
+    let device = Device::flex().autodiff();
+    let m = prepare(model(&device), Phase::FineTune);
+    let trained = with_grads(&m, &grads(&m, &device));
+    let expected: Vec<String> = collect_tensors(&m)
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| !n.contains(".bn."))
+        .collect();
+    assert_eq!(
+        trained, expected,
+        "every conv and dense parameter, no BatchNorm one"
+    );
+    assert!(
+        trained
+            .iter()
+            .any(|n| n == "backbone.blocks.0.depthwise.conv.weight")
+    );
+    assert_eq!(stats_moved_by_step(m, &device), Vec::<String>::new());
+}
+
+#[test]
+fn an_unfrozen_model_would_train_batchnorm() {
+    // The control for the two tests above: without the phases, BatchNorm trains and its
+    // statistics follow the batch.
+    let device = Device::flex().autodiff();
+    let m = model(&device);
+    assert!(
+        with_grads(&m, &grads(&m, &device))
+            .iter()
+            .any(|n| n.ends_with("bn.gamma"))
+    );
+    assert!(
+        stats_moved_by_step(m, &device)
+            .iter()
+            .any(|n| n.ends_with("bn.running_mean"))
+    );
+}
