@@ -10,5 +10,6 @@ pub mod sampler;
 pub mod source;
 pub mod split;
 pub mod store;
+pub mod synthetic;
 
 pub use error::{Error, Result};

@@ -83,7 +83,8 @@ enum BenchCommand {
 
 #[derive(Args, Debug)]
 struct BenchDataArgs {
-    /// Dataset: `cifar10`, a local directory, file://... or s3://bucket/prefix.
+    /// Dataset: `cifar10`, `synthetic` (generated in memory), a local directory, file://...
+    /// or s3://bucket/prefix.
     #[arg(long)]
     data: String,
     /// How many training images to push through.
@@ -178,11 +179,14 @@ fn run_predict(args: PredictArgs) -> Result<()> {
 
 fn run_bench_data(args: BenchDataArgs) -> Result<()> {
     let device = device::select(args.device.gpu)?;
-    let location = worker::data::resolve(&args.data)?;
-    let store = dataset::store::DataStore::open(&location)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let store = if args.data == "synthetic" {
+        runtime.block_on(dataset::store::DataStore::synthetic(args.images, 10, 0))?
+    } else {
+        dataset::store::DataStore::open(&worker::data::resolve(&args.data)?)?
+    };
     let ds = std::sync::Arc::new(runtime.block_on(dataset::source::Dataset::open(store))?);
     let augment = if args.no_augment {
         Augment::none()
