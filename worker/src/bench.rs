@@ -24,7 +24,18 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn throughput(batch: usize, times: Vec<f64>) -> Throughput {
+/// Run `op` `warmup` times untimed, then `iters` times timed; the median gives the rate.
+fn measure(batch: usize, warmup: usize, iters: usize, mut op: impl FnMut()) -> Throughput {
+    for _ in 0..warmup {
+        op();
+    }
+    let times: Vec<f64> = (0..iters.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            op();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
     let secs = median(times);
     Throughput {
         images_per_sec: batch as f64 / secs,
@@ -45,17 +56,10 @@ pub fn inference(
     let model = Classifier::new(cfg, 1000, device).valid();
     let device = device.clone().inner();
     let x = Tensor::<4>::random([batch, 3, size, size], Distribution::Uniform(0.0, 255.0), &device);
-    let mut times = Vec::with_capacity(iters);
-    for i in 0..warmup + iters {
-        let start = Instant::now();
-        let logits = model.forward(x.clone());
+    measure(batch, warmup, iters, || {
         // Reading the result forces the (possibly asynchronous) computation to finish.
-        let _ = logits.into_data();
-        if i >= warmup {
-            times.push(start.elapsed().as_secs_f64());
-        }
-    }
-    throughput(batch, times)
+        let _ = model.forward(x.clone()).into_data();
+    })
 }
 
 /// Training-step throughput: forward, cross-entropy, backward and an Adam update.
@@ -68,24 +72,20 @@ pub fn train_step(
     device: &Device,
 ) -> Throughput {
     let device = device.clone().autodiff();
-    let mut model = Classifier::new(cfg, 1000, &device);
+    // Taken out and put back each step: the optimizer consumes the model.
+    let mut model = Some(Classifier::new(cfg, 1000, &device));
     let mut optim = AdamConfig::new().init();
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let x = Tensor::<4>::random([batch, 3, size, size], Distribution::Uniform(0.0, 255.0), &device);
     let labels: Vec<i64> = (0..batch as i64).map(|i| (i * 37) % 1000).collect();
     let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), &device);
-    let mut times = Vec::with_capacity(iters);
-    for i in 0..warmup + iters {
-        let start = Instant::now();
-        let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(1e-4, model, grads);
+    measure(batch, warmup, iters, || {
+        let Some(m) = model.take() else { return };
+        let loss = loss_fn.forward(m.forward(x.clone()), y.clone());
+        let grads = GradientsParams::from_grads(loss.backward(), &m);
+        model = Some(optim.step(1e-4, m, grads));
         let _ = loss.into_data();
-        if i >= warmup {
-            times.push(start.elapsed().as_secs_f64());
-        }
-    }
-    throughput(batch, times)
+    })
 }
 
 /// Throughput of the input pipeline, in images per second.
