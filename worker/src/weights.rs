@@ -363,9 +363,9 @@ pub struct LoadReport {
     pub ignored: usize,
 }
 
-/// Apply `weights` to `module` (an EfficientNet classifier or backbone built from `cfg`),
-/// strictly. `root` is the module path of `module` inside a [`crate::model::Classifier`]
-/// (empty for a whole classifier, `backbone.` for a bare backbone).
+/// Apply `weights` (read from `path`, named in errors) to `module`, a
+/// [`crate::model::Classifier`] built from `cfg`, strictly: the names are resolved from the
+/// classifier's module paths (`backbone.stem.conv.weight`, `head.fc.bias`, ...).
 pub fn apply_weights<M: Module>(
     module: M,
     cfg: &EfficientNetConfig,
