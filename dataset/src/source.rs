@@ -60,6 +60,29 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    fn empty(store: DataStore, classes: Vec<String>) -> Self {
+        Dataset {
+            store,
+            classes,
+            files: Vec::new(),
+            items: Vec::new(),
+            labels: None,
+            train: Vec::new(),
+            test: Vec::new(),
+        }
+    }
+
+    /// Add an item to the official train or test set.
+    fn push(&mut self, item: Item, is_train: bool) {
+        let i = self.items.len();
+        self.items.push(item);
+        if is_train {
+            self.train.push(i)
+        } else {
+            self.test.push(i)
+        }
+    }
+
     /// Index the dataset at `store`: CIFAR-10 binary or an image folder.
     pub async fn open(store: DataStore) -> Result<Self> {
         for dir in ["", "cifar-10-batches-bin/"] {
@@ -81,15 +104,7 @@ impl Dataset {
             }) => cifar::CLASS_NAMES.iter().map(|s| s.to_string()).collect(),
             Err(e) => return Err(e),
         };
-        let mut ds = Dataset {
-            store,
-            classes,
-            files: Vec::new(),
-            items: Vec::new(),
-            labels: None,
-            train: Vec::new(),
-            test: Vec::new(),
-        };
+        let mut ds = Dataset::empty(store, classes);
         let names = cifar::TRAIN_FILES
             .iter()
             .map(|f| (f, true))
@@ -111,13 +126,7 @@ impl Dataset {
             let file = ds.files.len();
             ds.files.push(relative);
             for index in 0..count {
-                let i = ds.items.len();
-                ds.items.push(Item::Record { file, index });
-                if is_train {
-                    ds.train.push(i)
-                } else {
-                    ds.test.push(i)
-                }
+                ds.push(Item::Record { file, index }, is_train);
             }
         }
         Ok(ds)
@@ -149,25 +158,11 @@ impl Dataset {
         });
         let index = folder::index(&store.display, paths)?;
         let mut labels = Vec::new();
-        let mut ds = Dataset {
-            store,
-            classes: index.classes,
-            files: Vec::new(),
-            items: Vec::new(),
-            labels: None,
-            train: Vec::new(),
-            test: Vec::new(),
-        };
+        let mut ds = Dataset::empty(store, index.classes);
         for (items, is_train) in [(index.train, true), (index.test, false)] {
             for item in items {
-                let i = ds.items.len();
-                ds.items.push(Item::Image(item.path));
+                ds.push(Item::Image(item.path), is_train);
                 labels.push(item.label);
-                if is_train {
-                    ds.train.push(i)
-                } else {
-                    ds.test.push(i)
-                }
             }
         }
         ds.labels = Some(labels);

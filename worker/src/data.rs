@@ -153,13 +153,8 @@ mod tests {
 
     #[test]
     fn offline_tells_how_to_pass_a_local_copy() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let cache = tempfile::tempdir().unwrap();
-        let url = format!("http://127.0.0.1:{port}/cifar-10-binary.tar.gz");
+        let url = format!("{}/cifar-10-binary.tar.gz", download::tests::unreachable_base());
         let err = fetch_cifar10(&url, CIFAR10_SHA256, cache.path())
             .unwrap_err()
             .to_string();

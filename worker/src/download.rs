@@ -133,6 +133,16 @@ pub(crate) mod tests {
     use super::*;
     use std::net::TcpListener;
 
+    /// `http://127.0.0.1:PORT` for a port that was just released: nothing listens there.
+    pub(crate) fn unreachable_base() -> String {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        format!("http://127.0.0.1:{port}")
+    }
+
     /// A one-shot HTTP server on loopback that answers every request with `body`.
     pub(crate) fn serve(body: &'static [u8], requests: usize) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -199,13 +209,8 @@ pub(crate) mod tests {
     #[test]
     fn offline_says_to_pass_a_file() {
         // Nothing listens on a port we just released.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("http://127.0.0.1:{port}/w-deadbeef.pth");
+        let url = format!("{}/w-deadbeef.pth", unreachable_base());
         let err = fetch_cached(&url, dir.path(), "deadbeef", "ImageNet weights", "--weights FILE")
             .unwrap_err()
             .to_string();
