@@ -7,6 +7,8 @@
 //! the chunk; anything that does not match what is expected next is rejected, never summed. A
 //! peer that goes silent fails the collective after the configured timeout instead of hanging.
 
+pub mod bench;
+pub mod grpc;
 pub mod local;
 
 use std::future::Future;
@@ -105,8 +107,9 @@ pub struct Piece {
 pub trait Link: Send {
     /// Send a piece to the neighbour.
     fn send(&mut self, piece: Piece) -> impl Future<Output = std::result::Result<(), String>> + Send;
-    /// Receive the next piece from the neighbour; `None` when the link closed.
-    fn recv(&mut self) -> impl Future<Output = Option<Piece>> + Send;
+    /// Receive the next piece from the neighbour; an error says why the link ended (the
+    /// peer closed it, the connection broke).
+    fn recv(&mut self) -> impl Future<Output = std::result::Result<Piece, String>> + Send;
 }
 
 /// Parameters of one rank's participation.
@@ -122,6 +125,10 @@ pub struct Ring {
     pub max_piece: usize,
     /// How long to wait for the previous rank before failing.
     pub timeout: Duration,
+    /// Send values as bfloat16 (half the bytes). Every value that crosses the wire is rounded
+    /// to bf16 first, the owner's copy of each finished chunk too, so ranks still agree
+    /// bit for bit.
+    pub bf16: bool,
 }
 
 impl Ring {
@@ -133,6 +140,7 @@ impl Ring {
             generation,
             max_piece: 1 << 20,
             timeout: Duration::from_secs(10),
+            bf16: false,
         }
     }
 
@@ -193,7 +201,10 @@ pub async fn all_reduce<N: Link, P: Link>(
     let owned = chunk_range(buf.len(), n, ((r + 1) % m) as usize);
     if average {
         let scale = 1.0 / n as f32;
-        buf[owned].iter_mut().for_each(|v| *v *= scale);
+        buf[owned.clone()].iter_mut().for_each(|v| *v *= scale);
+    }
+    if ring.bf16 {
+        buf[owned].iter_mut().for_each(|v| *v = round_bf16(*v));
     }
     for round in 0..m - 1 {
         let send_chunk = (r + 1 + m - round) % m;
@@ -246,7 +257,11 @@ async fn exchange<N: Link, P: Link>(
         .enumerate()
         .map(|(i, piece)| Piece {
             tag: tag(send_chunk, (i * max_piece) as u64),
-            data: piece.to_vec(),
+            data: if ring.bf16 {
+                piece.iter().map(|&v| round_bf16(v)).collect()
+            } else {
+                piece.to_vec()
+            },
         })
         .collect();
     if outgoing.is_empty() {
@@ -280,10 +295,10 @@ async fn exchange<N: Link, P: Link>(
                     waited: ring.timeout,
                     what: format!("{expected}"),
                 })?
-                .ok_or_else(|| Error::Link {
+                .map_err(|reason| Error::Link {
                     rank: ring.rank,
                     peer: ring.prev(),
-                    reason: "the peer closed the link".into(),
+                    reason,
                 })?;
             if piece.tag != expected || incoming.len() + piece.data.len() > want {
                 return Err(Error::Mismatch {
@@ -303,6 +318,22 @@ async fn exchange<N: Link, P: Link>(
     let (sent, received) = tokio::join!(send, recv);
     sent?;
     received
+}
+
+/// Round to the nearest bfloat16 (ties to even), returned as f32: the value a bf16 wire
+/// carries exactly.
+pub fn round_bf16(v: f32) -> f32 {
+    f32::from_bits(u32::from(to_bf16_bits(v)) << 16)
+}
+
+/// The bfloat16 bit pattern nearest to `v` (ties to even); NaN stays NaN.
+pub fn to_bf16_bits(v: f32) -> u16 {
+    let bits = v.to_bits();
+    if v.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
+    (rounded >> 16) as u16
 }
 
 #[cfg(test)]

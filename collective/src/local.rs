@@ -19,8 +19,11 @@ impl Link for ChannelLink {
             .map_err(|_| "the receiving rank is gone".to_string())
     }
 
-    async fn recv(&mut self) -> Option<Piece> {
-        self.rx.as_mut()?.recv().await
+    async fn recv(&mut self) -> Result<Piece, String> {
+        let rx = self.rx.as_mut().ok_or("this link only sends")?;
+        rx.recv()
+            .await
+            .ok_or_else(|| "the peer closed the link".to_string())
     }
 }
 

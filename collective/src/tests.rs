@@ -14,11 +14,16 @@ fn input(rank: usize, len: usize) -> Vec<f32> {
 }
 
 async fn run_ring(n: usize, len: usize, max_piece: usize) -> Vec<Vec<f32>> {
+    run_ring_with(n, len, max_piece, false).await
+}
+
+async fn run_ring_with(n: usize, len: usize, max_piece: usize, bf16: bool) -> Vec<Vec<f32>> {
     let mut tasks = Vec::new();
     for (rank, (mut next, mut prev)) in ring_links(n).into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
             let ring = Ring {
                 max_piece,
+                bf16,
                 ..Ring::new(n, rank, 1)
             };
             let mut buf = input(rank, len);
@@ -140,4 +145,35 @@ async fn a_closed_peer_is_reported() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Link { .. }), "{err}");
+}
+
+#[test]
+fn bf16_rounds_to_nearest_even() {
+    assert_eq!(round_bf16(1.0), 1.0);
+    // 1 + 2^-8 lies halfway between two bf16 values: ties go to the even one (1.0).
+    assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0);
+    assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+    assert_eq!(round_bf16(-2.5e-3).to_bits() & 0xffff, 0);
+    assert!(round_bf16(f32::NAN).is_nan());
+    assert_eq!(round_bf16(f32::INFINITY), f32::INFINITY);
+}
+
+#[tokio::test]
+async fn bf16_wire_keeps_ranks_bit_identical() {
+    let (n, len) = (3, 1001);
+    let results = run_ring_with(n, len, 100, true).await;
+    let inputs: Vec<Vec<f32>> = (0..n).map(|r| input(r, len)).collect();
+    for (i, got) in results[0].iter().enumerate() {
+        let want = inputs.iter().map(|x| f64::from(x[i])).sum::<f64>() / n as f64;
+        assert!((f64::from(*got) - want).abs() < 2e-2 * want.abs().max(1.0), "{i}");
+        assert_eq!(got.to_bits() & 0xffff, 0, "every value is a bf16 value");
+    }
+    for other in &results[1..] {
+        assert!(
+            other
+                .iter()
+                .zip(&results[0])
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+    }
 }

@@ -101,6 +101,10 @@ pub enum Error {
     /// The requested device cannot be used with this build or machine.
     #[error("{0}")]
     Device(String),
+
+    /// Talking to the coordinator or the other workers failed, or the run was stopped.
+    #[error("{0}")]
+    Cluster(String),
 }
 
 impl Error {

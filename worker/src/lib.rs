@@ -5,6 +5,7 @@
 
 pub mod augment;
 pub mod bench;
+pub mod cluster;
 pub mod config;
 pub mod data;
 pub mod device;
@@ -17,6 +18,7 @@ pub mod model;
 pub mod modelfile;
 pub mod phase;
 pub mod predict;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

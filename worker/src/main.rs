@@ -7,7 +7,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use cluster_proto::auth::Token;
+use cluster_proto::net::TlsFiles;
 use worker::augment::Augment;
+use worker::cluster::{JoinOptions, JoinOutcome};
 use worker::config::EfficientNetConfig;
 use worker::modelfile::{self, WeightsSource};
 use worker::{bench, device, predict};
@@ -35,6 +38,90 @@ enum Command {
     /// Measure throughput.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Join a coordinator and work for it until the run ends.
+    Join(JoinArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct SecurityArgs {
+    /// File holding the cluster's join token (default: the CLUSTER_TOKEN environment
+    /// variable).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// This node's TLS certificate (PEM), for the peer service it serves.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// This node's TLS private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that signed every node's certificate.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl SecurityArgs {
+    fn tls(&self) -> TlsFiles {
+        TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: self.tls_ca.clone(),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+struct ClusterArgs {
+    /// The coordinator's address, host:port (https:// when TLS is on).
+    #[arg(long, env = "CLUSTER_COORDINATOR", value_name = "URL")]
+    coordinator: String,
+    /// host:port the other workers reach this one at (default: a free port on the address
+    /// this host uses to reach the coordinator).
+    #[arg(long, env = "CLUSTER_ADVERTISE", value_name = "HOST:PORT")]
+    advertise: Option<String>,
+    /// Name in logs and status (default: host name and device).
+    #[arg(long)]
+    name: Option<String>,
+    /// Seconds to keep retrying the first connection to the coordinator.
+    #[arg(long, default_value_t = 60.0)]
+    connect_timeout: f64,
+    #[command(flatten)]
+    security: SecurityArgs,
+}
+
+#[derive(Args, Debug)]
+struct JoinArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Args, Debug)]
+struct BenchAllreduceArgs {
+    /// Start a ring of N ranks in this process, each with its own gRPC server on loopback.
+    #[arg(long, value_name = "N", conflicts_with = "coordinator")]
+    local: Option<usize>,
+    /// Instead, join the coordinator of a run started with `--job allreduce-bench` (its
+    /// sizes and iterations apply); rank 0 prints the table.
+    #[arg(long, env = "CLUSTER_COORDINATOR", value_name = "URL")]
+    coordinator: Option<String>,
+    /// Buffer sizes in MiB.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    size_mb: Vec<f64>,
+    /// Untimed iterations per size.
+    #[arg(long, default_value_t = 2)]
+    warmup: u32,
+    /// Timed iterations per size (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    iterations: u32,
+    /// bfloat16 values on the wire.
+    #[arg(long)]
+    bf16: bool,
+    /// host:port for peer traffic (with --coordinator).
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -79,6 +166,8 @@ enum BenchCommand {
     Model(BenchModelArgs),
     /// Images/s of the input pipeline: read, decode, upload, resize and augment.
     Data(BenchDataArgs),
+    /// All-reduce bandwidth over the gRPC ring (nccl-tests' algbw and busbw).
+    Allreduce(BenchAllreduceArgs),
 }
 
 #[derive(Args, Debug)]
@@ -156,6 +245,8 @@ fn run(command: Command) -> Result<()> {
         Command::Predict(args) => run_predict(args),
         Command::Bench(BenchCommand::Model(args)) => run_bench_model(args),
         Command::Bench(BenchCommand::Data(args)) => run_bench_data(args),
+        Command::Bench(BenchCommand::Allreduce(args)) => run_bench_allreduce(args),
+        Command::Join(args) => run_join(args),
     }
 }
 
@@ -302,4 +393,144 @@ fn torch_reference(
         num("infer")?,
         num("train")?,
     )))
+}
+
+/// A multi-threaded runtime for the cluster commands. Dropped with `shutdown_background`, so
+/// that a training thread still running after an error does not hold the exit.
+fn cluster_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "worker".into())
+}
+
+fn join_options(cluster: &ClusterArgs, device_name: &str) -> Result<JoinOptions> {
+    if !(cluster.connect_timeout.is_finite() && cluster.connect_timeout > 0.0) {
+        bail!("--connect-timeout must be a positive number of seconds");
+    }
+    Ok(JoinOptions {
+        coordinator: cluster.coordinator.clone(),
+        token: Token::load(cluster.security.token_file.as_deref())?,
+        tls: cluster.security.tls(),
+        advertise: cluster.advertise.clone(),
+        name: cluster
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}/{device_name}", host_name())),
+        connect_timeout: std::time::Duration::from_secs_f64(cluster.connect_timeout),
+    })
+}
+
+fn run_join(args: JoinArgs) -> Result<()> {
+    let device = device::select(args.device.gpu)?;
+    let device_name = match args.device.gpu {
+        Some(n) => format!("cuda:{n}"),
+        None => "cpu".to_string(),
+    };
+    let options = join_options(&args.cluster, &device_name)?;
+    let runtime = cluster_runtime()?;
+    let result = runtime.block_on(worker::cluster::join(options, device, device_name));
+    runtime.shutdown_background();
+    let outcome = result?;
+    print_bench_rows(&outcome);
+    Ok(())
+}
+
+fn print_bench_rows(outcome: &JoinOutcome) {
+    if outcome.bench.is_empty() {
+        return;
+    }
+    let rows: Vec<collective::bench::Row> = outcome
+        .bench
+        .iter()
+        .map(|r| collective::bench::Row {
+            bytes: r.bytes,
+            median_seconds: r.median_seconds,
+            algbw_gbps: r.algbw_gbps,
+            busbw_gbps: r.busbw_gbps,
+        })
+        .collect();
+    print_allreduce_table(outcome.world as usize, &rows, None);
+}
+
+fn print_allreduce_table(world: usize, rows: &[collective::bench::Row], loopback: Option<f64>) {
+    println!("all-reduce, ring of {world} over gRPC");
+    println!(
+        "| {:>9} | {:>10} | {:>11} | {:>11} |",
+        "size", "median ms", "algbw GB/s", "busbw GB/s"
+    );
+    println!("|{:->11}|{:->12}|{:->13}|{:->13}|", "", "", "", "");
+    for row in rows {
+        println!(
+            "| {:>6} MB | {:>10.2} | {:>11.3} | {:>11.3} |",
+            format!("{:.0}", row.bytes as f64 / (1u64 << 20) as f64),
+            row.median_seconds * 1e3,
+            row.algbw_gbps,
+            row.busbw_gbps
+        );
+    }
+    if let Some(gbps) = loopback {
+        println!("one loopback TCP stream (the ceiling): {gbps:.2} GB/s");
+    }
+}
+
+fn run_bench_allreduce(args: BenchAllreduceArgs) -> Result<()> {
+    let runtime = cluster_runtime()?;
+    let result = match (args.local, &args.coordinator) {
+        (Some(n), _) => {
+            if n == 0 {
+                bail!("--local needs at least 1 rank");
+            }
+            if args.size_mb.iter().any(|mb| !(mb.is_finite() && *mb > 0.0)) || args.iterations == 0 {
+                bail!("--size-mb values must be positive and --iterations at least 1");
+            }
+            let plan = collective::bench::Plan {
+                sizes: args
+                    .size_mb
+                    .iter()
+                    .map(|mb| (mb * 1048576.0).round() as u64)
+                    .collect(),
+                warmup: args.warmup,
+                iterations: args.iterations,
+            };
+            runtime.block_on(async {
+                let rows = collective::bench::local_ring(n, &plan, args.bf16)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                let largest = plan.sizes.iter().copied().max().unwrap_or(1 << 20);
+                let loopback = collective::bench::loopback_tcp(largest).await?;
+                print_allreduce_table(n, &rows, Some(loopback));
+                Ok(())
+            })
+        }
+        (None, Some(coordinator)) => {
+            let cluster = ClusterArgs {
+                coordinator: coordinator.clone(),
+                advertise: args.advertise.clone(),
+                name: None,
+                connect_timeout: 60.0,
+                security: args.security.clone(),
+            };
+            let options = join_options(&cluster, "cpu")?;
+            runtime
+                .block_on(worker::cluster::join(
+                    options,
+                    device::select(None)?,
+                    "cpu".into(),
+                ))
+                .map_err(anyhow::Error::from)
+                .map(|outcome| print_bench_rows(&outcome))
+        }
+        (None, None) => Err(anyhow::anyhow!("pass --local N or --coordinator URL")),
+    };
+    runtime.shutdown_background();
+    result
 }

@@ -1,0 +1,201 @@
+//! The run configuration from a TOML file, environment variables and flags, in increasing
+//! precedence: `--config run.toml`, then `CLUSTER_*` variables, then flags.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use cluster_proto::run::{Job, RunConfig};
+
+/// Run options on the command line; each also reads a `CLUSTER_<NAME>` environment variable.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RunArgs {
+    /// TOML file with run settings (field names as the flags, with underscores).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// What to run: `train` or `allreduce-bench`.
+    #[arg(long, env = "CLUSTER_JOB", value_parser = parse_job)]
+    pub job: Option<Job>,
+    /// Model: efficientnet-b0..b7 or efficientnet-lite0..lite4.
+    #[arg(long, env = "CLUSTER_MODEL")]
+    pub model: Option<String>,
+    /// Starting weights: `imagenet`, `none` or a weights file present on every worker.
+    #[arg(long, env = "CLUSTER_WEIGHTS")]
+    pub weights: Option<String>,
+    /// Dataset: `cifar10`, `synthetic`, a directory or `s3://bucket/prefix`.
+    #[arg(long, env = "CLUSTER_DATA")]
+    pub data: Option<String>,
+    /// Network input size in pixels.
+    #[arg(long, env = "CLUSTER_IMAGE_SIZE")]
+    pub image_size: Option<u32>,
+    /// Images per step on each worker.
+    #[arg(long, env = "CLUSTER_BATCH_SIZE")]
+    pub batch_size: Option<u32>,
+    /// Head trained in phase 1: `linear` or `tutorial`.
+    #[arg(long, env = "CLUSTER_HEAD")]
+    pub head: Option<String>,
+    /// Epochs with the backbone frozen.
+    #[arg(long, env = "CLUSTER_HEAD_EPOCHS")]
+    pub head_epochs: Option<u32>,
+    /// Epochs fine-tuning everything but BatchNorm.
+    #[arg(long, env = "CLUSTER_FINETUNE_EPOCHS")]
+    pub finetune_epochs: Option<u32>,
+    /// Learning rate of phase 1.
+    #[arg(long, env = "CLUSTER_LR_HEAD")]
+    pub lr_head: Option<f64>,
+    /// Learning rate of phase 2.
+    #[arg(long, env = "CLUSTER_LR_FINETUNE")]
+    pub lr_finetune: Option<f64>,
+    /// Seed for initialisation, shuffling, augmentation and splits.
+    #[arg(long, env = "CLUSTER_SEED")]
+    pub seed: Option<u64>,
+    /// Split scheme: `official` or `tutorial`.
+    #[arg(long, env = "CLUSTER_SPLIT")]
+    pub split: Option<String>,
+    /// Class-balanced cap on training images.
+    #[arg(long, env = "CLUSTER_LIMIT_TRAIN")]
+    pub limit_train: Option<usize>,
+    /// Class-balanced cap on validation images.
+    #[arg(long, env = "CLUSTER_LIMIT_VAL")]
+    pub limit_val: Option<usize>,
+    /// Class-balanced cap on test images.
+    #[arg(long, env = "CLUSTER_LIMIT_TEST")]
+    pub limit_test: Option<usize>,
+    /// Turn off random flips and rotations.
+    #[arg(long, env = "CLUSTER_NO_AUGMENT")]
+    pub no_augment: bool,
+    /// Checkpoint every N epochs (0: at the end of each phase only).
+    #[arg(long, env = "CLUSTER_CHECKPOINT_EVERY")]
+    pub checkpoint_every: Option<u32>,
+    /// Output directory.
+    #[arg(long, env = "CLUSTER_OUT")]
+    pub out: Option<String>,
+    /// Send gradients as bfloat16 (half the bytes, ~3 significant digits).
+    #[arg(long, env = "CLUSTER_BF16_ALLREDUCE")]
+    pub bf16_allreduce: bool,
+    /// Seconds a worker waits for its ring neighbour before declaring it dead.
+    #[arg(long, env = "CLUSTER_PEER_TIMEOUT")]
+    pub peer_timeout: Option<f64>,
+    /// All-reduce benchmark sizes in MiB, comma-separated.
+    #[arg(long, env = "CLUSTER_SIZE_MB", value_delimiter = ',')]
+    pub size_mb: Option<Vec<f64>>,
+    /// All-reduce benchmark: timed iterations per size.
+    #[arg(long, env = "CLUSTER_ITERATIONS")]
+    pub iterations: Option<u32>,
+}
+
+fn parse_job(value: &str) -> Result<Job, String> {
+    match value {
+        "train" => Ok(Job::Train),
+        "allreduce-bench" => Ok(Job::AllreduceBench),
+        other => Err(format!("{other:?}: expected train or allreduce-bench")),
+    }
+}
+
+/// Read a TOML run file.
+pub fn load_file(path: &Path) -> Result<RunConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl RunArgs {
+    /// The configuration: defaults, overridden by the file, overridden by flags and env.
+    pub fn resolve(&self) -> Result<RunConfig, String> {
+        let mut c = match &self.config {
+            Some(path) => load_file(path)?,
+            None => RunConfig::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => {$(
+                if let Some(v) = self.$field.clone() { c.$field = v; }
+            )*};
+        }
+        set!(
+            job,
+            model,
+            weights,
+            data,
+            image_size,
+            batch_size,
+            head,
+            head_epochs,
+            finetune_epochs,
+            lr_head,
+            lr_finetune,
+            seed,
+            split,
+            checkpoint_every,
+            out
+        );
+        for (field, value) in [
+            (&mut c.limit_train, self.limit_train),
+            (&mut c.limit_val, self.limit_val),
+            (&mut c.limit_test, self.limit_test),
+        ] {
+            if value.is_some() {
+                *field = value;
+            }
+        }
+        if self.no_augment {
+            c.augment = false;
+        }
+        if self.bf16_allreduce {
+            c.bf16_allreduce = true;
+        }
+        if let Some(v) = self.peer_timeout {
+            c.peer_timeout_s = v;
+        }
+        if let Some(v) = &self.size_mb {
+            c.bench_sizes_mb = v.clone();
+        }
+        if let Some(v) = self.iterations {
+            c.bench_iterations = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(
+            &path,
+            "model = \"efficientnet-lite0\"\nbatch_size = 8\nhead_epochs = 3\n",
+        )
+        .unwrap();
+        let args = RunArgs {
+            config: Some(path),
+            batch_size: Some(16),
+            ..RunArgs::default()
+        };
+        let config = args.resolve().unwrap();
+        assert_eq!(config.model, "efficientnet-lite0");
+        assert_eq!(config.batch_size, 16);
+        assert_eq!(config.head_epochs, 3);
+        assert_eq!(config.finetune_epochs, RunConfig::default().finetune_epochs);
+    }
+
+    #[test]
+    fn bad_files_name_the_file_and_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, "batch_sise = 8\n").unwrap();
+        let args = RunArgs {
+            config: Some(path.clone()),
+            ..RunArgs::default()
+        };
+        let err = args.resolve().unwrap_err();
+        assert!(err.contains("run.toml") && err.contains("batch_sise"), "{err}");
+        std::fs::write(&path, "batch_size = 0\n").unwrap();
+        assert!(
+            args.resolve()
+                .unwrap_err()
+                .contains("batch_size must be at least 1")
+        );
+    }
+}

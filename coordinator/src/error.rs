@@ -1,0 +1,45 @@
+//! Why the coordinator refuses a call, and how that maps onto gRPC status codes.
+
+use tonic::Status;
+
+/// A refused request.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum Refusal {
+    /// The run already started; new workers cannot join it.
+    #[error("the run has already started (stage {0}); start a new run to add workers")]
+    Started(&'static str),
+    /// All expected workers have joined.
+    #[error("the cluster is full: all {0} expected workers have joined")]
+    Full(usize),
+    /// The run is over.
+    #[error("the run is over (stage {0})")]
+    Finished(&'static str),
+    /// The caller named a worker id the coordinator does not know.
+    #[error("unknown worker id {0:?}: it left the run or never joined")]
+    UnknownWorker(String),
+    /// A message from an older ring.
+    #[error("stale ring generation {got}; the current generation is {current}")]
+    Stale {
+        /// Generation in the message.
+        got: u64,
+        /// The coordinator's generation.
+        current: u64,
+    },
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl From<Refusal> for Status {
+    fn from(refusal: Refusal) -> Self {
+        let message = refusal.to_string();
+        match refusal {
+            Refusal::Started(_) | Refusal::Finished(_) | Refusal::Stale { .. } => {
+                Status::failed_precondition(message)
+            }
+            Refusal::Full(_) => Status::resource_exhausted(message),
+            Refusal::UnknownWorker(_) => Status::not_found(message),
+            Refusal::BadRequest(_) => Status::invalid_argument(message),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The effnet-cluster coordinator: admits workers, assigns ranks, forms the ring from their
+//! advertised peer addresses, hands out one unit of work at a time (an epoch of a phase, or
+//! the all-reduce benchmark), aggregates the results and records checkpoints.
+
+pub mod config;
+pub mod error;
+pub mod run;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cluster_proto::auth::{ServerAuth, Token};
+use cluster_proto::net::{self, MAX_MESSAGE_BYTES, TlsFiles};
+use cluster_proto::run::RunConfig;
+use cluster_proto::v1::coordinator_server::CoordinatorServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+
+pub use error::Refusal;
+use run::{Run, Stage};
+use service::{CoordinatorService, Shared};
+
+/// How the coordinator serves.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Workers to wait for.
+    pub workers: usize,
+    /// The cluster's join token.
+    pub token: Token,
+    /// TLS files (none: plaintext).
+    pub tls: TlsFiles,
+    /// A ranked worker silent for this long is presumed dead.
+    pub heartbeat_timeout: Duration,
+    /// After the run ends, how long to wait for workers to receive their final order.
+    pub linger: Duration,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The final state.
+    pub run: Run,
+}
+
+/// Serve `config` on `listener` until the run is over (or `interrupt` resolves).
+pub async fn serve(
+    config: RunConfig,
+    options: ServeOptions,
+    listener: TcpListener,
+    interrupt: impl std::future::Future<Output = ()>,
+) -> Result<Outcome, cluster_proto::Error> {
+    let address: Option<SocketAddr> = listener.local_addr().ok();
+    let run_id = format!("run-{}", std::process::id());
+    let shared = Shared::new(Run::new(run_id.clone(), config, options.workers));
+    let service = InterceptedService::new(
+        CoordinatorServer::new(CoordinatorService::new(shared.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        ServerAuth::new(options.token.clone()),
+    );
+    let mut server = net::server(options.tls.server()?)?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server.add_service(service).serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    tracing::info!(run = %run_id, address = ?address, workers = options.workers, tls = options.tls.enabled(),
+        "coordinator listening");
+
+    let watchdog = {
+        let shared = shared.clone();
+        let limit = options.heartbeat_timeout;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                shared.update(|run| run.check_liveness(limit));
+            }
+        })
+    };
+
+    tokio::pin!(interrupt);
+    loop {
+        let changed = shared.changed();
+        if shared.lock().finished() {
+            break;
+        }
+        tokio::select! {
+            _ = changed => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = &mut interrupt => {
+                shared.update(|run| run.finish(Some("the coordinator was interrupted".into())));
+                break;
+            }
+        }
+    }
+    watchdog.abort();
+
+    // Let workers read their final order and hang up before the server goes away.
+    let deadline = tokio::time::Instant::now() + options.linger;
+    while !shared.lock().workers.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    let run = std::mem::replace(
+        &mut *shared.lock(),
+        Run::new(String::new(), RunConfig::default(), 0),
+    );
+    debug_assert!(matches!(run.stage, Stage::Done | Stage::Failed));
+    Ok(Outcome { run })
+}

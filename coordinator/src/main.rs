@@ -1,0 +1,264 @@
+//! `coordinator`: starts and watches effnet-cluster runs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use cluster_proto::auth::{ClientAuth, Token};
+use cluster_proto::net::{self, TlsFiles};
+use cluster_proto::run::Job;
+use cluster_proto::v1::StatusRequest;
+use cluster_proto::v1::coordinator_client::CoordinatorClient;
+use coordinator::config::RunArgs;
+use coordinator::run::{Run, Stage};
+use coordinator::{ServeOptions, serve};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(name = "coordinator", version, about = "effnet-cluster coordinator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start a run: wait for the workers, then drive it to the end.
+    Start(Box<StartArgs>),
+    /// Print a running coordinator's state.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct SecurityArgs {
+    /// File holding the join token shared by every node (default: the CLUSTER_TOKEN
+    /// environment variable).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// This node's TLS certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// This node's TLS private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that signed every node's certificate; with it, servers require
+    /// client certificates too.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl SecurityArgs {
+    fn tls(&self) -> TlsFiles {
+        TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: self.tls_ca.clone(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct StartArgs {
+    /// Address to serve on.
+    #[arg(long, default_value = "0.0.0.0:50051", env = "CLUSTER_LISTEN")]
+    listen: SocketAddr,
+    /// Workers to wait for before the run starts.
+    #[arg(long, default_value_t = 1, env = "CLUSTER_WORKERS")]
+    workers: usize,
+    /// Seconds without a heartbeat after which a worker is presumed dead.
+    #[arg(long, default_value_t = 30.0, env = "CLUSTER_HEARTBEAT_TIMEOUT")]
+    heartbeat_timeout: f64,
+    #[command(flatten)]
+    security: SecurityArgs,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// The coordinator's address.
+    #[arg(long, default_value = "127.0.0.1:50051", env = "CLUSTER_COORDINATOR")]
+    coordinator: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    security: SecurityArgs,
+}
+
+fn init_logging(format: &str) {
+    let filter = EnvFilter::try_from_env("COORDINATOR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Start(args) => start(*args).await,
+            Command::Status(args) => status(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start(args: StartArgs) -> Result<()> {
+    let config = args
+        .run
+        .resolve()
+        .map_err(|e| anyhow!("invalid run configuration: {e}"))?;
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    if !(args.heartbeat_timeout.is_finite() && args.heartbeat_timeout > 0.0) {
+        bail!("--heartbeat-timeout must be a positive number of seconds");
+    }
+    let token = Token::load(args.security.token_file.as_deref())?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let options = ServeOptions {
+        workers: args.workers,
+        token,
+        tls: args.security.tls(),
+        heartbeat_timeout: Duration::from_secs_f64(args.heartbeat_timeout),
+        linger: Duration::from_secs(5),
+    };
+    let job = config.job;
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let outcome = serve(config, options, listener, interrupt).await?;
+    let run = outcome.run;
+    if job == Job::AllreduceBench {
+        print_bench(&run);
+    }
+    if job == Job::Train && !run.history.is_empty() {
+        write_history(&run)?;
+    }
+    match run.stage {
+        Stage::Done => Ok(()),
+        _ => Err(anyhow!(
+            run.error.unwrap_or_else(|| "the run did not finish".into())
+        )),
+    }
+}
+
+fn print_bench(run: &Run) {
+    let Some(bench) = &run.bench else { return };
+    let n = run.expected;
+    println!(
+        "all-reduce over {n} workers (ring, {} values)",
+        if run.config.bf16_allreduce { "bf16" } else { "f32" }
+    );
+    println!(
+        "{:>10} {:>12} {:>12} {:>12}",
+        "size", "median ms", "algbw GB/s", "busbw GB/s"
+    );
+    for row in &bench.rows {
+        println!(
+            "{:>10} {:>12.3} {:>12.3} {:>12.3}",
+            format_bytes(row.bytes),
+            row.median_seconds * 1e3,
+            row.algbw_gbps,
+            row.busbw_gbps
+        );
+    }
+}
+
+fn format_bytes(bytes: u64) -> String {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else if bytes >= 1 << 10 && bytes.is_multiple_of(1 << 10) {
+        format!("{} KiB", bytes >> 10)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+fn write_history(run: &Run) -> Result<()> {
+    let dir = PathBuf::from(&run.config.out);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the output directory {}", dir.display()))?;
+    let path = dir.join("history.json");
+    let tmp = dir.join(".history.json.partial");
+    let text = serde_json::to_string_pretty(&run.history)?;
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    tracing::info!(path = %path.display(), "history written");
+    Ok(())
+}
+
+async fn status(args: StatusArgs) -> Result<()> {
+    let token = Token::load(args.security.token_file.as_deref())?;
+    let endpoint = net::endpoint(&args.coordinator, args.security.tls().client()?)?;
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {}", args.coordinator))?;
+    let mut client = CoordinatorClient::with_interceptor(channel, ClientAuth::new(&token));
+    let reply = client
+        .status(StatusRequest {})
+        .await
+        .map_err(|s| anyhow!("status refused: {}", s.message()))?
+        .into_inner();
+    if args.json {
+        let workers: Vec<serde_json::Value> = reply
+            .workers
+            .iter()
+            .map(|w| {
+                serde_json::json!({"worker_id": w.worker_id, "name": w.name, "rank": w.rank, "address": w.address,
+                    "device": w.device, "step": w.step, "seconds_since_heartbeat": w.seconds_since_heartbeat})
+            })
+            .collect();
+        let history: serde_json::Value = serde_json::from_str(&reply.history_json).unwrap_or_default();
+        let value = serde_json::json!({"run_id": reply.run_id, "state": reply.state, "generation": reply.generation,
+            "epoch": reply.epoch, "workers": workers, "history": history, "last_checkpoint": reply.last_checkpoint,
+            "error": reply.error});
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!(
+            "run {}: {} (ring generation {}, epoch {})",
+            reply.run_id, reply.state, reply.generation, reply.epoch
+        );
+        for w in &reply.workers {
+            println!(
+                "  {} rank {} {} {} step {} (heartbeat {:.1} s ago)",
+                w.worker_id, w.rank, w.address, w.device, w.step, w.seconds_since_heartbeat
+            );
+        }
+        if !reply.error.is_empty() {
+            println!("error: {}", reply.error);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,609 @@
+//! The run's state machine: admission, rank assignment, the ring, the plan of work units and
+//! the aggregation of the workers' reports. Pure state (no I/O besides queueing orders), so
+//! every transition is unit-tested.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use cluster_proto::run::{Job, RunConfig};
+use cluster_proto::v1::{
+    self, Assignment, BenchResult, BenchWork, CheckpointCommit, EpochResult, EpochWork, Finish, Order, Phase,
+    Welcome, assignment::Work, order, work_report::Result as ReportResult,
+};
+use serde::Serialize;
+use tokio::sync::mpsc::UnboundedSender;
+use tonic::Status;
+
+use crate::error::Refusal;
+
+/// Where the run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Admitting workers until the expected number joined.
+    Waiting,
+    /// Phase 1: training the new head on the frozen backbone.
+    Head,
+    /// Phase 2: fine-tuning everything but BatchNorm.
+    Finetune,
+    /// Running the all-reduce benchmark.
+    Bench,
+    /// Finished successfully.
+    Done,
+    /// Stopped by an error.
+    Failed,
+}
+
+impl Stage {
+    /// Lowercase name, as in status output.
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::Waiting => "waiting",
+            Stage::Head => "head",
+            Stage::Finetune => "finetune",
+            Stage::Bench => "bench",
+            Stage::Done => "done",
+            Stage::Failed => "failed",
+        }
+    }
+}
+
+/// One unit of work, done by all ranks together.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Unit {
+    /// An epoch of a phase.
+    Epoch {
+        /// Head or fine-tune.
+        phase: Phase,
+        /// 0-based epoch within the phase.
+        epoch: u32,
+        /// Evaluate on the test set afterwards.
+        test: bool,
+        /// Write a checkpoint afterwards.
+        checkpoint: bool,
+    },
+    /// The all-reduce benchmark.
+    Bench,
+}
+
+/// The units of a run, in order.
+pub fn plan(config: &RunConfig) -> Vec<Unit> {
+    if config.job == Job::AllreduceBench {
+        return vec![Unit::Bench];
+    }
+    let mut units = Vec::new();
+    for (phase, epochs) in [
+        (Phase::Head, config.head_epochs),
+        (Phase::Finetune, config.finetune_epochs),
+    ] {
+        for epoch in 0..epochs {
+            let last = epoch + 1 == epochs;
+            let every = config.checkpoint_every > 0 && (epoch + 1) % config.checkpoint_every == 0;
+            units.push(Unit::Epoch {
+                phase,
+                epoch,
+                test: false,
+                checkpoint: last || every,
+            });
+        }
+    }
+    if let Some(Unit::Epoch { test, .. }) = units.last_mut() {
+        *test = true;
+    }
+    units
+}
+
+/// A worker the coordinator knows.
+#[derive(Debug)]
+pub struct Worker {
+    /// Its name (host and device).
+    pub name: String,
+    /// Where it serves the peer service.
+    pub advertise: String,
+    /// Its device.
+    pub device: String,
+    /// Rank in the current ring, once formed.
+    pub rank: Option<u32>,
+    /// When it last sent a heartbeat (or joined).
+    pub last_seen: Instant,
+    /// The last step it reported.
+    pub step: u64,
+    orders: UnboundedSender<Result<Order, Status>>,
+}
+
+/// The aggregate of one finished epoch over all ranks.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EpochSummary {
+    /// `head` or `finetune`.
+    pub phase: String,
+    /// 0-based epoch within the phase.
+    pub epoch: u32,
+    /// Optimizer steps taken.
+    pub steps: u64,
+    /// Mean training loss over all images of the epoch.
+    pub train_loss: f64,
+    /// Training accuracy.
+    pub train_accuracy: f64,
+    /// Mean validation loss.
+    pub val_loss: Option<f64>,
+    /// Validation accuracy.
+    pub val_accuracy: Option<f64>,
+    /// Test loss (last epoch only).
+    pub test_loss: Option<f64>,
+    /// Test accuracy (last epoch only).
+    pub test_accuracy: Option<f64>,
+    /// Test confusion matrix, rows = actual class (last epoch only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_confusion: Option<Vec<Vec<u64>>>,
+    /// Training images processed, all ranks together.
+    pub train_images: u64,
+    /// Wall time of the slowest rank, seconds.
+    pub seconds: f64,
+    /// Mean time spent in all-reduce per rank, seconds.
+    pub allreduce_seconds: f64,
+    /// Training images per second, all ranks together.
+    pub images_per_second: f64,
+}
+
+/// The run.
+#[derive(Debug)]
+pub struct Run {
+    /// Identifies this run in logs and status.
+    pub run_id: String,
+    /// What the run does.
+    pub config: RunConfig,
+    /// Workers to wait for.
+    pub expected: usize,
+    /// Known workers by id.
+    pub workers: BTreeMap<String, Worker>,
+    /// Ring generation: 0 before the first ring.
+    pub generation: u64,
+    /// Where the run is.
+    pub stage: Stage,
+    /// Units of work.
+    pub plan: Vec<Unit>,
+    /// Index of the unit in progress.
+    pub current: usize,
+    /// Steps taken before the current unit.
+    pub steps_done: u64,
+    reports: BTreeMap<u32, ReportResult>,
+    /// Finished epochs.
+    pub history: Vec<EpochSummary>,
+    /// Benchmark results (rank 0's measurements).
+    pub bench: Option<BenchResult>,
+    /// The latest committed checkpoint.
+    pub last_checkpoint: Option<CheckpointCommit>,
+    /// Why the run failed.
+    pub error: Option<String>,
+    next_id: u64,
+}
+
+impl Run {
+    /// A run of `config` waiting for `expected` workers.
+    pub fn new(run_id: String, config: RunConfig, expected: usize) -> Self {
+        let plan = plan(&config);
+        Self {
+            run_id,
+            config,
+            expected,
+            workers: BTreeMap::new(),
+            generation: 0,
+            stage: Stage::Waiting,
+            plan,
+            current: 0,
+            steps_done: 0,
+            reports: BTreeMap::new(),
+            history: Vec::new(),
+            bench: None,
+            last_checkpoint: None,
+            error: None,
+            next_id: 0,
+        }
+    }
+
+    /// Whether the run is over.
+    pub fn finished(&self) -> bool {
+        matches!(self.stage, Stage::Done | Stage::Failed)
+    }
+
+    /// Admit a worker; it receives its welcome (and, if it completes the cluster, everyone
+    /// receives their first assignment) through `orders`.
+    pub fn join(
+        &mut self,
+        request: v1::JoinRequest,
+        orders: UnboundedSender<Result<Order, Status>>,
+    ) -> Result<String, Refusal> {
+        if self.stage != Stage::Waiting {
+            return Err(Refusal::Started(self.stage.label()));
+        }
+        if self.workers.len() >= self.expected {
+            return Err(Refusal::Full(self.expected));
+        }
+        if request.advertise.is_empty() {
+            return Err(Refusal::BadRequest("advertise address is empty".into()));
+        }
+        if let Some((id, _)) = self
+            .workers
+            .iter()
+            .find(|(_, w)| w.advertise == request.advertise)
+        {
+            return Err(Refusal::BadRequest(format!(
+                "address {} is already used by worker {id}; give each worker its own --advertise",
+                request.advertise
+            )));
+        }
+        self.next_id += 1;
+        let id = format!("w{}", self.next_id);
+        let welcome = Order {
+            order: Some(order::Order::Welcome(Welcome {
+                worker_id: id.clone(),
+                run_id: self.run_id.clone(),
+                expected_workers: self.expected as u32,
+            })),
+        };
+        // A closed receiver means the worker already left; departure handling removes it.
+        let _ = orders.send(Ok(welcome));
+        tracing::info!(worker = %id, name = %request.name, address = %request.advertise, device = %request.device,
+            joined = self.workers.len() + 1, expected = self.expected, "worker joined");
+        self.workers.insert(
+            id.clone(),
+            Worker {
+                name: request.name,
+                advertise: request.advertise,
+                device: request.device,
+                rank: None,
+                last_seen: Instant::now(),
+                step: 0,
+                orders,
+            },
+        );
+        if self.workers.len() == self.expected {
+            self.form_ring();
+        }
+        Ok(id)
+    }
+
+    /// Ranks in join order; the ring follows the ranks.
+    fn form_ring(&mut self) {
+        self.generation += 1;
+        for (rank, worker) in self.workers.values_mut().enumerate() {
+            worker.rank = Some(rank as u32);
+        }
+        tracing::info!(
+            generation = self.generation,
+            world = self.workers.len(),
+            "ring formed"
+        );
+        self.start_unit();
+    }
+
+    fn peers(&self) -> Vec<String> {
+        let mut peers: Vec<(u32, String)> = self
+            .workers
+            .values()
+            .filter_map(|w| w.rank.map(|r| (r, w.advertise.clone())))
+            .collect();
+        peers.sort();
+        peers.into_iter().map(|(_, a)| a).collect()
+    }
+
+    fn start_unit(&mut self) {
+        self.reports.clear();
+        let Some(unit) = self.plan.get(self.current).cloned() else {
+            self.finish(None);
+            return;
+        };
+        let work = match unit {
+            Unit::Epoch {
+                phase,
+                epoch,
+                test,
+                checkpoint,
+            } => {
+                self.stage = if phase == Phase::Head {
+                    Stage::Head
+                } else {
+                    Stage::Finetune
+                };
+                tracing::info!(
+                    phase = phase.label(),
+                    epoch,
+                    first_step = self.steps_done,
+                    "epoch started"
+                );
+                Work::Epoch(EpochWork {
+                    phase: phase as i32,
+                    epoch,
+                    first_step: self.steps_done,
+                    consumed: 0,
+                    test,
+                    checkpoint,
+                })
+            }
+            Unit::Bench => {
+                self.stage = Stage::Bench;
+                Work::Bench(BenchWork {
+                    sizes: self
+                        .config
+                        .bench_sizes_mb
+                        .iter()
+                        .map(|mb| (mb * 1024.0 * 1024.0).round() as u64)
+                        .collect(),
+                    warmup: self.config.bench_warmup,
+                    iterations: self.config.bench_iterations,
+                    bf16: self.config.bf16_allreduce,
+                })
+            }
+        };
+        let peers = self.peers();
+        let config_json = self.config.to_json();
+        for worker in self.workers.values() {
+            let Some(rank) = worker.rank else { continue };
+            let assignment = Assignment {
+                generation: self.generation,
+                rank,
+                world: peers.len() as u32,
+                peers: peers.clone(),
+                config_json: config_json.clone(),
+                work: Some(work.clone()),
+            };
+            let _ = worker.orders.send(Ok(Order {
+                order: Some(order::Order::Assignment(assignment)),
+            }));
+        }
+    }
+
+    /// End the run, telling every worker.
+    pub fn finish(&mut self, error: Option<String>) {
+        if self.finished() {
+            return;
+        }
+        match &error {
+            None => tracing::info!(run = %self.run_id, "run finished"),
+            Some(e) => tracing::error!(run = %self.run_id, error = %e, "run failed"),
+        }
+        self.stage = if error.is_some() {
+            Stage::Failed
+        } else {
+            Stage::Done
+        };
+        self.error = error.clone();
+        for worker in self.workers.values() {
+            let _ = worker.orders.send(Ok(Order {
+                order: Some(order::Order::Finish(Finish {
+                    error: error.clone().unwrap_or_default(),
+                })),
+            }));
+        }
+    }
+
+    fn rank_of(&self, worker_id: &str) -> Result<u32, Refusal> {
+        let worker = self
+            .workers
+            .get(worker_id)
+            .ok_or_else(|| Refusal::UnknownWorker(worker_id.to_string()))?;
+        worker
+            .rank
+            .ok_or_else(|| Refusal::BadRequest(format!("worker {worker_id} has no rank yet")))
+    }
+
+    /// A worker's heartbeat.
+    pub fn heartbeat(&mut self, worker_id: &str, step: u64) -> Result<(), Refusal> {
+        let worker = self
+            .workers
+            .get_mut(worker_id)
+            .ok_or_else(|| Refusal::UnknownWorker(worker_id.to_string()))?;
+        worker.last_seen = Instant::now();
+        worker.step = step;
+        Ok(())
+    }
+
+    /// A worker's results for the current unit; when every rank has reported, the unit is
+    /// aggregated and the next one starts.
+    pub fn report(&mut self, report: v1::WorkReport) -> Result<(), Refusal> {
+        if self.finished() {
+            return Err(Refusal::Finished(self.stage.label()));
+        }
+        let rank = self.rank_of(&report.worker_id)?;
+        if report.generation != self.generation {
+            return Err(Refusal::Stale {
+                got: report.generation,
+                current: self.generation,
+            });
+        }
+        let result = report
+            .result
+            .ok_or_else(|| Refusal::BadRequest("report carries no result".into()))?;
+        let unit = self.plan.get(self.current).cloned();
+        match (&unit, &result) {
+            (Some(Unit::Epoch { phase, epoch, .. }), ReportResult::Epoch(r))
+                if r.phase == *phase as i32 && r.epoch == *epoch => {}
+            (Some(Unit::Bench), ReportResult::Bench(_)) => {}
+            _ => {
+                return Err(Refusal::BadRequest(format!(
+                    "report does not match the work in progress ({unit:?})"
+                )));
+            }
+        }
+        self.reports.insert(rank, result);
+        if self.reports.len() < self.workers.values().filter(|w| w.rank.is_some()).count() {
+            return Ok(());
+        }
+        let reports = std::mem::take(&mut self.reports);
+        match unit {
+            Some(Unit::Epoch { phase, epoch, .. }) => {
+                let results: Vec<&EpochResult> = reports
+                    .values()
+                    .filter_map(|r| match r {
+                        ReportResult::Epoch(e) => Some(e),
+                        ReportResult::Bench(_) => None,
+                    })
+                    .collect();
+                let checksums: Vec<u64> = results.iter().map(|r| r.weights_checksum).collect();
+                if checksums.iter().any(|c| *c != checksums[0]) {
+                    let listed: Vec<String> = reports
+                        .keys()
+                        .zip(&checksums)
+                        .map(|(rank, c)| format!("rank {rank}: {c:016x}"))
+                        .collect();
+                    self.finish(Some(format!(
+                        "ranks diverged after {} epoch {epoch}: weight checksums differ ({}); \
+                         the all-reduce or a worker's arithmetic is broken",
+                        phase.label(),
+                        listed.join(", ")
+                    )));
+                    return Ok(());
+                }
+                let summary = summarize(phase, epoch, &results);
+                tracing::info!(phase = %summary.phase, epoch, train_loss = summary.train_loss,
+                    train_accuracy = summary.train_accuracy, val_accuracy = ?summary.val_accuracy,
+                    test_accuracy = ?summary.test_accuracy, seconds = summary.seconds, "epoch finished");
+                self.steps_done += summary.steps;
+                self.history.push(summary);
+            }
+            Some(Unit::Bench) => {
+                self.bench = reports.get(&0).and_then(|r| match r {
+                    ReportResult::Bench(b) => Some(b.clone()),
+                    ReportResult::Epoch(_) => None,
+                });
+            }
+            None => {}
+        }
+        self.current += 1;
+        self.start_unit();
+        Ok(())
+    }
+
+    /// Rank 0 wrote a checkpoint.
+    pub fn commit_checkpoint(&mut self, commit: CheckpointCommit) -> Result<(), Refusal> {
+        let rank = self.rank_of(&commit.worker_id)?;
+        if rank != 0 {
+            return Err(Refusal::BadRequest(format!(
+                "only rank 0 commits checkpoints; worker {} is rank {rank}",
+                commit.worker_id
+            )));
+        }
+        tracing::info!(location = %commit.location, step = commit.step, bytes = commit.bytes, "checkpoint committed");
+        self.last_checkpoint = Some(commit);
+        Ok(())
+    }
+
+    /// A worker's order stream closed. Before the run starts it simply leaves; during the
+    /// run it fails the run (elastic recovery re-forms the ring instead, see the elastic
+    /// issue) so that no survivor waits for it.
+    pub fn depart(&mut self, worker_id: &str) {
+        let Some(worker) = self.workers.remove(worker_id) else {
+            return;
+        };
+        if self.finished() {
+            return;
+        }
+        match worker.rank {
+            None => tracing::info!(worker = %worker_id, "worker left before the run started"),
+            Some(rank) => self.finish(Some(format!(
+                "worker {worker_id} ({}, rank {rank}) disconnected during {}",
+                worker.name,
+                self.stage.label()
+            ))),
+        }
+    }
+
+    /// Fail the run if a ranked worker has been silent for longer than `limit`.
+    pub fn check_liveness(&mut self, limit: Duration) {
+        if self.finished() || self.stage == Stage::Waiting {
+            return;
+        }
+        let silent = self
+            .workers
+            .iter()
+            .find(|(_, w)| w.rank.is_some() && w.last_seen.elapsed() > limit)
+            .map(|(id, w)| (id.clone(), w.name.clone(), w.rank, w.last_seen.elapsed()));
+        if let Some((id, name, rank, elapsed)) = silent {
+            self.finish(Some(format!(
+                "worker {id} ({name}, rank {}) sent no heartbeat for {:.0} s; presumed dead",
+                rank.unwrap_or_default(),
+                elapsed.as_secs_f64()
+            )));
+        }
+    }
+
+    /// The status reply.
+    pub fn status(&self) -> v1::StatusReply {
+        let epoch = match self.plan.get(self.current) {
+            Some(Unit::Epoch { epoch, .. }) => *epoch,
+            _ => 0,
+        };
+        v1::StatusReply {
+            run_id: self.run_id.clone(),
+            state: self.stage.label().into(),
+            generation: self.generation,
+            epoch,
+            workers: self
+                .workers
+                .iter()
+                .map(|(id, w)| v1::WorkerStatus {
+                    worker_id: id.clone(),
+                    name: w.name.clone(),
+                    rank: w.rank.unwrap_or(u32::MAX),
+                    address: w.advertise.clone(),
+                    device: w.device.clone(),
+                    step: w.step,
+                    seconds_since_heartbeat: w.last_seen.elapsed().as_secs_f64(),
+                })
+                .collect(),
+            history_json: serde_json::to_string(&self.history).unwrap_or_default(),
+            last_checkpoint: self
+                .last_checkpoint
+                .as_ref()
+                .map(|c| c.location.clone())
+                .unwrap_or_default(),
+            error: self.error.clone().unwrap_or_default(),
+        }
+    }
+}
+
+fn ratio(num: f64, den: u64) -> Option<f64> {
+    (den > 0).then(|| num / den as f64)
+}
+
+/// Sum exact counts over ranks.
+fn summarize(phase: Phase, epoch: u32, results: &[&EpochResult]) -> EpochSummary {
+    let sum_f = |f: fn(&EpochResult) -> f64| results.iter().map(|r| f(r)).sum::<f64>();
+    let sum_u = |f: fn(&EpochResult) -> u64| results.iter().map(|r| f(r)).sum::<u64>();
+    let train_count = sum_u(|r| r.train_count);
+    let val_count = sum_u(|r| r.val_count);
+    let test_count = sum_u(|r| r.test_count);
+    let seconds = results.iter().map(|r| r.seconds).fold(0.0, f64::max);
+    let confusion_len = results.iter().map(|r| r.test_confusion.len()).max().unwrap_or(0);
+    let test_confusion = (confusion_len > 0).then(|| {
+        let classes = (confusion_len as f64).sqrt().round() as usize;
+        let mut total = vec![0u64; confusion_len];
+        for r in results {
+            for (t, v) in total.iter_mut().zip(&r.test_confusion) {
+                *t += v;
+            }
+        }
+        total.chunks(classes.max(1)).map(<[u64]>::to_vec).collect()
+    });
+    EpochSummary {
+        phase: phase.label().into(),
+        epoch,
+        steps: results.iter().map(|r| r.steps).max().unwrap_or(0),
+        train_loss: ratio(sum_f(|r| r.train_loss_sum), train_count).unwrap_or(f64::NAN),
+        train_accuracy: ratio(sum_u(|r| r.train_correct) as f64, train_count).unwrap_or(f64::NAN),
+        val_loss: ratio(sum_f(|r| r.val_loss_sum), val_count),
+        val_accuracy: ratio(sum_u(|r| r.val_correct) as f64, val_count),
+        test_loss: ratio(sum_f(|r| r.test_loss_sum), test_count),
+        test_accuracy: ratio(sum_u(|r| r.test_correct) as f64, test_count),
+        test_confusion,
+        train_images: train_count,
+        seconds,
+        allreduce_seconds: results.iter().map(|r| r.allreduce_seconds).sum::<f64>()
+            / results.len().max(1) as f64,
+        images_per_second: if seconds > 0.0 {
+            train_count as f64 / seconds
+        } else {
+            0.0
+        },
+    }
+}

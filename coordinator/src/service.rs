@@ -1,0 +1,144 @@
+//! The `cluster.v1.Coordinator` gRPC service over the shared [`Run`].
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use cluster_proto::v1::coordinator_server::Coordinator;
+use cluster_proto::v1::{
+    Ack, CheckpointCommit, HeartbeatReply, HeartbeatRequest, JoinRequest, Order, StatusReply, StatusRequest,
+    WorkReport,
+};
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::run::Run;
+
+/// The run, shared between handlers, with a signal for "something changed".
+#[derive(Clone)]
+pub struct Shared {
+    run: Arc<Mutex<Run>>,
+    changed: Arc<Notify>,
+}
+
+impl Shared {
+    /// Share `run`.
+    pub fn new(run: Run) -> Self {
+        Self {
+            run: Arc::new(Mutex::new(run)),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Lock the run. A handler that panicked mid-update leaves it poisoned; the state is still
+    /// the best information there is, so keep serving it.
+    pub fn lock(&self) -> MutexGuard<'_, Run> {
+        self.run.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Wake whoever waits for a change.
+    pub fn notify(&self) {
+        self.changed.notify_waiters();
+    }
+
+    /// Wait until the run changes.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// Run `f` on the run, then wake the waiters.
+    pub fn update<T>(&self, f: impl FnOnce(&mut Run) -> T) -> T {
+        let out = f(&mut self.lock());
+        self.notify();
+        out
+    }
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct CoordinatorService {
+    shared: Shared,
+}
+
+impl CoordinatorService {
+    /// Serve `shared`.
+    pub fn new(shared: Shared) -> Self {
+        Self { shared }
+    }
+}
+
+/// A worker's order stream; dropping it (the worker disconnected) tells the run.
+pub struct Orders {
+    inner: UnboundedReceiverStream<Result<Order, Status>>,
+    departure: Option<(Shared, String)>,
+}
+
+impl Stream for Orders {
+    type Item = Result<Order, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+impl Drop for Orders {
+    fn drop(&mut self) {
+        if let Some((shared, id)) = self.departure.take() {
+            shared.update(|run| run.depart(&id));
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    type JoinStream = Orders;
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<Orders>, Status> {
+        let peer = request.remote_addr();
+        let request = request.into_inner();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = self
+            .shared
+            .update(|run| run.join(request, tx))
+            .map_err(|refusal| {
+                tracing::warn!(peer = ?peer, reason = %refusal, "join refused");
+                Status::from(refusal)
+            })?;
+        Ok(Response::new(Orders {
+            inner: UnboundedReceiverStream::new(rx),
+            departure: Some((self.shared.clone(), id)),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        let request = request.into_inner();
+        self.shared
+            .lock()
+            .heartbeat(&request.worker_id, request.step)
+            .map_err(Status::from)?;
+        Ok(Response::new(HeartbeatReply {}))
+    }
+
+    async fn report(&self, request: Request<WorkReport>) -> Result<Response<Ack>, Status> {
+        self.shared
+            .update(|run| run.report(request.into_inner()))
+            .map_err(Status::from)?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn commit_checkpoint(&self, request: Request<CheckpointCommit>) -> Result<Response<Ack>, Status> {
+        self.shared
+            .update(|run| run.commit_checkpoint(request.into_inner()))
+            .map_err(Status::from)?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        Ok(Response::new(self.shared.lock().status()))
+    }
+}

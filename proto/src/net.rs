@@ -1,0 +1,180 @@
+//! Transport settings shared by every server and client of the cluster: HTTP/2 flow-control
+//! windows sized for bulk gradient traffic, message-size limits, keepalives and optional TLS.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+
+use crate::{Error, Result};
+
+/// Largest message any service accepts. Gradient pieces are at most a few MiB; anything
+/// bigger is a bug or an attack.
+pub const MAX_MESSAGE_BYTES: usize = 32 << 20;
+
+/// Per-stream HTTP/2 window. The default 64 KiB would stall a gradient stream every 64 KiB
+/// waiting for a window update; a few pieces in flight keep the link busy.
+const STREAM_WINDOW: u32 = 32 << 20;
+/// Per-connection HTTP/2 window.
+const CONNECTION_WINDOW: u32 = 64 << 20;
+/// HTTP/2 frame size: larger frames mean fewer headers and wakeups per MiB.
+const FRAME_SIZE: u32 = 1 << 20;
+/// Dead connections are noticed by HTTP/2 pings within interval + timeout.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS files given on the command line. Without any, traffic is plaintext.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    /// This node's certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The CA that signed every node's certificate (PEM). Servers then also require client
+    /// certificates signed by it (mutual TLS).
+    pub ca: Option<PathBuf>,
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::TlsFile {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl TlsFiles {
+    /// Whether any TLS option was given.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() || self.key.is_some() || self.ca.is_some()
+    }
+
+    fn identity(&self) -> Result<Option<Identity>> {
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Ok(Some(Identity::from_pem(
+                read("certificate", cert)?,
+                read("key", key)?,
+            ))),
+            (None, None) => Ok(None),
+            _ => Err(Error::TlsIncomplete("both --tls-cert and --tls-key")),
+        }
+    }
+
+    /// Server configuration: certificate and key are required; with a CA, clients must
+    /// present certificates it signed.
+    pub fn server(&self) -> Result<Option<ServerTlsConfig>> {
+        if !self.enabled() {
+            return Ok(None);
+        }
+        let identity = self
+            .identity()?
+            .ok_or(Error::TlsIncomplete("--tls-cert and --tls-key on a serving node"))?;
+        let mut config = ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.ca {
+            config = config.client_ca_root(Certificate::from_pem(read("CA", ca)?));
+        }
+        Ok(Some(config))
+    }
+
+    /// Client configuration: the CA is required to verify servers; certificate and key, when
+    /// given, identify this node to servers that demand it.
+    pub fn client(&self) -> Result<Option<ClientTlsConfig>> {
+        if !self.enabled() {
+            return Ok(None);
+        }
+        let ca = self
+            .ca
+            .as_ref()
+            .ok_or(Error::TlsIncomplete("--tls-ca to verify the other nodes"))?;
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("CA", ca)?));
+        if let Some(identity) = self.identity()? {
+            config = config.identity(identity);
+        }
+        Ok(Some(config))
+    }
+}
+
+/// A server builder with the cluster's transport settings.
+pub fn server(tls: Option<ServerTlsConfig>) -> Result<Server> {
+    let builder = Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(FRAME_SIZE)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .tcp_nodelay(true);
+    Ok(match tls {
+        Some(tls) => builder.tls_config(tls)?,
+        None => builder,
+    })
+}
+
+/// A client endpoint for `address` (`host:port`, `http://host:port` or `https://host:port`)
+/// with the cluster's transport settings; TLS when `tls` is given.
+pub fn endpoint(address: &str, tls: Option<ClientTlsConfig>) -> Result<Endpoint> {
+    let bare = address
+        .strip_prefix("http://")
+        .or_else(|| address.strip_prefix("https://"))
+        .unwrap_or(address);
+    if bare.is_empty() || !bare.contains(':') {
+        return Err(Error::Address {
+            address: address.to_string(),
+            reason: "expected host:port".into(),
+        });
+    }
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{bare}");
+    let endpoint = Endpoint::from_shared(url).map_err(|e| Error::Address {
+        address: address.to_string(),
+        reason: e.to_string(),
+    })?;
+    let endpoint = endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
+    Ok(match tls {
+        Some(tls) => endpoint.tls_config(tls)?,
+        None => endpoint,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_checked() {
+        assert!(endpoint("127.0.0.1:50051", None).is_ok());
+        assert_eq!(
+            endpoint("http://10.0.0.2:7000", None).unwrap().uri().to_string(),
+            "http://10.0.0.2:7000/"
+        );
+        let err = endpoint("coordinator", None).unwrap_err().to_string();
+        assert!(
+            err.contains("\"coordinator\"") && err.contains("host:port"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn incomplete_tls_is_explained() {
+        let only_cert = TlsFiles {
+            cert: Some("c.pem".into()),
+            ..Default::default()
+        };
+        assert!(only_cert.server().unwrap_err().to_string().contains("--tls-key"));
+        assert!(only_cert.client().unwrap_err().to_string().contains("--tls-ca"));
+        let missing = TlsFiles {
+            cert: Some("/nonexistent/c.pem".into()),
+            key: Some("/nonexistent/k.pem".into()),
+            ca: None,
+        };
+        let err = missing.server().unwrap_err().to_string();
+        assert!(err.contains("certificate file /nonexistent/c.pem"), "{err}");
+        assert!(TlsFiles::default().server().unwrap().is_none());
+    }
+}

@@ -1,0 +1,215 @@
+//! The run configuration: what the coordinator was asked to do, sent to every worker with its
+//! assignment (as JSON), so that workers need no flags beyond how to reach the coordinator.
+
+use serde::{Deserialize, Serialize};
+
+/// What a run does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Job {
+    /// Transfer learning: the head phase, then the fine-tune phase.
+    #[default]
+    Train,
+    /// Measure all-reduce bandwidth over the workers' ring.
+    AllreduceBench,
+}
+
+/// Everything that defines a run. Every field has a default, so a TOML file or the command
+/// line only names what differs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// What the run does.
+    pub job: Job,
+    /// Model name, e.g. `efficientnet-b0`, `efficientnet-lite0`.
+    pub model: String,
+    /// Starting weights: `imagenet`, `none` (random initialisation) or a file path.
+    pub weights: String,
+    /// Dataset: `cifar10` (downloaded), `synthetic` (generated), a directory, or an
+    /// `s3://bucket/prefix` URL.
+    pub data: String,
+    /// Side of the square network input, pixels.
+    pub image_size: u32,
+    /// Images per step on each worker.
+    pub batch_size: u32,
+    /// Classifier head trained in phase 1: `linear` or `tutorial`.
+    pub head: String,
+    /// Epochs of phase 1 (frozen backbone).
+    pub head_epochs: u32,
+    /// Epochs of phase 2 (everything but BatchNorm trainable).
+    pub finetune_epochs: u32,
+    /// Adam learning rate of phase 1.
+    pub lr_head: f64,
+    /// Adam learning rate of phase 2.
+    pub lr_finetune: f64,
+    /// Seed of initialisation, shuffling, augmentation and splits.
+    pub seed: u64,
+    /// Split scheme: `official` (official test set, validation carved from train) or
+    /// `tutorial` (test = train[:10%], val = train[10%:25%]).
+    pub split: String,
+    /// Fraction of the training set held out for validation with the official split.
+    pub val_fraction: f64,
+    /// Class-balanced cap on training images.
+    pub limit_train: Option<usize>,
+    /// Class-balanced cap on validation images.
+    pub limit_val: Option<usize>,
+    /// Class-balanced cap on test images.
+    pub limit_test: Option<usize>,
+    /// Training images of the generated dataset (`data = "synthetic"`).
+    pub synthetic_train: usize,
+    /// Test images of the generated dataset.
+    pub synthetic_test: usize,
+    /// Random flips and quarter turns while training.
+    pub augment: bool,
+    /// Checkpoint every this many epochs (0: only at the end of each phase).
+    pub checkpoint_every: u32,
+    /// Where outputs and checkpoints go (a directory).
+    pub out: String,
+    /// Send gradients as bfloat16.
+    pub bf16_allreduce: bool,
+    /// Seconds a worker waits for its ring neighbour before declaring it dead.
+    pub peer_timeout_s: f64,
+    /// All-reduce benchmark: buffer sizes in MiB.
+    pub bench_sizes_mb: Vec<f64>,
+    /// All-reduce benchmark: untimed iterations per size.
+    pub bench_warmup: u32,
+    /// All-reduce benchmark: timed iterations per size.
+    pub bench_iterations: u32,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            job: Job::Train,
+            model: "efficientnet-b0".into(),
+            weights: "imagenet".into(),
+            data: "cifar10".into(),
+            image_size: 224,
+            batch_size: 32,
+            head: "linear".into(),
+            head_epochs: 10,
+            finetune_epochs: 50,
+            lr_head: 1e-3,
+            lr_finetune: 1e-5,
+            seed: 42,
+            split: "official".into(),
+            val_fraction: 0.1,
+            limit_train: None,
+            limit_val: None,
+            limit_test: None,
+            synthetic_train: 2000,
+            synthetic_test: 500,
+            augment: true,
+            checkpoint_every: 0,
+            out: "runs/latest".into(),
+            bf16_allreduce: false,
+            peer_timeout_s: 60.0,
+            bench_sizes_mb: vec![1.0, 4.0, 16.0, 64.0],
+            bench_warmup: 2,
+            bench_iterations: 10,
+        }
+    }
+}
+
+impl RunConfig {
+    /// The configuration as sent on the wire.
+    pub fn to_json(&self) -> String {
+        // A struct of plain fields always serialises.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Parse the configuration received from a coordinator.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text)
+            .map_err(|e| format!("the coordinator sent a run configuration this worker cannot read: {e}"))
+    }
+
+    /// Check values that would only fail later, on a worker, in the middle of a run.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if self.batch_size == 0 {
+            problems.push("batch_size must be at least 1".to_string());
+        }
+        if self.image_size < 32 {
+            problems.push(format!(
+                "image_size {} is below the minimum of 32",
+                self.image_size
+            ));
+        }
+        if !["linear", "tutorial"].contains(&self.head.as_str()) {
+            problems.push(format!("head {:?}: expected linear or tutorial", self.head));
+        }
+        if !["official", "tutorial"].contains(&self.split.as_str()) {
+            problems.push(format!("split {:?}: expected official or tutorial", self.split));
+        }
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            problems.push(format!("val_fraction {} must be in [0, 1)", self.val_fraction));
+        }
+        for (name, lr) in [("lr_head", self.lr_head), ("lr_finetune", self.lr_finetune)] {
+            if !(lr.is_finite() && lr >= 0.0) {
+                problems.push(format!("{name} {lr} must be a non-negative number"));
+            }
+        }
+        if !(self.peer_timeout_s.is_finite() && self.peer_timeout_s > 0.0) {
+            problems.push(format!("peer_timeout_s {} must be positive", self.peer_timeout_s));
+        }
+        if self.job == Job::Train && self.head_epochs + self.finetune_epochs == 0 {
+            problems.push("head_epochs and finetune_epochs are both 0: nothing to train".into());
+        }
+        if self.job == Job::AllreduceBench {
+            if self.bench_sizes_mb.is_empty() {
+                problems.push("bench_sizes_mb is empty".into());
+            }
+            if self
+                .bench_sizes_mb
+                .iter()
+                .any(|mb| !(mb.is_finite() && *mb > 0.0 && *mb <= 4096.0))
+            {
+                problems.push("bench_sizes_mb values must be in (0, 4096]".into());
+            }
+            if self.bench_iterations == 0 {
+                problems.push("bench_iterations must be at least 1".into());
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trip_and_defaults() {
+        let config = RunConfig {
+            limit_train: Some(100),
+            job: Job::AllreduceBench,
+            ..RunConfig::default()
+        };
+        assert_eq!(RunConfig::from_json(&config.to_json()).unwrap(), config);
+        let partial = RunConfig::from_json(r#"{"model":"efficientnet-lite0"}"#).unwrap();
+        assert_eq!(partial.model, "efficientnet-lite0");
+        assert_eq!(partial.batch_size, 32);
+        let err = RunConfig::from_json(r#"{"modle":"x"}"#).unwrap_err();
+        assert!(err.contains("unknown field `modle`"), "{err}");
+    }
+
+    #[test]
+    fn validation_lists_every_problem() {
+        let config = RunConfig {
+            batch_size: 0,
+            head: "mlp".into(),
+            ..RunConfig::default()
+        };
+        let err = config.validate().unwrap_err();
+        assert!(
+            err.contains("batch_size") && err.contains("head \"mlp\""),
+            "{err}"
+        );
+        assert!(RunConfig::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,403 @@
+//! `worker join`: serve the peer service, join the coordinator, and carry out its orders
+//! (epochs of either phase, or the all-reduce benchmark) over the ring it forms, until it
+//! says the run is finished.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use burn::tensor::Device;
+use cluster_proto::auth::{ClientAuth, ServerAuth, Token};
+use cluster_proto::net::{self, MAX_MESSAGE_BYTES, TlsFiles};
+use cluster_proto::run::RunConfig;
+use cluster_proto::v1::coordinator_client::CoordinatorClient;
+use cluster_proto::v1::{
+    Assignment, BenchResult, BenchRow, CheckpointCommit, HeartbeatRequest, JoinRequest, Order, WorkReport,
+    assignment::Work, order, work_report,
+};
+use collective::Ring;
+use collective::bench::{Plan, measure};
+use collective::grpc::{PeerService, RingLinks, connect_with_retry};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::error::{Error, Result};
+use crate::train::{RingIo, Trainer};
+
+type Client = CoordinatorClient<InterceptedService<Channel, ClientAuth>>;
+
+fn cluster(message: impl Into<String>) -> Error {
+    Error::Cluster(message.into())
+}
+
+/// How to join.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    /// The coordinator's address (`host:port` or a URL).
+    pub coordinator: String,
+    /// The cluster's join token.
+    pub token: Token,
+    /// TLS files (none: plaintext).
+    pub tls: TlsFiles,
+    /// `host:port` other workers reach this one at; default: a free port on the address
+    /// this host uses to reach the coordinator.
+    pub advertise: Option<String>,
+    /// This worker's name in logs and status.
+    pub name: String,
+    /// How long to keep retrying the first connection to the coordinator.
+    pub connect_timeout: Duration,
+}
+
+/// What the worker did, for the caller to print.
+#[derive(Debug, Default)]
+pub struct JoinOutcome {
+    /// This worker's last rank.
+    pub rank: Option<u32>,
+    /// Benchmark rows, when the run was a benchmark and this worker measured them (rank 0).
+    pub bench: Vec<BenchRow>,
+    /// Ring size of the benchmark.
+    pub world: u32,
+}
+
+/// Bind the peer listener and decide the address to advertise.
+async fn bind_peer(advertise: Option<&str>, coordinator: &str) -> Result<(TcpListener, String)> {
+    if let Some(advertise) = advertise {
+        let (host, port) = advertise
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+            .ok_or_else(|| cluster(format!("--advertise {advertise:?}: expected HOST:PORT")))?;
+        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+            .await
+            .map_err(|e| cluster(format!("cannot listen for peers on port {port}: {e}")))?;
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
+        return Ok((listener, format!("{host}:{port}")));
+    }
+    let ip = local_ip_towards(coordinator)
+        .await
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
+        .await
+        .map_err(|e| cluster(format!("cannot listen for peers: {e}")))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| cluster(format!("peer listener: {e}")))?
+        .port();
+    Ok((listener, format!("{ip}:{port}")))
+}
+
+/// The local address the OS routes to the coordinator from: reachable by the other workers
+/// when they share its network (no packets are sent).
+async fn local_ip_towards(coordinator: &str) -> Option<IpAddr> {
+    let bare = coordinator
+        .strip_prefix("http://")
+        .or_else(|| coordinator.strip_prefix("https://"))
+        .unwrap_or(coordinator);
+    let target: SocketAddr = tokio::net::lookup_host(bare).await.ok()?.next()?;
+    let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+    socket.connect(target).ok()?;
+    Some(socket.local_addr().ok()?.ip())
+}
+
+/// Join the coordinator with `device` and work until the run ends.
+pub async fn join(options: JoinOptions, device: Device, device_name: String) -> Result<JoinOutcome> {
+    let (listener, advertise) = bind_peer(options.advertise.as_deref(), &options.coordinator).await?;
+    let peer = PeerService::new();
+    let server = net::server(options.tls.server().map_err(|e| cluster(e.to_string()))?)
+        .map_err(|e| cluster(e.to_string()))?
+        .add_service(peer.clone().into_server(ServerAuth::new(options.token.clone())))
+        .serve_with_incoming(TcpListenerStream::new(listener));
+    let server = tokio::spawn(server);
+    let client_tls = options.tls.client().map_err(|e| cluster(e.to_string()))?;
+    let endpoint =
+        net::endpoint(&options.coordinator, client_tls.clone()).map_err(|e| cluster(e.to_string()))?;
+    let channel = connect_with_retry(&endpoint, options.connect_timeout)
+        .await
+        .map_err(|e| cluster(format!("coordinator: {e}")))?;
+    let auth = ClientAuth::new(&options.token);
+    let mut client: Client = CoordinatorClient::with_interceptor(channel, auth.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let request = JoinRequest {
+        name: options.name.clone(),
+        advertise: advertise.clone(),
+        device: device_name,
+    };
+    let mut stream = client
+        .join(request)
+        .await
+        .map_err(|s| {
+            cluster(format!(
+                "the coordinator refused to admit this worker: {}",
+                s.message()
+            ))
+        })?
+        .into_inner();
+    let (order_tx, mut orders) = mpsc::unbounded_channel::<std::result::Result<Order, String>>();
+    tokio::spawn(async move {
+        loop {
+            let item = match stream.message().await {
+                Ok(Some(order)) => Ok(order),
+                Ok(None) => Err("the coordinator closed the connection".to_string()),
+                Err(status) => Err(format!("lost the coordinator: {}", status.message())),
+            };
+            let end = item.is_err();
+            if order_tx.send(item).is_err() || end {
+                return;
+            }
+        }
+    });
+
+    let worker_id = match orders.recv().await {
+        Some(Ok(Order {
+            order: Some(order::Order::Welcome(welcome)),
+        })) => {
+            tracing::info!(worker = %welcome.worker_id, run = %welcome.run_id, advertise = %advertise,
+                expected = welcome.expected_workers, "joined; waiting for the run to start");
+            welcome.worker_id
+        }
+        Some(Err(e)) => return Err(cluster(e)),
+        _ => return Err(cluster("the coordinator did not welcome this worker")),
+    };
+
+    let step = Arc::new(AtomicU64::new(0));
+    let heartbeat = {
+        let mut client = client.clone();
+        let step = step.clone();
+        let worker_id = worker_id.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let request = HeartbeatRequest {
+                    worker_id: worker_id.clone(),
+                    step: step.load(Ordering::Relaxed),
+                };
+                if let Err(status) = client.heartbeat(request).await {
+                    tracing::warn!(error = %status.message(), "heartbeat failed");
+                }
+            }
+        })
+    };
+
+    let mut state = State {
+        peer,
+        auth,
+        client_tls,
+        links: None,
+        trainer: None,
+        device,
+        outcome: JoinOutcome::default(),
+    };
+    let mut pending: VecDeque<Order> = VecDeque::new();
+    let result = loop {
+        let order = match pending.pop_front() {
+            Some(order) => order,
+            None => match orders.recv().await {
+                Some(Ok(order)) => order,
+                Some(Err(e)) => break Err(cluster(e)),
+                None => break Err(cluster("the coordinator closed the connection")),
+            },
+        };
+        match order.order {
+            Some(order::Order::Finish(finish)) if finish.error.is_empty() => break Ok(()),
+            Some(order::Order::Finish(finish)) => {
+                break Err(cluster(format!("the run was stopped: {}", finish.error)));
+            }
+            Some(order::Order::Welcome(_)) | None => continue,
+            Some(order::Order::Assignment(assignment)) => {
+                let work = state.execute(assignment, &worker_id, &step, &mut client);
+                tokio::pin!(work);
+                // Watch the coordinator while working: when another worker dies it says so,
+                // and waiting for this unit to finish would wait for a dead ring.
+                let done = loop {
+                    tokio::select! {
+                        done = &mut work => break done,
+                        order = orders.recv() => match order {
+                            Some(Ok(Order { order: Some(order::Order::Finish(finish)) })) if !finish.error.is_empty() => {
+                                break Err(cluster(format!("the run was stopped: {}", finish.error)));
+                            }
+                            Some(Ok(order)) => pending.push_back(order),
+                            Some(Err(e)) => break Err(cluster(e)),
+                            None => break Err(cluster("the coordinator closed the connection")),
+                        },
+                    }
+                };
+                if let Err(e) = done {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    heartbeat.abort();
+    server.abort();
+    result.map(|()| state.outcome)
+}
+
+struct State {
+    peer: PeerService,
+    auth: ClientAuth,
+    client_tls: Option<tonic::transport::ClientTlsConfig>,
+    links: Option<(u64, RingLinks)>,
+    trainer: Option<Trainer>,
+    device: Device,
+    outcome: JoinOutcome,
+}
+
+impl State {
+    async fn execute(
+        &mut self,
+        assignment: Assignment,
+        worker_id: &str,
+        step: &Arc<AtomicU64>,
+        client: &mut Client,
+    ) -> Result<()> {
+        let config = RunConfig::from_json(&assignment.config_json).map_err(cluster)?;
+        let world = assignment.world as usize;
+        let rank = assignment.rank as usize;
+        if world == 0 || rank >= world || assignment.peers.len() != world {
+            return Err(cluster(format!(
+                "malformed assignment: rank {rank} of {world} with {} peer addresses",
+                assignment.peers.len()
+            )));
+        }
+        self.outcome.rank = Some(assignment.rank);
+        let ring = Ring {
+            timeout: Duration::from_secs_f64(config.peer_timeout_s),
+            bf16: config.bf16_allreduce,
+            ..Ring::new(world, rank, assignment.generation)
+        };
+        if self.links.as_ref().map(|(g, _)| *g) != Some(assignment.generation) {
+            // A new ring: a trainer built for another world size must re-shard, so it is
+            // rebuilt (its weights come from the new rank 0).
+            self.links = None;
+            let next = &assignment.peers[(rank + 1) % world];
+            let endpoint =
+                net::endpoint(next, self.client_tls.clone()).map_err(|e| cluster(e.to_string()))?;
+            let links = RingLinks::open(
+                &self.peer,
+                &ring,
+                &endpoint,
+                self.auth.clone(),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|e| cluster(format!("cannot reach rank {} at {next}: {e}", (rank + 1) % world)))?;
+            tracing::info!(generation = assignment.generation, rank, world, next = %next, "ring links open");
+            self.links = Some((assignment.generation, links));
+        }
+        let result = match assignment.work {
+            Some(Work::Bench(bench)) => {
+                let (_, links) = self.links.as_mut().ok_or_else(|| cluster("no ring"))?;
+                let plan = Plan {
+                    sizes: bench.sizes,
+                    warmup: bench.warmup,
+                    iterations: bench.iterations,
+                };
+                let rows = measure(&ring, &plan, &mut links.next, &mut links.prev)
+                    .await
+                    .map_err(|e| cluster(e.to_string()))?;
+                let rows: Vec<BenchRow> = rows
+                    .into_iter()
+                    .map(|r| BenchRow {
+                        bytes: r.bytes,
+                        median_seconds: r.median_seconds,
+                        algbw_gbps: r.algbw_gbps,
+                        busbw_gbps: r.busbw_gbps,
+                    })
+                    .collect();
+                if rank == 0 {
+                    self.outcome.bench = rows.clone();
+                    self.outcome.world = assignment.world;
+                }
+                work_report::Result::Bench(BenchResult { rows })
+            }
+            Some(Work::Epoch(epoch)) => {
+                let (generation, links) = self.links.take().ok_or_else(|| cluster("no ring"))?;
+                let trainer = self.trainer.take();
+                let device = self.device.clone();
+                let thread_step = step.clone();
+                let handle = tokio::runtime::Handle::current();
+                let epoch_work = epoch;
+                let config_for_thread = config.clone();
+                // Training is CPU/GPU-bound and synchronous: it runs on a blocking thread and
+                // drives the ring links through the runtime handle.
+                let joined = tokio::task::spawn_blocking(move || {
+                    let mut links = links;
+                    let mut io = RingIo {
+                        ring,
+                        next: &mut links.next,
+                        prev: &mut links.prev,
+                        handle,
+                        seconds: 0.0,
+                    };
+                    let result = (|| {
+                        let mut trainer = match trainer {
+                            Some(t) => t,
+                            None => Trainer::new(&config_for_thread, device, &mut io)?,
+                        };
+                        let result = trainer.epoch(&epoch_work, &mut io, &thread_step);
+                        Ok::<_, Error>((trainer, result))
+                    })();
+                    (links, result)
+                })
+                .await
+                .map_err(|e| cluster(format!("the training thread failed: {e}")))?;
+                let (links, result) = joined;
+                self.links = Some((generation, links));
+                let (trainer, result) = result?;
+                let result = result?;
+                if epoch.checkpoint && rank == 0 {
+                    let at_step = step.load(Ordering::Relaxed);
+                    self.checkpoint(&trainer, &config, &epoch, at_step, worker_id, client)
+                        .await?;
+                }
+                self.trainer = Some(trainer);
+                work_report::Result::Epoch(result)
+            }
+            None => return Err(cluster("the assignment carries no work")),
+        };
+        client
+            .report(WorkReport {
+                worker_id: worker_id.to_string(),
+                generation: assignment.generation,
+                result: Some(result),
+            })
+            .await
+            .map_err(|s| cluster(format!("the coordinator refused the report: {}", s.message())))?;
+        Ok(())
+    }
+
+    async fn checkpoint(
+        &self,
+        trainer: &Trainer,
+        config: &RunConfig,
+        epoch: &cluster_proto::v1::EpochWork,
+        at_step: u64,
+        worker_id: &str,
+        client: &mut Client,
+    ) -> Result<()> {
+        let phase = cluster_proto::v1::Phase::try_from(epoch.phase).unwrap_or_default();
+        let dir = PathBuf::from(&config.out).join("checkpoints");
+        let name = format!("{}-epoch{:03}.safetensors", phase.label(), epoch.epoch + 1);
+        let (path, bytes, sha256) = trainer.save(&dir, &name)?;
+        tracing::info!(path = %path.display(), bytes, "checkpoint written");
+        client
+            .commit_checkpoint(CheckpointCommit {
+                worker_id: worker_id.to_string(),
+                location: path.display().to_string(),
+                phase: epoch.phase,
+                epoch: epoch.epoch,
+                step: at_step,
+                sha256,
+                bytes,
+            })
+            .await
+            .map_err(|s| cluster(format!("the coordinator refused the checkpoint: {}", s.message())))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,470 @@
+//! One worker's share of a distributed run: data, model and optimizer state kept between
+//! the coordinator's work units, and one epoch of either phase in lockstep with the other
+//! ranks (gradients averaged over the ring every step).
+//!
+//! Every rank derives the same splits and the same sampler permutation from the run's seed,
+//! takes its strided shard, and starts from rank 0's weights (broadcast through the ring),
+//! so after every step all ranks hold bit-identical weights; the epoch report carries a
+//! checksum of them for the coordinator to compare.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use cluster_proto::run::RunConfig;
+use cluster_proto::v1::{self, EpochResult, EpochWork};
+use collective::{Link, Ring, all_reduce};
+use dataset::loader::{Prefetcher, batches};
+use dataset::sampler::{SamplerConfig, SamplerState};
+use dataset::source::{Dataset, Sample};
+use dataset::split::{Limits, SplitScheme, Splits, apply_limits, split};
+use dataset::store::DataStore;
+use sha2::{Digest, Sha256};
+use tokio::runtime::Handle;
+
+use crate::augment::{Augment, Variant, to_input};
+use crate::error::{Error, Result};
+use crate::grads::{flatten, unflatten};
+use crate::model::Classifier;
+use crate::modelfile::{self, ClassLabel, LoadedModel, WeightsSource};
+use crate::phase::{self, Phase};
+use crate::weights::{WeightsFile, apply_weights, collect_tensors};
+
+/// Dropout before the new head's dense layer, as in the tutorial.
+const HEAD_DROPOUT: f64 = 0.2;
+
+/// Batches read ahead of the training step.
+const PREFETCH: usize = 4;
+
+fn cluster(message: impl Into<String>) -> Error {
+    Error::Cluster(message.into())
+}
+
+/// A rank's data and model for the whole run.
+pub struct Trainer {
+    config: RunConfig,
+    device: Device,
+    dataset: Arc<Dataset>,
+    splits: Splits,
+    model: Option<LoadedModel>,
+    phase: Option<Phase>,
+    optimizer: Option<burn::optim::ModuleOptimizer>,
+}
+
+/// The ring links a rank trains over, and how to drive them from a blocking thread.
+pub struct RingIo<'a, N: Link, P: Link> {
+    /// Ring parameters.
+    pub ring: Ring,
+    /// Link to the next rank.
+    pub next: &'a mut N,
+    /// Link from the previous rank.
+    pub prev: &'a mut P,
+    /// The async runtime the links belong to.
+    pub handle: Handle,
+    /// Seconds spent in all-reduce, accumulated.
+    pub seconds: f64,
+}
+
+impl<N: Link, P: Link> RingIo<'_, N, P> {
+    fn all_reduce(&mut self, step: u64, buf: &mut [f32], average: bool) -> Result<()> {
+        let started = Instant::now();
+        let result = self
+            .handle
+            .block_on(all_reduce(&self.ring, step, buf, average, self.next, self.prev));
+        self.seconds += started.elapsed().as_secs_f64();
+        result.map_err(|e| cluster(e.to_string()))
+    }
+}
+
+/// Open the run's dataset.
+pub fn open_dataset(config: &RunConfig, handle: &Handle) -> Result<(Arc<Dataset>, Splits)> {
+    let store = if config.data == "synthetic" {
+        handle.block_on(DataStore::synthetic(
+            config.synthetic_train,
+            config.synthetic_test,
+            config.seed,
+        ))
+    } else {
+        DataStore::open(&crate::data::resolve(&config.data)?)
+    }
+    .map_err(|e| cluster(format!("dataset {}: {e}", config.data)))?;
+    let mut dataset = handle
+        .block_on(Dataset::open(store))
+        .map_err(|e| cluster(format!("dataset {}: {e}", config.data)))?;
+    let scheme = if config.split == "tutorial" {
+        SplitScheme::Tutorial
+    } else {
+        SplitScheme::Official {
+            val_fraction: config.val_fraction,
+        }
+    };
+    let mut splits = split(scheme, &dataset.train, &dataset.test, config.seed);
+    let limits = Limits {
+        train: config.limit_train,
+        val: config.limit_val,
+        test: config.limit_test,
+    };
+    if limits != Limits::default() {
+        let labels = handle
+            .block_on(dataset.load_labels())
+            .map_err(|e| cluster(format!("dataset {}: {e}", config.data)))?
+            .to_vec();
+        splits = apply_limits(splits, &labels, limits);
+    }
+    if splits.train.is_empty() {
+        return Err(cluster(format!("dataset {} has no training images", config.data)));
+    }
+    Ok((Arc::new(dataset), splits))
+}
+
+/// A checksum of every weight and BatchNorm statistic: equal on all ranks when they agree
+/// bit for bit.
+pub fn weights_checksum<M: Module>(module: &M) -> u64 {
+    let mut hasher = Sha256::new();
+    for (name, tensor) in collect_tensors(module) {
+        hasher.update(name.as_bytes());
+        for v in tensor.data {
+            hasher.update(v.to_bits().to_le_bytes());
+        }
+    }
+    let digest = hasher.finalize();
+    u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8]))
+}
+
+/// Totals of one pass over a split.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Totals {
+    /// Sum of per-image losses.
+    pub loss_sum: f64,
+    /// Correct top-1 predictions.
+    pub correct: u64,
+    /// Images seen.
+    pub count: u64,
+    /// Row-major confusion matrix (rows: actual), when asked for.
+    pub confusion: Vec<u64>,
+}
+
+impl Trainer {
+    /// Open the data and build the model of `config` on `device`; the weights are made equal
+    /// on every rank by broadcasting rank 0's through the ring.
+    pub fn new<N: Link, P: Link>(
+        config: &RunConfig,
+        device: Device,
+        io: &mut RingIo<'_, N, P>,
+    ) -> Result<Self> {
+        if config.head != "linear" {
+            return Err(cluster(format!(
+                "head {:?} is not available in this worker; use --head linear",
+                config.head
+            )));
+        }
+        let (dataset, splits) = open_dataset(config, &io.handle)?;
+        device.seed(config.seed);
+        let weights: WeightsSource = config.weights.parse().unwrap_or(WeightsSource::None);
+        let base = modelfile::load(Some(&config.model), &weights, &device)?;
+        let classes: Vec<ClassLabel> = dataset
+            .classes
+            .iter()
+            .map(|c| ClassLabel {
+                label: c.clone(),
+                wnid: None,
+            })
+            .collect();
+        let model = base.model.with_new_head(classes.len(), HEAD_DROPOUT, &device);
+        let mut loaded = LoadedModel {
+            model,
+            config: base.config,
+            classes,
+        };
+        loaded.model = broadcast(loaded.model, &loaded.config, io)?;
+        Ok(Self {
+            config: config.clone(),
+            device,
+            dataset,
+            splits,
+            model: Some(loaded),
+            phase: None,
+            optimizer: None,
+        })
+    }
+
+    /// Number of classes.
+    pub fn classes(&self) -> usize {
+        self.dataset.classes.len()
+    }
+
+    /// The splits in use.
+    pub fn splits(&self) -> &Splits {
+        &self.splits
+    }
+
+    /// Train one epoch, then evaluate this rank's validation (and, when asked, test) shard.
+    /// `step` is updated after every optimizer step, for heartbeats.
+    pub fn epoch<N: Link, P: Link>(
+        &mut self,
+        work: &EpochWork,
+        io: &mut RingIo<'_, N, P>,
+        step: &AtomicU64,
+    ) -> Result<EpochResult> {
+        let started = Instant::now();
+        io.seconds = 0.0;
+        let phase = match v1::Phase::try_from(work.phase) {
+            Ok(v1::Phase::Head) => Phase::Head,
+            Ok(v1::Phase::Finetune) => Phase::FineTune,
+            _ => return Err(cluster(format!("unknown phase {} in the assignment", work.phase))),
+        };
+        let mut loaded = self
+            .model
+            .take()
+            .ok_or_else(|| cluster("the model was lost by an earlier error"))?;
+        if self.phase != Some(phase) {
+            loaded.model = phase::prepare(loaded.model, phase);
+            self.optimizer = Some(AdamConfig::new().init());
+            self.phase = Some(phase);
+        }
+        let lr = match phase {
+            Phase::Head => self.config.lr_head,
+            Phase::FineTune => self.config.lr_finetune,
+        };
+        // Epochs count across phases, so shuffles and augmentations never repeat.
+        let global_epoch = match phase {
+            Phase::Head => u64::from(work.epoch),
+            Phase::FineTune => u64::from(self.config.head_epochs) + u64::from(work.epoch),
+        };
+        let sampler = SamplerConfig {
+            len: self.splits.train.len(),
+            seed: self.config.seed,
+            shuffle: true,
+            drop_last: false,
+        };
+        let state = SamplerState {
+            epoch: global_epoch,
+            consumed: work.consumed as usize,
+        };
+        let shard: Vec<usize> = sampler
+            .shard(state, io.ring.world, io.ring.rank)
+            .into_iter()
+            .map(|i| self.splits.train[i])
+            .collect();
+        let augment = if self.config.augment {
+            Augment::tutorial()
+        } else {
+            Augment::none()
+        };
+        let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
+        let optimizer = self
+            .optimizer
+            .as_mut()
+            .ok_or_else(|| cluster("no optimizer for this phase"))?;
+        let mut model = loaded.model;
+        let mut train = Totals::default();
+        let mut steps = 0u64;
+        let batch_list = batches(&shard, self.config.batch_size as usize);
+        let prefetch = Prefetcher::spawn(self.dataset.clone(), batch_list, PREFETCH)
+            .map_err(|e| cluster(format!("data loader: {e}")))?;
+        for batch in prefetch {
+            let batch = batch.map_err(|e| cluster(format!("dataset {}: {e}", self.config.data)))?;
+            let variants: Vec<Variant> = batch
+                .indices
+                .iter()
+                .map(|&i| Variant::draw(augment, self.config.seed, global_epoch, i))
+                .collect();
+            let x = to_input(
+                &batch.samples,
+                self.config.image_size as usize,
+                &variants,
+                &self.device,
+            );
+            let labels = labels(&batch.samples, &self.device);
+            let logits = model.forward(x);
+            let loss = loss_fn.forward(logits.clone(), labels.clone());
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let mut flat = flatten(&model, &grads);
+            let global_step = work.first_step + steps;
+            io.all_reduce(global_step, &mut flat, true)?;
+            let grads = unflatten(&model, &grads, &flat);
+            model = optimizer.step(lr, model, grads);
+            steps += 1;
+            step.store(global_step + 1, Ordering::Relaxed);
+            let n = batch.samples.len() as u64;
+            let loss_value = scalar(loss)?;
+            train.loss_sum += f64::from(loss_value) * n as f64;
+            train.correct += correct(logits.detach(), labels)?;
+            train.count += n;
+        }
+        let rank_slice = |items: &[usize]| -> Vec<usize> {
+            items
+                .iter()
+                .skip(io.ring.rank)
+                .step_by(io.ring.world)
+                .copied()
+                .collect()
+        };
+        let eval_model = model.valid();
+        let val = self.evaluate(&eval_model, &rank_slice(&self.splits.val), false)?;
+        let test = if work.test {
+            self.evaluate(&eval_model, &rank_slice(&self.splits.test), true)?
+        } else {
+            Totals::default()
+        };
+        loaded.model = model;
+        let checksum = weights_checksum(&loaded.model.valid());
+        self.model = Some(loaded);
+        Ok(EpochResult {
+            phase: work.phase,
+            epoch: work.epoch,
+            steps,
+            train_loss_sum: train.loss_sum,
+            train_correct: train.correct,
+            train_count: train.count,
+            val_loss_sum: val.loss_sum,
+            val_correct: val.correct,
+            val_count: val.count,
+            test_loss_sum: test.loss_sum,
+            test_correct: test.correct,
+            test_count: test.count,
+            test_confusion: test.confusion,
+            seconds: started.elapsed().as_secs_f64(),
+            allreduce_seconds: io.seconds,
+            weights_checksum: checksum,
+        })
+    }
+
+    /// Loss and accuracy of `model` (inference mode) on `items`.
+    pub fn evaluate(&self, model: &Classifier, items: &[usize], confusion: bool) -> Result<Totals> {
+        let classes = self.classes();
+        let mut totals = Totals {
+            confusion: if confusion {
+                vec![0; classes * classes]
+            } else {
+                Vec::new()
+            },
+            ..Totals::default()
+        };
+        if items.is_empty() {
+            return Ok(totals);
+        }
+        let device = self.device.clone().inner();
+        let loss_fn = CrossEntropyLossConfig::new().init(&device);
+        let prefetch = Prefetcher::spawn(
+            self.dataset.clone(),
+            batches(items, self.config.batch_size as usize),
+            PREFETCH,
+        )
+        .map_err(|e| cluster(format!("data loader: {e}")))?;
+        for batch in prefetch {
+            let batch = batch.map_err(|e| cluster(format!("dataset {}: {e}", self.config.data)))?;
+            let x = to_input(&batch.samples, self.config.image_size as usize, &[], &device);
+            let labels = labels(&batch.samples, &device);
+            let logits = model.forward(x);
+            let n = batch.samples.len() as u64;
+            let loss = scalar(loss_fn.forward(logits.clone(), labels.clone()))?;
+            totals.loss_sum += f64::from(loss) * n as f64;
+            let predicted = logits
+                .argmax(1)
+                .into_data()
+                .convert::<i64>()
+                .try_to_vec::<i64>()
+                .map_err(|e| cluster(format!("{e:?}")))?;
+            for (sample, p) in batch.samples.iter().zip(predicted) {
+                let actual = usize::from(sample.label);
+                let p = p as usize;
+                totals.correct += u64::from(actual == p);
+                if confusion && actual < classes && p < classes {
+                    totals.confusion[actual * classes + p] += 1;
+                }
+            }
+            totals.count += n;
+        }
+        Ok(totals)
+    }
+
+    /// Write the current model to `dir/name` (our model file format) and return its path,
+    /// size and sha256.
+    pub fn save(&self, dir: &std::path::Path, name: &str) -> Result<(PathBuf, u64, String)> {
+        let loaded = self.model.as_ref().ok_or_else(|| cluster("no model to save"))?;
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join(name);
+        let snapshot = LoadedModel {
+            model: loaded.model.clone(),
+            config: loaded.config.clone(),
+            classes: loaded.classes.clone(),
+        };
+        modelfile::save(&path, &snapshot)?;
+        let bytes = std::fs::read(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let digest = hex::encode(Sha256::digest(&bytes));
+        Ok((path, bytes.len() as u64, digest))
+    }
+}
+
+/// Make every rank's weights equal to rank 0's: the others contribute zeros to a sum, which
+/// is exact in floating point.
+fn broadcast<N: Link, P: Link>(
+    model: Classifier,
+    config: &crate::config::EfficientNetConfig,
+    io: &mut RingIo<'_, N, P>,
+) -> Result<Classifier> {
+    if io.ring.world == 1 {
+        return Ok(model);
+    }
+    let tensors = collect_tensors(&model);
+    let mut flat: Vec<f32> = if io.ring.rank == 0 {
+        tensors.iter().flat_map(|(_, t)| t.data.iter().copied()).collect()
+    } else {
+        vec![0.0; tensors.iter().map(|(_, t)| t.data.len()).sum()]
+    };
+    // Step numbers below 2^63 belong to training; the broadcast uses the top of the range.
+    io.all_reduce(u64::MAX, &mut flat, false)?;
+    let mut file = WeightsFile::default();
+    let mut offset = 0;
+    for (name, mut tensor) in tensors {
+        let len = tensor.data.len();
+        tensor.data.copy_from_slice(&flat[offset..offset + len]);
+        offset += len;
+        file.tensors.insert(name, tensor);
+    }
+    let (model, _) = apply_weights(
+        model,
+        config,
+        &file,
+        std::path::Path::new("<weights broadcast from rank 0>"),
+    )?;
+    Ok(model)
+}
+
+fn labels(samples: &[Sample], device: &Device) -> Tensor<1, Int> {
+    let data: Vec<i64> = samples.iter().map(|s| i64::from(s.label)).collect();
+    Tensor::from_data(TensorData::new(data, [samples.len()]), device)
+}
+
+fn scalar(t: Tensor<1>) -> Result<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .map_err(|e| cluster(format!("{e:?}")))?
+        .first()
+        .copied()
+        .ok_or_else(|| cluster("empty loss tensor"))
+}
+
+fn correct(logits: Tensor<2>, labels: Tensor<1, Int>) -> Result<u64> {
+    let predicted = logits.argmax(1).reshape([-1]);
+    let hits = predicted.equal(labels).int().sum();
+    let value = hits
+        .into_data()
+        .convert::<i64>()
+        .try_to_vec::<i64>()
+        .map_err(|e| cluster(format!("{e:?}")))?;
+    Ok(value.first().copied().unwrap_or(0) as u64)
+}
