@@ -24,7 +24,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{Link, Phase, Piece, Tag};
+use crate::{Link, Phase, Piece, Tag, Values};
 
 /// How long an incoming stream waits for this rank to expect it (ranks learn about a new
 /// ring at slightly different times).
@@ -173,16 +173,8 @@ fn decode(generation: u64, message: v1::Piece) -> Result<Piece, String> {
         other => return Err(format!("unknown collective phase {other}")),
     };
     let data = match Encoding::try_from(message.encoding) {
-        Ok(Encoding::F32) if message.data.len().is_multiple_of(4) => message
-            .data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Ok(Encoding::Bf16) if message.data.len().is_multiple_of(2) => message
-            .data
-            .chunks_exact(2)
-            .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16))
-            .collect(),
+        Ok(Encoding::F32) if message.data.len().is_multiple_of(4) => Values::LeF32(message.data),
+        Ok(Encoding::Bf16) if message.data.len().is_multiple_of(2) => Values::LeBf16(message.data),
         Ok(encoding) => {
             return Err(format!(
                 "{} bytes is not a whole number of {encoding:?} values",
@@ -204,29 +196,32 @@ fn decode(generation: u64, message: v1::Piece) -> Result<Piece, String> {
     })
 }
 
-fn encode(piece: &Piece, bf16: bool) -> v1::Piece {
+fn encode(tag: &Tag, values: &[f32], bf16: bool) -> v1::Piece {
     let (encoding, data) = if bf16 {
-        let mut bytes = Vec::with_capacity(piece.data.len() * 2);
-        for v in &piece.data {
-            bytes.extend_from_slice(&crate::to_bf16_bits(*v).to_le_bytes());
+        let mut bytes = vec![0u8; values.len() * 2];
+        for (dst, v) in bytes.chunks_exact_mut(2).zip(values) {
+            dst.copy_from_slice(&crate::to_bf16_bits(*v).to_le_bytes());
         }
         (Encoding::Bf16, bytes)
+    } else if cfg!(target_endian = "little") {
+        // The in-memory layout is the wire layout: one copy.
+        (Encoding::F32, bytemuck::cast_slice::<f32, u8>(values).to_vec())
     } else {
-        let mut bytes = Vec::with_capacity(piece.data.len() * 4);
-        for v in &piece.data {
-            bytes.extend_from_slice(&v.to_le_bytes());
+        let mut bytes = vec![0u8; values.len() * 4];
+        for (dst, v) in bytes.chunks_exact_mut(4).zip(values) {
+            dst.copy_from_slice(&v.to_le_bytes());
         }
         (Encoding::F32, bytes)
     };
     v1::Piece {
-        step: piece.tag.step,
-        phase: match piece.tag.phase {
+        step: tag.step,
+        phase: match tag.phase {
             Phase::ReduceScatter => 0,
             Phase::AllGather => 1,
         },
-        round: piece.tag.round,
-        chunk: piece.tag.chunk,
-        offset: piece.tag.offset,
+        round: tag.round,
+        chunk: tag.chunk,
+        offset: tag.offset,
         encoding: encoding as i32,
         data: Bytes::from(data),
     }
@@ -238,7 +233,7 @@ pub struct InboundLink {
 }
 
 impl Link for InboundLink {
-    async fn send(&mut self, _piece: Piece) -> Result<(), String> {
+    async fn send(&mut self, _tag: Tag, _data: &[f32]) -> Result<(), String> {
         Err("an inbound link only receives".into())
     }
 
@@ -326,8 +321,8 @@ impl OutboundLink {
 }
 
 impl Link for OutboundLink {
-    async fn send(&mut self, piece: Piece) -> Result<(), String> {
-        let message = encode(&piece, self.bf16);
+    async fn send(&mut self, tag: Tag, data: &[f32]) -> Result<(), String> {
+        let message = encode(&tag, data, self.bf16);
         let sent = match &self.tx {
             Some(tx) => tx.send(message).await.is_ok(),
             None => false,
@@ -470,40 +465,48 @@ mod tests {
 
     #[test]
     fn pieces_survive_encoding() {
-        let piece = Piece {
-            tag: Tag {
-                generation: 7,
-                step: 3,
-                phase: Phase::AllGather,
-                round: 1,
-                chunk: 2,
-                offset: 5,
-            },
-            data: vec![1.5, -0.0, f32::MAX, 3.25e-20],
+        let tag = Tag {
+            generation: 7,
+            step: 3,
+            phase: Phase::AllGather,
+            round: 1,
+            chunk: 2,
+            offset: 5,
         };
-        assert_eq!(decode(7, encode(&piece, false)).unwrap(), piece);
-        let halved = decode(7, encode(&piece, true)).unwrap();
-        let rounded: Vec<f32> = piece.data.iter().map(|&v| crate::round_bf16(v)).collect();
-        assert_eq!(halved.data, rounded);
-        assert_eq!(encode(&piece, true).data.len(), 8);
+        let values = [1.5, -0.0, f32::MAX, 3.25e-20];
+        let piece = decode(7, encode(&tag, &values, false)).unwrap();
+        assert_eq!(piece.tag, tag);
+        assert_eq!(piece.data.to_vec(), values);
+        assert!(piece.data.to_vec()[1].is_sign_negative());
+        let halved = decode(7, encode(&tag, &values, true)).unwrap();
+        let rounded: Vec<f32> = values.iter().map(|&v| crate::round_bf16(v)).collect();
+        assert_eq!(halved.data.to_vec(), rounded);
+        assert_eq!(encode(&tag, &values, true).data.len(), 8);
+    }
+
+    #[test]
+    fn unaligned_wire_bytes_decode_the_same() {
+        // One byte of offset makes the in-place view impossible: the slow path must agree.
+        let values = [0.25f32, -3.0, 7.5];
+        let mut raw = vec![0u8];
+        for v in values {
+            raw.extend_from_slice(&v.to_le_bytes());
+        }
+        let unaligned = Values::LeF32(Bytes::from(raw).slice(1..));
+        assert_eq!(unaligned.to_vec(), values);
     }
 
     #[test]
     fn malformed_pieces_are_refused() {
-        let mut message = encode(
-            &Piece {
-                tag: Tag {
-                    generation: 0,
-                    step: 0,
-                    phase: Phase::ReduceScatter,
-                    round: 0,
-                    chunk: 0,
-                    offset: 0,
-                },
-                data: vec![1.0],
-            },
-            false,
-        );
+        let tag = Tag {
+            generation: 0,
+            step: 0,
+            phase: Phase::ReduceScatter,
+            round: 0,
+            chunk: 0,
+            offset: 0,
+        };
+        let mut message = encode(&tag, &[1.0], false);
         message.data = Bytes::from_static(&[1, 2, 3]);
         assert!(decode(0, message.clone()).unwrap_err().contains("3 bytes"));
         message.phase = 9;

@@ -3,7 +3,7 @@
 
 use tokio::sync::mpsc::{Receiver, Sender, channel};
 
-use crate::{Link, Piece};
+use crate::{Link, Piece, Tag, Values};
 
 /// One direction of an in-process link.
 pub struct ChannelLink {
@@ -12,8 +12,12 @@ pub struct ChannelLink {
 }
 
 impl Link for ChannelLink {
-    async fn send(&mut self, piece: Piece) -> Result<(), String> {
+    async fn send(&mut self, tag: Tag, data: &[f32]) -> Result<(), String> {
         let tx = self.tx.as_ref().ok_or("this link only receives")?;
+        let piece = Piece {
+            tag,
+            data: Values::F32(data.to_vec()),
+        };
         tx.send(piece)
             .await
             .map_err(|_| "the receiving rank is gone".to_string())

@@ -85,20 +85,15 @@ async fn a_stale_message_is_rejected_not_summed() {
     let (mut next1, _) = links.pop().unwrap();
     let (_, mut prev0) = links.pop().unwrap();
     // Rank 1 speaks for an old generation.
-    next1
-        .send(Piece {
-            tag: Tag {
-                generation: 0,
-                step: 5,
-                phase: Phase::ReduceScatter,
-                round: 0,
-                chunk: 0,
-                offset: 0,
-            },
-            data: vec![1.0; 2],
-        })
-        .await
-        .unwrap();
+    let stale = Tag {
+        generation: 0,
+        step: 5,
+        phase: Phase::ReduceScatter,
+        round: 0,
+        chunk: 0,
+        offset: 0,
+    };
+    next1.send(stale, &[1.0; 2]).await.unwrap();
     let (mut sink, _keep) = sender(4);
     let mut buf = vec![0.0; 4];
     let err = all_reduce(&Ring::new(2, 0, 1), 5, &mut buf, false, &mut sink, &mut prev0)

@@ -98,12 +98,12 @@ async fn a_wrong_token_is_refused_as_unauthenticated() {
             chunk: 0,
             offset: 0,
         },
-        data: vec![1.0],
+        data: collective::Values::F32(vec![1.0]),
     };
     // The first sends may be queued before the refusal arrives; the refusal must surface.
     let mut error = None;
     for _ in 0..10 {
-        if let Err(e) = link.send(piece.clone()).await {
+        if let Err(e) = link.send(piece.tag, &[1.0]).await {
             error = Some(e);
             break;
         }
@@ -145,11 +145,11 @@ async fn a_stale_generation_stream_is_refused() {
             chunk: 0,
             offset: 0,
         },
-        data: vec![1.0],
+        data: collective::Values::F32(vec![1.0]),
     };
     let mut error = None;
     for _ in 0..10 {
-        if let Err(e) = link.send(piece.clone()).await {
+        if let Err(e) = link.send(piece.tag, &[1.0]).await {
             error = Some(e);
             break;
         }
