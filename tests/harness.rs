@@ -87,3 +87,151 @@ where
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
     }
 }
+
+/// A binary running in the background; its output is collected line by line. Dropping it
+/// kills the process.
+pub struct Proc {
+    name: String,
+    child: std::process::Child,
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn collect(
+    stream: impl std::io::Read + Send + 'static,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::io::BufRead;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    let handle = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (lines, handle)
+}
+
+/// Start binary `name` with `args` and extra environment `env`.
+pub fn spawn<I, S>(name: &str, args: I, env: &[(&str, &str)]) -> Proc
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut command = Command::new(bin(name));
+    command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+    let (stdout, out_reader) = collect(child.stdout.take().expect("piped stdout"));
+    let (stderr, err_reader) = collect(child.stderr.take().expect("piped stderr"));
+    Proc {
+        name: name.to_string(),
+        child,
+        stdout,
+        stderr,
+        readers: vec![out_reader, err_reader],
+    }
+}
+
+impl Proc {
+    /// Process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Standard error so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Wait until a line of standard error contains `needle`; return that line.
+    pub fn wait_for(&mut self, needle: &str, timeout: std::time::Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.stderr.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the readers drain before reporting.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                if let Some(line) = self.stderr.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                    return line.clone();
+                }
+                panic!(
+                    "{} exited ({status}) before printing {needle:?}:\n{}",
+                    self.name,
+                    self.stderr()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} did not print {needle:?} within {timeout:?}:\n{}",
+                self.name,
+                self.stderr()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Wait for the process to exit (killing it after `timeout`, which fails the test).
+    pub fn finish(mut self, timeout: std::time::Duration) -> Run {
+        let deadline = std::time::Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "{} still running after {timeout:?}:\n{}",
+                    self.name,
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        Run {
+            code: status.code(),
+            stdout: self.stdout.lock().unwrap().join("\n"),
+            stderr: self.stderr(),
+        }
+    }
+
+    /// Kill the process at once (SIGKILL: no chance to say goodbye).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `address` field of a JSON log line such as the coordinator's "coordinator listening".
+pub fn logged_address(line: &str) -> String {
+    let value: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    value["fields"]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no address in {line}"))
+        .to_string()
+}

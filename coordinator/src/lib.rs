@@ -7,7 +7,6 @@ pub mod error;
 pub mod run;
 pub mod service;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use cluster_proto::auth::{ServerAuth, Token};
@@ -51,7 +50,7 @@ pub async fn serve(
     listener: TcpListener,
     interrupt: impl std::future::Future<Output = ()>,
 ) -> Result<Outcome, cluster_proto::Error> {
-    let address: Option<SocketAddr> = listener.local_addr().ok();
+    let address = listener.local_addr().ok();
     let run_id = format!("run-{}", std::process::id());
     let shared = Shared::new(Run::new(run_id.clone(), config, options.workers));
     let service = InterceptedService::new(
@@ -68,7 +67,8 @@ pub async fn serve(
             let _ = stop_rx.await;
         },
     ));
-    tracing::info!(run = %run_id, address = ?address, workers = options.workers, tls = options.tls.enabled(),
+    let address = address.map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(run = %run_id, address = %address, workers = options.workers, tls = options.tls.enabled(),
         "coordinator listening");
 
     let watchdog = {

@@ -43,6 +43,13 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>> {
     })
 }
 
+/// Make ring rustls' process-wide crypto provider (idempotent). Two providers are compiled
+/// in, and rustls panics rather than pick one.
+fn install_crypto() {
+    // An error only means a provider is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl TlsFiles {
     /// Whether any TLS option was given.
     pub fn enabled(&self) -> bool {
@@ -66,6 +73,7 @@ impl TlsFiles {
         if !self.enabled() {
             return Ok(None);
         }
+        install_crypto();
         let identity = self
             .identity()?
             .ok_or(Error::TlsIncomplete("--tls-cert and --tls-key on a serving node"))?;
@@ -82,6 +90,7 @@ impl TlsFiles {
         if !self.enabled() {
             return Ok(None);
         }
+        install_crypto();
         let ca = self
             .ca
             .as_ref()

@@ -1,0 +1,374 @@
+//! The cluster as separate processes on loopback: the real coordinator and worker binaries
+//! talking gRPC, with join tokens, TLS, the all-reduce benchmark, a training run and a
+//! worker killed mid-collective.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cluster_tests::{Proc, logged_address, spawn};
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+fn token_file(dir: &Path, token: &str) -> PathBuf {
+    let path = dir.join(format!("token-{}", token.len()));
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    path
+}
+
+/// Start a coordinator on a free loopback port; returns it and its address.
+fn coordinator(token: &Path, args: &[&str]) -> (Proc, String) {
+    let mut all = vec![
+        "--log-format",
+        "json",
+        "start",
+        "--listen",
+        "127.0.0.1:0",
+        "--token-file",
+        token.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let mut proc = spawn("coordinator", all, &[]);
+    let line = proc.wait_for("coordinator listening", Duration::from_secs(30));
+    let address = logged_address(&line);
+    (proc, address)
+}
+
+fn worker(token: &Path, address: &str, command: &[&str], extra: &[&str]) -> Proc {
+    let mut all = vec!["--log-format", "json"];
+    all.extend_from_slice(command);
+    all.extend_from_slice(&["--coordinator", address, "--token-file", token.to_str().unwrap()]);
+    all.extend_from_slice(extra);
+    spawn("worker", all, &[])
+}
+
+/// Numbers of a table row like `|      1 MB |  3.20 |  0.321 |  0.321 |`.
+fn row_numbers(line: &str) -> Vec<f64> {
+    line.split('|')
+        .filter_map(|cell| cell.trim().trim_end_matches(" MB").parse::<f64>().ok())
+        .collect()
+}
+
+#[test]
+fn allreduce_benchmark_over_three_worker_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let (coordinator, address) = coordinator(
+        &token,
+        &[
+            "--workers",
+            "3",
+            "--job",
+            "allreduce-bench",
+            "--size-mb",
+            "1,4",
+            "--iterations",
+            "3",
+        ],
+    );
+    let workers: Vec<Proc> = (0..3)
+        .map(|_| worker(&token, &address, &["bench", "allreduce"], &[]))
+        .collect();
+    let runs: Vec<_> = workers
+        .into_iter()
+        .map(|w| w.finish(Duration::from_secs(120)).success())
+        .collect();
+    let coordinator = coordinator.finish(Duration::from_secs(30)).success();
+    assert!(
+        coordinator.stdout.contains("all-reduce over 3 workers"),
+        "{}",
+        coordinator.stdout
+    );
+    for size in ["1 MiB", "4 MiB"] {
+        assert!(coordinator.stdout.contains(size), "{}", coordinator.stdout);
+    }
+    // Exactly one worker (rank 0) prints the table; its rows obey the nccl-tests formulas.
+    let tables: Vec<&String> = runs
+        .iter()
+        .map(|r| &r.stdout)
+        .filter(|s| s.contains("busbw"))
+        .collect();
+    assert_eq!(tables.len(), 1, "{runs:?}");
+    let rows: Vec<Vec<f64>> = tables[0]
+        .lines()
+        .filter(|l| l.contains(" MB |"))
+        .map(row_numbers)
+        .collect();
+    assert_eq!(rows.len(), 2, "{}", tables[0]);
+    for (row, mb) in rows.iter().zip([1.0, 4.0]) {
+        let [size, ms, algbw, busbw] = row[..] else {
+            panic!("row {row:?}")
+        };
+        assert_eq!(size, mb);
+        let expected_algbw = mb * 1048576.0 / (ms / 1e3) / 1e9;
+        assert!(
+            (algbw - expected_algbw).abs() <= 0.02 * expected_algbw + 0.002,
+            "{row:?}"
+        );
+        assert!((busbw - algbw * 4.0 / 3.0).abs() <= 0.002, "{row:?}");
+    }
+}
+
+#[test]
+fn two_workers_train_both_phases_in_lockstep() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let out = dir.path().join("run");
+    let (coordinator, address) = coordinator(
+        &token,
+        &[
+            "--workers",
+            "2",
+            "--data",
+            "synthetic",
+            "--weights",
+            "none",
+            "--model",
+            "efficientnet-b0",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--head-epochs",
+            "1",
+            "--finetune-epochs",
+            "1",
+            "--limit-train",
+            "64",
+            "--limit-val",
+            "32",
+            "--limit-test",
+            "40",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let workers: Vec<Proc> = (0..2)
+        .map(|_| worker(&token, &address, &["join"], &["--cpu"]))
+        .collect();
+    for w in workers {
+        w.finish(Duration::from_secs(300)).success();
+    }
+    let coordinator = coordinator.finish(Duration::from_secs(30)).success();
+    let history: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("history.json")).unwrap()).unwrap();
+    let epochs = history.as_array().unwrap();
+    assert_eq!(epochs.len(), 2, "{history}");
+    assert_eq!(epochs[0]["phase"], "head");
+    assert_eq!(epochs[1]["phase"], "finetune");
+    for epoch in epochs {
+        // 64 training images over 2 ranks with batch 8: 4 steps, every image once.
+        assert_eq!(epoch["train_images"], 64, "{epoch}");
+        assert_eq!(epoch["steps"], 4, "{epoch}");
+        let loss = epoch["train_loss"].as_f64().unwrap();
+        assert!(loss.is_finite() && loss > 0.0, "{epoch}");
+        assert!(epoch["val_accuracy"].as_f64().is_some(), "{epoch}");
+    }
+    // The test set is evaluated once, at the end, split over the ranks and summed exactly.
+    assert!(epochs[0]["test_accuracy"].is_null());
+    let confusion = epochs[1]["test_confusion"].as_array().unwrap();
+    assert_eq!(confusion.len(), 10);
+    let total: u64 = confusion
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 40);
+    // Rank 0 checkpointed at the end of each phase and the coordinator committed both.
+    for name in ["head-epoch001.safetensors", "finetune-epoch001.safetensors"] {
+        let path = out.join("checkpoints").join(name);
+        assert!(
+            std::fs::metadata(&path)
+                .map(|m| m.len() > 1_000_000)
+                .unwrap_or(false),
+            "{path:?}"
+        );
+        assert!(coordinator.stderr.contains(name), "{}", coordinator.stderr);
+    }
+}
+
+#[test]
+fn a_wrong_token_is_refused_and_the_run_keeps_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let wrong = token_file(dir.path(), "another-token-that-is-long-enough");
+    let (coordinator, address) = coordinator(&token, &["--workers", "1"]);
+    let intruder = worker(&wrong, &address, &["join"], &["--cpu"])
+        .finish(Duration::from_secs(60))
+        .failure();
+    assert!(
+        intruder.stderr.contains("wrong join token"),
+        "{}",
+        intruder.stderr
+    );
+    let status = cluster_tests::run(
+        "coordinator",
+        [
+            "status",
+            "--json",
+            "--coordinator",
+            &address,
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    )
+    .success();
+    let status = status.json();
+    assert_eq!(status["state"], "waiting");
+    assert_eq!(status["workers"].as_array().unwrap().len(), 0);
+    drop(coordinator);
+}
+
+#[test]
+fn a_client_speaking_another_protocol_version_is_refused() {
+    use cluster_proto::auth::{ClientAuth, Token};
+    use cluster_proto::v1::StatusRequest;
+    use cluster_proto::v1::coordinator_client::CoordinatorClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let (_coordinator, address) = coordinator(&token, &["--workers", "1"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let channel = cluster_proto::net::endpoint(&address, None)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let token = Token::new(TOKEN, "test").unwrap();
+        let mut future =
+            CoordinatorClient::with_interceptor(channel.clone(), ClientAuth::with_version(&token, 99));
+        let status = future.status(StatusRequest {}).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            status.message().contains("protocol version mismatch") && status.message().contains("sent 99"),
+            "{}",
+            status.message()
+        );
+        let mut current = CoordinatorClient::with_interceptor(channel, ClientAuth::new(&token));
+        assert_eq!(
+            current.status(StatusRequest {}).await.unwrap().into_inner().state,
+            "waiting"
+        );
+    });
+}
+
+#[test]
+fn a_worker_killed_mid_collective_fails_the_others_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    // Endless 16 MB all-reduces; a 120 s peer timeout proves the failure is not waited out.
+    let (coordinator, address) = coordinator(
+        &token,
+        &[
+            "--workers",
+            "3",
+            "--job",
+            "allreduce-bench",
+            "--size-mb",
+            "16",
+            "--iterations",
+            "1000000",
+            "--peer-timeout",
+            "120",
+        ],
+    );
+    let mut workers: Vec<Proc> = (0..3)
+        .map(|_| worker(&token, &address, &["join"], &["--cpu"]))
+        .collect();
+    for w in &mut workers {
+        w.wait_for("ring links open", Duration::from_secs(60));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut victim = workers.remove(1);
+    let killed_at = Instant::now();
+    victim.kill();
+    for w in workers {
+        let run = w.finish(Duration::from_secs(30)).failure();
+        assert!(
+            run.stderr.contains("link to rank") || run.stderr.contains("disconnected during bench"),
+            "{}",
+            run.stderr
+        );
+    }
+    let coordinator = coordinator.finish(Duration::from_secs(30)).failure();
+    assert!(
+        coordinator.stderr.contains("disconnected during bench"),
+        "{}",
+        coordinator.stderr
+    );
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        killed_at.elapsed()
+    );
+}
+
+#[test]
+fn mutual_tls_cluster_runs_and_plaintext_is_refused() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let node_key = KeyPair::generate().unwrap();
+    let node = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&node_key, &ca)
+        .unwrap();
+    let write = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let ca_pem = write("ca.pem", ca.pem());
+    let cert_pem = write("node.pem", node.pem());
+    let key_pem = write("node.key", node_key.serialize_pem());
+    let tls = [
+        "--tls-cert",
+        &cert_pem,
+        "--tls-key",
+        &key_pem,
+        "--tls-ca",
+        &ca_pem,
+    ];
+    let mut args = vec![
+        "--workers",
+        "2",
+        "--job",
+        "allreduce-bench",
+        "--size-mb",
+        "1",
+        "--iterations",
+        "2",
+    ];
+    args.extend_from_slice(&tls);
+    let (coordinator, address) = coordinator(&token, &args);
+    let plaintext = worker(&token, &address, &["join"], &["--cpu", "--connect-timeout", "2"])
+        .finish(Duration::from_secs(60))
+        .failure();
+    assert!(plaintext.stderr.contains("coordinator"), "{}", plaintext.stderr);
+    let workers: Vec<Proc> = (0..2)
+        .map(|_| worker(&token, &address, &["join"], &[&["--cpu"][..], &tls[..]].concat()))
+        .collect();
+    for w in workers {
+        w.finish(Duration::from_secs(120)).success();
+    }
+    let coordinator = coordinator.finish(Duration::from_secs(30)).success();
+    assert!(coordinator.stdout.contains("1 MiB"), "{}", coordinator.stdout);
+}
+
+#[test]
+fn joining_with_a_gpu_on_a_cpu_build_says_how_to_fix_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let run = worker(&token, "127.0.0.1:9", &["join"], &["--gpu", "0"])
+        .finish(Duration::from_secs(30))
+        .failure();
+    assert!(
+        run.stderr.contains("--gpu 0 requested") && run.stderr.contains("--features cuda"),
+        "{}",
+        run.stderr
+    );
+}
