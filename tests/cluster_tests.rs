@@ -372,3 +372,77 @@ fn joining_with_a_gpu_on_a_cpu_build_says_how_to_fix_it() {
         run.stderr
     );
 }
+
+#[test]
+fn local_mode_runs_the_whole_cluster_from_one_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let run = spawn(
+        "coordinator",
+        [
+            "start",
+            "--local",
+            "2",
+            "--data",
+            "synthetic",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--head-epochs",
+            "1",
+            "--finetune-epochs",
+            "1",
+            "--limit-train",
+            "48",
+            "--limit-val",
+            "16",
+            "--limit-test",
+            "20",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[("CLUSTER_TOKEN", "")],
+    )
+    .finish(Duration::from_secs(300))
+    .success();
+    // Two worker processes joined over loopback with a token made for the run.
+    assert_eq!(run.stderr.matches("worker joined").count(), 2, "{}", run.stderr);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["workers"], 2);
+    assert_eq!(report["test_images"], 20);
+    assert_eq!(report["classes"].as_array().unwrap().len(), 10);
+    assert_eq!(report["phases"]["head"]["epochs"], 1);
+    assert_eq!(report["phases"]["finetune"]["epochs"], 1);
+    let history: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("history.json")).unwrap()).unwrap();
+    assert_eq!(history.as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn local_mode_stops_when_a_worker_cannot_start() {
+    let dir = tempfile::tempdir().unwrap();
+    // A worker that cannot find its dataset exits; the run must not wait for it forever.
+    let missing = dir.path().join("no-such-data");
+    let run = spawn(
+        "coordinator",
+        [
+            "start",
+            "--local",
+            "2",
+            "--data",
+            missing.to_str().unwrap(),
+            "--weights",
+            "none",
+            "--out",
+            dir.path().join("run").to_str().unwrap(),
+        ],
+        &[("CLUSTER_TOKEN", "")],
+    )
+    .finish(Duration::from_secs(120))
+    .failure();
+    assert!(run.stderr.contains("no-such-data"), "{}", run.stderr);
+}

@@ -4,6 +4,8 @@
 
 pub mod config;
 pub mod error;
+pub mod local;
+pub mod report;
 pub mod run;
 pub mod service;
 
@@ -43,12 +45,13 @@ pub struct Outcome {
     pub run: Run,
 }
 
-/// Serve `config` on `listener` until the run is over (or `interrupt` resolves).
+/// Serve `config` on `listener` until the run is over, or until `interrupt` resolves with
+/// the reason to stop it.
 pub async fn serve(
     config: RunConfig,
     options: ServeOptions,
     listener: TcpListener,
-    interrupt: impl std::future::Future<Output = ()>,
+    interrupt: impl std::future::Future<Output = String>,
 ) -> Result<Outcome, cluster_proto::Error> {
     let address = listener.local_addr().ok();
     let run_id = format!("run-{}", std::process::id());
@@ -91,8 +94,8 @@ pub async fn serve(
         tokio::select! {
             _ = changed => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = &mut interrupt => {
-                shared.update(|run| run.finish(Some("the coordinator was interrupted".into())));
+            reason = &mut interrupt => {
+                shared.update(|run| run.finish(Some(reason)));
                 break;
             }
         }

@@ -65,12 +65,22 @@ impl SecurityArgs {
 
 #[derive(Args, Debug)]
 struct StartArgs {
-    /// Address to serve on.
-    #[arg(long, default_value = "0.0.0.0:50051", env = "CLUSTER_LISTEN")]
-    listen: SocketAddr,
+    /// Address to serve on (default 0.0.0.0:50051; with --local, a free loopback port).
+    #[arg(long, env = "CLUSTER_LISTEN")]
+    listen: Option<SocketAddr>,
     /// Workers to wait for before the run starts.
-    #[arg(long, default_value_t = 1, env = "CLUSTER_WORKERS")]
+    #[arg(long, default_value_t = 1, env = "CLUSTER_WORKERS", conflicts_with = "local")]
     workers: usize,
+    /// Single-node mode: start N worker processes on this machine and run with them (a
+    /// fresh join token is made unless one is given).
+    #[arg(long, value_name = "N")]
+    local: Option<usize>,
+    /// With --local: GPUs for the workers, one per worker in order (CPU when absent).
+    #[arg(long, value_delimiter = ',', value_name = "0,1,...", requires = "local")]
+    gpus: Vec<usize>,
+    /// With --local: the worker binary (default: next to this one, else on PATH).
+    #[arg(long, value_name = "PATH", requires = "local")]
+    worker_bin: Option<PathBuf>,
     /// Seconds without a heartbeat after which a worker is presumed dead.
     #[arg(long, default_value_t = 30.0, env = "CLUSTER_HEARTBEAT_TIMEOUT")]
     heartbeat_timeout: f64,
@@ -108,6 +118,7 @@ fn init_logging(format: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
+    let log_format = cli.log_format.clone();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -117,7 +128,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Start(args) => start(*args).await,
+            Command::Start(args) => start(*args, &log_format).await,
             Command::Status(args) => status(args).await,
         }
     });
@@ -130,41 +141,94 @@ fn main() -> ExitCode {
     }
 }
 
-async fn start(args: StartArgs) -> Result<()> {
-    let config = args
+async fn start(args: StartArgs, log_format: &str) -> Result<()> {
+    let mut config = args
         .run
         .resolve()
         .map_err(|e| anyhow!("invalid run configuration: {e}"))?;
-    if args.workers == 0 {
-        bail!("--workers must be at least 1");
+    let workers = args.local.unwrap_or(args.workers);
+    if workers == 0 {
+        bail!("--workers (or --local) must be at least 1");
+    }
+    if !args.gpus.is_empty() && args.gpus.len() != workers {
+        bail!(
+            "--gpus lists {} GPUs for {workers} local workers; give one per worker",
+            args.gpus.len()
+        );
     }
     if !(args.heartbeat_timeout.is_finite() && args.heartbeat_timeout > 0.0) {
         bail!("--heartbeat-timeout must be a positive number of seconds");
     }
-    let token = Token::load(args.security.token_file.as_deref())?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    if args.run.out.is_none() && config.job == Job::Train {
+        // Each run gets its own directory unless told otherwise.
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        config.out = format!("runs/run-{stamp}");
+    }
+    let token = match (args.local, Token::load(args.security.token_file.as_deref())) {
+        (_, Ok(token)) => token,
+        (Some(_), Err(cluster_proto::Error::NoToken)) => {
+            Token::random().context("cannot create a join token")?
+        }
+        (_, Err(e)) => return Err(e.into()),
+    };
+    let listen = args.listen.unwrap_or_else(|| {
+        if args.local.is_some() {
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        } else {
+            SocketAddr::from(([0, 0, 0, 0], 50051))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let mut children = Vec::new();
+    if let Some(n) = args.local {
+        if args.security.tls().enabled() {
+            bail!("--local runs every process on this machine over loopback; drop the --tls-* options");
+        }
+        let binary = coordinator::local::worker_binary(args.worker_bin.as_deref()).map_err(|e| anyhow!(e))?;
+        let address = listener.local_addr().context("listener address")?.to_string();
+        children = coordinator::local::spawn_workers(&binary, n, &args.gpus, &address, &token, log_format)
+            .map_err(|e| anyhow!(e))?;
+        tracing::info!(workers = n, worker_bin = %binary.display(), out = %config.out, "local workers started");
+    }
     let options = ServeOptions {
-        workers: args.workers,
+        workers,
         token,
         tls: args.security.tls(),
         heartbeat_timeout: Duration::from_secs_f64(args.heartbeat_timeout),
         linger: Duration::from_secs(5),
     };
     let job = config.job;
-    let interrupt = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+    let local = !children.is_empty();
+    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel::<String>(1);
+    let watcher = tokio::spawn(async move {
+        if local {
+            let reason = coordinator::local::first_failure(children).await;
+            let _ = failed_tx.send(reason).await;
+        }
+    });
+    let interrupt = async move {
+        tokio::select! {
+            Ok(()) = tokio::signal::ctrl_c() => "the coordinator was interrupted".to_string(),
+            Some(reason) = failed_rx.recv() => reason,
+            else => std::future::pending::<String>().await,
         }
     };
-    let outcome = serve(config, options, listener, interrupt).await?;
-    let run = outcome.run;
+    let outcome = serve(config, options, listener, interrupt).await;
+    // Local workers exit on their own once told the run is over (serve waits for them to
+    // hang up); dropping the watcher kills any left.
+    watcher.abort();
+    let run = outcome?.run;
     if job == Job::AllreduceBench {
         print_bench(&run);
     }
     if job == Job::Train && !run.history.is_empty() {
-        write_history(&run)?;
+        coordinator::report::write_outputs(&run).map_err(|e| anyhow!(e))?;
+        tracing::info!(out = %run.config.out, "outputs written");
     }
     match run.stage {
         Stage::Done => Ok(()),
@@ -204,19 +268,6 @@ fn format_bytes(bytes: u64) -> String {
     } else {
         format!("{bytes} B")
     }
-}
-
-fn write_history(run: &Run) -> Result<()> {
-    let dir = PathBuf::from(&run.config.out);
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create the output directory {}", dir.display()))?;
-    let path = dir.join("history.json");
-    let tmp = dir.join(".history.json.partial");
-    let text = serde_json::to_string_pretty(&run.history)?;
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
-    tracing::info!(path = %path.display(), "history written");
-    Ok(())
 }
 
 async fn status(args: StatusArgs) -> Result<()> {

@@ -135,6 +135,9 @@ pub struct EpochSummary {
     /// Test confusion matrix, rows = actual class (last epoch only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_confusion: Option<Vec<Vec<u64>>>,
+    /// Class names in label order (last epoch only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<String>>,
     /// Training images processed, all ranks together.
     pub train_images: u64,
     /// Wall time of the slowest rank, seconds.
@@ -596,6 +599,10 @@ fn summarize(phase: Phase, epoch: u32, results: &[&EpochResult]) -> EpochSummary
         test_loss: ratio(sum_f(|r| r.test_loss_sum), test_count),
         test_accuracy: ratio(sum_u(|r| r.test_correct) as f64, test_count),
         test_confusion,
+        classes: results
+            .iter()
+            .find(|r| !r.classes.is_empty())
+            .map(|r| r.classes.clone()),
         train_images: train_count,
         seconds,
         allreduce_seconds: results.iter().map(|r| r.allreduce_seconds).sum::<f64>()

@@ -46,7 +46,8 @@ impl Token {
         Ok(Self(value.into()))
     }
 
-    /// The token from `file` if given, else from the `CLUSTER_TOKEN` environment variable.
+    /// The token from `file` if given, else from the `CLUSTER_TOKEN` environment variable
+    /// (empty counts as unset).
     pub fn load(file: Option<&Path>) -> Result<Self> {
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| Error::TokenFile {
@@ -56,8 +57,9 @@ impl Token {
             return Self::new(&text, &path.display().to_string());
         }
         match std::env::var("CLUSTER_TOKEN") {
-            Ok(value) => Self::new(&value, "CLUSTER_TOKEN"),
-            Err(_) => Err(Error::NoToken),
+            // An empty variable is how shells unset things for one command.
+            Ok(value) if !value.trim().is_empty() => Self::new(&value, "CLUSTER_TOKEN"),
+            _ => Err(Error::NoToken),
         }
     }
 

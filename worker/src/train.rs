@@ -332,6 +332,11 @@ impl Trainer {
             seconds: started.elapsed().as_secs_f64(),
             allreduce_seconds: io.seconds,
             weights_checksum: checksum,
+            classes: if work.test {
+                self.dataset.classes.clone()
+            } else {
+                Vec::new()
+            },
         })
     }
 
