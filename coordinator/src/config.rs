@@ -30,9 +30,15 @@ pub struct RunArgs {
     /// Images per step on each worker.
     #[arg(long, env = "CLUSTER_BATCH_SIZE")]
     pub batch_size: Option<u32>,
-    /// Head trained in phase 1: `linear` or `tutorial`.
+    /// Head trained in phase 1: `linear`.
     #[arg(long, env = "CLUSTER_HEAD")]
     pub head: Option<String>,
+    /// Dropout before the head's dense layer.
+    #[arg(long, env = "CLUSTER_DROPOUT")]
+    pub dropout: Option<f64>,
+    /// Largest stochastic-depth probability while fine-tuning (0 turns it off).
+    #[arg(long, env = "CLUSTER_STOCHASTIC_DEPTH")]
+    pub stochastic_depth: Option<f64>,
     /// Epochs with the backbone frozen.
     #[arg(long, env = "CLUSTER_HEAD_EPOCHS")]
     pub head_epochs: Option<u32>,
@@ -117,6 +123,7 @@ impl RunArgs {
             image_size,
             batch_size,
             head,
+            dropout,
             head_epochs,
             finetune_epochs,
             lr_head,
@@ -134,6 +141,9 @@ impl RunArgs {
             if value.is_some() {
                 *field = value;
             }
+        }
+        if self.stochastic_depth.is_some() {
+            c.stochastic_depth = self.stochastic_depth;
         }
         if self.no_augment {
             c.augment = false;

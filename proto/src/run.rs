@@ -32,8 +32,13 @@ pub struct RunConfig {
     pub image_size: u32,
     /// Images per step on each worker.
     pub batch_size: u32,
-    /// Classifier head trained in phase 1: `linear` or `tutorial`.
+    /// Classifier head trained in phase 1: `linear` (pool, dropout, dense).
     pub head: String,
+    /// Dropout before the head's dense layer while training.
+    pub dropout: f64,
+    /// Largest stochastic-depth probability while fine-tuning (the last block's); `None`
+    /// keeps the model's own (0.2 for all EfficientNets).
+    pub stochastic_depth: Option<f64>,
     /// Epochs of phase 1 (frozen backbone).
     pub head_epochs: u32,
     /// Epochs of phase 2 (everything but BatchNorm trainable).
@@ -87,6 +92,8 @@ impl Default for RunConfig {
             image_size: 224,
             batch_size: 32,
             head: "linear".into(),
+            dropout: 0.2,
+            stochastic_depth: None,
             head_epochs: 10,
             finetune_epochs: 50,
             lr_head: 1e-3,
@@ -136,8 +143,14 @@ impl RunConfig {
                 self.image_size
             ));
         }
-        if !["linear", "tutorial"].contains(&self.head.as_str()) {
-            problems.push(format!("head {:?}: expected linear or tutorial", self.head));
+        if self.head != "linear" {
+            problems.push(format!("head {:?}: expected linear", self.head));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            problems.push(format!("dropout {} must be in [0, 1)", self.dropout));
+        }
+        if let Some(p) = self.stochastic_depth.filter(|p| !(0.0..1.0).contains(p)) {
+            problems.push(format!("stochastic_depth {p} must be in [0, 1)"));
         }
         if !["official", "tutorial"].contains(&self.split.as_str()) {
             problems.push(format!("split {:?}: expected official or tutorial", self.split));

@@ -230,6 +230,15 @@ impl Backbone {
         }
     }
 
+    /// Rescale stochastic depth so the last block drops its branch with probability `p`
+    /// (earlier blocks linearly less, as at construction); 0 turns it off.
+    pub fn set_stochastic_depth(&mut self, p: f64) {
+        let total = self.blocks.len();
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            block.drop_path = p * i as f64 / total as f64;
+        }
+    }
+
     /// Feature maps `[batch, features, h/32, w/32]` for model-ready input.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let mut x = self.stem.forward(x);

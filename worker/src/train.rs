@@ -35,9 +35,6 @@ use crate::modelfile::{self, ClassLabel, LoadedModel, WeightsSource};
 use crate::phase::{self, Phase};
 use crate::weights::{WeightsFile, apply_weights, collect_tensors};
 
-/// Dropout before the new head's dense layer, as in the tutorial.
-const HEAD_DROPOUT: f64 = 0.2;
-
 /// Batches read ahead of the training step.
 const PREFETCH: usize = 4;
 
@@ -157,12 +154,6 @@ impl Trainer {
         device: Device,
         io: &mut RingIo<'_, N, P>,
     ) -> Result<Self> {
-        if config.head != "linear" {
-            return Err(cluster(format!(
-                "head {:?} is not available in this worker; use --head linear",
-                config.head
-            )));
-        }
         let (dataset, splits) = open_dataset(config, &io.handle)?;
         device.seed(config.seed);
         let weights: WeightsSource = config.weights.parse().unwrap_or(WeightsSource::None);
@@ -175,7 +166,10 @@ impl Trainer {
                 wnid: None,
             })
             .collect();
-        let model = base.model.with_new_head(classes.len(), HEAD_DROPOUT, &device);
+        let mut model = base.model.with_new_head(classes.len(), config.dropout, &device);
+        if let Some(p) = config.stochastic_depth {
+            model.backbone.set_stochastic_depth(p);
+        }
         let mut loaded = LoadedModel {
             model,
             config: base.config,

@@ -1,0 +1,158 @@
+//! Training acceptance, as separate processes over gRPC: a learnable task is learned in both
+//! phases, and two workers with half batches take the same steps as one worker.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cluster_tests::spawn;
+
+/// Real ImageNet Lite0 weights (CI provides them; elsewhere the test skips).
+fn lite0() -> Option<PathBuf> {
+    match std::env::var_os("EFFNET_LITE0_WEIGHTS") {
+        Some(path) => Some(PathBuf::from(path)),
+        None => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must set EFFNET_LITE0_WEIGHTS"
+            );
+            eprintln!("skipped: set EFFNET_LITE0_WEIGHTS to the Lite0 .pth file");
+            None
+        }
+    }
+}
+
+/// `coordinator start --local N` with `args`; returns the history.
+fn local_run(out: &Path, workers: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec!["start", "--local", workers, "--out", out.to_str().unwrap()];
+    all.extend_from_slice(args);
+    spawn("coordinator", all, &[("CLUSTER_TOKEN", "")])
+        .finish(Duration::from_secs(600))
+        .success();
+    let text = std::fs::read_to_string(out.join("history.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&text)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn f(value: &serde_json::Value, key: &str) -> f64 {
+    value[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no {key} in {value}"))
+}
+
+#[test]
+fn a_learnable_task_is_learned_in_both_phases() {
+    let Some(weights) = lite0() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let history = local_run(
+        dir.path(),
+        "2",
+        &[
+            "--data",
+            "synthetic",
+            "--model",
+            "efficientnet-lite0",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--image-size",
+            "64",
+            "--batch-size",
+            "16",
+            "--head-epochs",
+            "2",
+            "--finetune-epochs",
+            "2",
+            "--limit-train",
+            "256",
+            "--limit-val",
+            "128",
+            "--limit-test",
+            "128",
+            "--lr-head",
+            "0.001",
+            "--lr-finetune",
+            "0.0001",
+        ],
+    );
+    assert_eq!(history.len(), 4);
+    let (head, finetune) = history.split_at(2);
+    for phase in [head, finetune] {
+        assert!(
+            f(&phase[1], "train_loss") < f(&phase[0], "train_loss"),
+            "loss did not fall within the phase: {phase:?}"
+        );
+    }
+    // Chance is 10%.
+    assert!(f(&head[1], "val_accuracy") > 0.25, "{head:?}");
+    assert!(f(&finetune[1], "val_accuracy") > 0.6, "{finetune:?}");
+    assert!(f(&finetune[1], "test_accuracy") > 0.6, "{finetune:?}");
+}
+
+#[test]
+fn two_workers_with_half_batches_match_one_worker() {
+    let Some(weights) = lite0() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let common = |batch: &'static str| {
+        vec![
+            "--data",
+            "synthetic",
+            "--model",
+            "efficientnet-lite0",
+            "--weights",
+            weights.to_str().unwrap().to_owned().leak(),
+            "--image-size",
+            "32",
+            "--batch-size",
+            batch,
+            "--head-epochs",
+            "1",
+            "--finetune-epochs",
+            "1",
+            "--limit-train",
+            "32",
+            "--limit-val",
+            "16",
+            "--limit-test",
+            "16",
+            "--no-augment",
+            "--dropout",
+            "0",
+            // Stochastic depth draws per rank; equivalence needs every random choice off.
+            "--stochastic-depth",
+            "0",
+            "--lr-head",
+            "0.001",
+            "--lr-finetune",
+            "0.0001",
+        ]
+    };
+    let one = local_run(&dir.path().join("one"), "1", &common("16"));
+    let two = local_run(&dir.path().join("two"), "2", &common("8"));
+    for (a, b) in one.iter().zip(&two) {
+        assert_eq!(a["steps"], b["steps"]);
+        for key in ["train_loss", "val_loss", "val_accuracy"] {
+            let (x, y) = (f(a, key), f(b, key));
+            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{key}: {x} vs {y}");
+        }
+    }
+    let read = |run: &str| {
+        worker::weights::read_weights(
+            &dir.path()
+                .join(run)
+                .join("checkpoints/finetune-epoch001.safetensors"),
+        )
+        .unwrap()
+        .tensors
+    };
+    let (a, b) = (read("one"), read("two"));
+    assert_eq!(a.len(), b.len());
+    let mut largest = 0f32;
+    for (name, t) in &a {
+        for (x, y) in t.data.iter().zip(&b[name].data) {
+            largest = largest.max((x - y).abs());
+        }
+    }
+    assert!(largest <= 1e-5, "largest weight difference {largest}");
+}
