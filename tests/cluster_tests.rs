@@ -420,6 +420,11 @@ fn local_mode_runs_the_whole_cluster_from_one_command() {
     let history: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("history.json")).unwrap()).unwrap();
     assert_eq!(history.as_array().unwrap().len(), 2);
+    // The tutorial's pictures: learning curves and a 5 x 5 grid of (20) test predictions.
+    let curves = image::open(out.join("curves.png")).unwrap();
+    assert_eq!((curves.width(), curves.height()), (1200, 480));
+    let grid = image::open(out.join("predictions.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (5 * 192, 4 * 162));
 }
 
 #[test]

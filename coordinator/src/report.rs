@@ -72,13 +72,27 @@ fn write_json(dir: &Path, name: &str, value: &impl serde::Serialize) -> Result<(
     std::fs::rename(&tmp, &path).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-/// Write `history.json` and, when the run was tested, `report.json` into the run's output
-/// directory (each atomically: a reader never sees half a file).
+/// Write `history.json`, `curves.png` and, when the run was tested, `report.json` into the
+/// run's output directory (each atomically: a reader never sees half a file).
 pub fn write_outputs(run: &Run) -> Result<(), String> {
     let dir = Path::new(&run.config.out);
     std::fs::create_dir_all(dir)
         .map_err(|e| format!("cannot create the output directory {}: {e}", dir.display()))?;
     write_json(dir, "history.json", &run.history)?;
+    let points: Vec<plots::EpochPoint> = run
+        .history
+        .iter()
+        .map(|e| plots::EpochPoint {
+            phase: e.phase.clone(),
+            train_loss: e.train_loss,
+            train_accuracy: e.train_accuracy,
+            val_loss: e.val_loss,
+            val_accuracy: e.val_accuracy,
+        })
+        .collect();
+    if !points.is_empty() {
+        plots::curves(&points, &dir.join("curves.png")).map_err(|e| e.to_string())?;
+    }
     if run.history.last().is_some_and(|e| e.test_accuracy.is_some()) {
         write_json(dir, "report.json", &report(run))?;
     }
@@ -139,6 +153,7 @@ mod tests {
         run.history = vec![epoch("head", 1.0, false)];
         write_outputs(&run).unwrap();
         assert!(dir.path().join("out/history.json").exists());
+        assert!(dir.path().join("out/curves.png").exists());
         assert!(!dir.path().join("out/report.json").exists());
         run.history.push(epoch("finetune", 1.0, true));
         write_outputs(&run).unwrap();

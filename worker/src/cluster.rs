@@ -340,7 +340,21 @@ impl State {
                             Some(t) => t,
                             None => Trainer::new(&config_for_thread, device, &mut io)?,
                         };
-                        let result = trainer.epoch(&epoch_work, &mut io, &thread_step);
+                        let mut result = trainer.epoch(&epoch_work, &mut io, &thread_step);
+                        if result.is_ok() && epoch_work.test && rank == 0 {
+                            // The tutorial's picture of the result: rank 0 draws it, as it
+                            // writes checkpoints.
+                            let out = PathBuf::from(&config_for_thread.out);
+                            let grid = std::fs::create_dir_all(&out)
+                                .map_err(|source| Error::Io {
+                                    path: out.clone(),
+                                    source,
+                                })
+                                .and_then(|()| trainer.prediction_grid(&out.join("predictions.png")));
+                            if let Err(e) = grid {
+                                result = Err(e);
+                            }
+                        }
                         Ok::<_, Error>((trainer, result))
                     })();
                     (links, result)

@@ -383,6 +383,49 @@ impl Trainer {
         Ok(totals)
     }
 
+    /// Predict the first 25 test images with the current model and draw them in a 5 x 5 grid,
+    /// titled with the actual and predicted classes, into `path` (PNG).
+    pub fn prediction_grid(&self, path: &std::path::Path) -> Result<()> {
+        let loaded = self.model.as_ref().ok_or_else(|| cluster("no model"))?;
+        let items: Vec<usize> = self.splits.test.iter().take(25).copied().collect();
+        if items.is_empty() {
+            return Ok(());
+        }
+        let handle = Handle::current();
+        let samples = handle
+            .block_on(self.dataset.read(&items))
+            .map_err(|e| cluster(format!("dataset {}: {e}", self.config.data)))?;
+        let device = self.device.clone().inner();
+        let model = loaded.model.valid();
+        let x = to_input(&samples, self.config.image_size as usize, &[], &device);
+        let predicted = model
+            .forward(x)
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .map_err(|e| cluster(format!("{e:?}")))?;
+        let name = |i: usize| {
+            self.dataset
+                .classes
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| i.to_string())
+        };
+        let predictions: Vec<plots::Prediction> = samples
+            .into_iter()
+            .zip(predicted)
+            .map(|(s, p)| plots::Prediction {
+                actual: name(usize::from(s.label)),
+                predicted: name(p as usize),
+                width: s.width as u32,
+                height: s.height as u32,
+                rgb: s.rgb,
+            })
+            .collect();
+        plots::prediction_grid(&predictions, path).map_err(|e| cluster(e.to_string()))
+    }
+
     /// Write the current model to `dir/name` (our model file format) and return its path,
     /// size and sha256.
     pub fn save(&self, dir: &std::path::Path, name: &str) -> Result<(PathBuf, u64, String)> {
