@@ -30,7 +30,7 @@ pub struct RunArgs {
     /// Images per step on each worker.
     #[arg(long, env = "CLUSTER_BATCH_SIZE")]
     pub batch_size: Option<u32>,
-    /// Head trained in phase 1: `linear`.
+    /// Head trained in phase 1: `linear` or `tutorial`.
     #[arg(long, env = "CLUSTER_HEAD")]
     pub head: Option<String>,
     /// Dropout before the head's dense layer.

@@ -32,7 +32,8 @@ pub struct RunConfig {
     pub image_size: u32,
     /// Images per step on each worker.
     pub batch_size: u32,
-    /// Classifier head trained in phase 1: `linear` (pool, dropout, dense).
+    /// Classifier head trained in phase 1: `linear` (pool, dropout, dense) or `tutorial`
+    /// (conv 7x7 with 7 filters, BatchNorm, pool, dropout, dense 512 ReLU, dense).
     pub head: String,
     /// Dropout before the head's dense layer while training.
     pub dropout: f64,
@@ -143,8 +144,8 @@ impl RunConfig {
                 self.image_size
             ));
         }
-        if self.head != "linear" {
-            problems.push(format!("head {:?}: expected linear", self.head));
+        if !["linear", "tutorial"].contains(&self.head.as_str()) {
+            problems.push(format!("head {:?}: expected linear or tutorial", self.head));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             problems.push(format!("dropout {} must be in [0, 1)", self.dropout));

@@ -14,7 +14,7 @@ use crate::config::EfficientNetConfig;
 use crate::download;
 use crate::error::{Error, Result};
 use crate::imagenet;
-use crate::model::Classifier;
+use crate::model::{Classifier, HeadKind};
 use crate::weights::{self, LoadReport};
 
 /// Value of the `format` metadata entry of our model files.
@@ -181,7 +181,16 @@ fn load_ours(
             });
         }
     }
-    let net = Classifier::new(&config, classes.len(), device);
+    // The head's tensors say which head it is.
+    let kind = if file.tensors.contains_key("head.conv.weight") {
+        HeadKind::Tutorial
+    } else {
+        HeadKind::Linear
+    };
+    let mut net = Classifier::new(&config, classes.len(), device);
+    if kind == HeadKind::Tutorial {
+        net = net.with_head(kind, classes.len(), config.dropout, device);
+    }
     let (net, report) = weights::apply_weights(net, &config, &file, path)?;
     log_report(path, &report);
     Ok(LoadedModel {

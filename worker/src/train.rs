@@ -166,7 +166,8 @@ impl Trainer {
                 wnid: None,
             })
             .collect();
-        let mut model = base.model.with_new_head(classes.len(), config.dropout, &device);
+        let head: crate::model::HeadKind = config.head.parse().map_err(cluster)?;
+        let mut model = base.model.with_head(head, classes.len(), config.dropout, &device);
         if let Some(p) = config.stochastic_depth {
             model.backbone.set_stochastic_depth(p);
         }

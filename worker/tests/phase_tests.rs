@@ -8,7 +8,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use worker::config::EfficientNetConfig;
-use worker::model::Classifier;
+use worker::model::{Classifier, HeadKind};
 use worker::phase::{Phase, prepare};
 use worker::weights::collect_tensors;
 
@@ -40,12 +40,17 @@ fn with_grads(m: &Classifier, grads: &GradientsParams) -> Vec<String> {
         path: Vec<String>,
         out: Vec<String>,
     }
+    // Enum variants (which head) are not part of a name, as in `collect_tensors`.
     impl ModuleVisitor for V<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.into());
+        fn enter_module(&mut self, name: &str, container: &str) {
+            if !container.starts_with("Enum:") {
+                self.path.push(name.into());
+            }
         }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
+        fn exit_module(&mut self, _: &str, container: &str) {
+            if !container.starts_with("Enum:") {
+                self.path.pop();
+            }
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if self.grads.get::<D>(param.id).is_some() {
@@ -131,4 +136,83 @@ fn an_unfrozen_model_would_train_batchnorm() {
             .iter()
             .any(|n| n.ends_with("bn.running_mean"))
     );
+}
+
+fn tutorial_model(device: &Device) -> Classifier {
+    model(device).with_head(HeadKind::Tutorial, 3, 0.0, device)
+}
+
+#[test]
+fn tutorial_head_phases_train_its_conv_and_dense_layers_and_its_batchnorm_only_in_phase_1() {
+    let device = Device::flex().autodiff();
+    let m = prepare(tutorial_model(&device), Phase::Head);
+    let head: Vec<&str> = vec![
+        "head.conv.weight",
+        "head.conv.bias",
+        "head.bn.gamma",
+        "head.bn.beta",
+        "head.fc1.weight",
+        "head.fc1.bias",
+        "head.fc2.weight",
+        "head.fc2.bias",
+    ];
+    assert_eq!(with_grads(&m, &grads(&m, &device)), head);
+    // The head's own BatchNorm learns in phase 1 (it is new); the backbone's never moves.
+    let moved = stats_moved_by_step(m, &device);
+    assert!(moved.iter().all(|n| n.starts_with("head.bn.")), "{moved:?}");
+    let m = prepare(tutorial_model(&device), Phase::FineTune);
+    let trained = with_grads(&m, &grads(&m, &device));
+    assert!(
+        trained.iter().any(|n| n == "head.conv.weight") && trained.iter().any(|n| n == "head.fc2.weight")
+    );
+    assert!(!trained.iter().any(|n| n.contains(".bn.")), "{trained:?}");
+    assert_eq!(stats_moved_by_step(m, &device), Vec::<String>::new());
+}
+
+#[test]
+fn a_tutorial_head_model_file_loads_back_with_its_head() {
+    let device = Device::flex();
+    let cfg = EfficientNetConfig::b(0)
+        .unwrap()
+        .with_width(0.25)
+        .with_depth(0.25);
+    let loaded = worker::modelfile::LoadedModel {
+        model: Classifier::new(&cfg, 3, &device).with_head(HeadKind::Tutorial, 3, 0.0, &device),
+        config: cfg,
+        classes: ["a", "b", "c"]
+            .iter()
+            .map(|c| worker::modelfile::ClassLabel {
+                label: c.to_string(),
+                wnid: None,
+            })
+            .collect(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tutorial.safetensors");
+    worker::modelfile::save(&path, &loaded).unwrap();
+    let back = worker::modelfile::load(None, &worker::modelfile::WeightsSource::File(path), &device).unwrap();
+    assert_eq!(back.model.head.kind(), HeadKind::Tutorial);
+    let x = Tensor::<4>::from_data(
+        TensorData::new(
+            (0..2 * 3 * 32 * 32).map(|p| (p % 251) as f32).collect::<Vec<_>>(),
+            [2, 3, 32, 32],
+        ),
+        &device,
+    );
+    let a = loaded
+        .model
+        .valid()
+        .forward(x.clone())
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let b = back
+        .model
+        .valid()
+        .forward(x)
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b);
 }
