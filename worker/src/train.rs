@@ -292,6 +292,9 @@ impl Trainer {
             train.correct += correct(logits.detach(), labels)?;
             train.count += n;
         }
+        // A BatchNorm that trains (the tutorial head's, in phase 1) has seen only this rank's
+        // batches: take rank 0's statistics, as PyTorch DDP broadcasts its buffers.
+        let model = broadcast_running_stats(model, io, u64::MAX - 1 - global_epoch)?;
         let rank_slice = |items: &[usize]| -> Vec<usize> {
             items
                 .iter()
@@ -484,6 +487,84 @@ fn broadcast<N: Link, P: Link>(
         std::path::Path::new("<weights broadcast from rank 0>"),
     )?;
     Ok(model)
+}
+
+/// Set every BatchNorm running statistic to rank 0's (others add zeros to an exact sum).
+fn broadcast_running_stats<N: Link, P: Link>(
+    model: Classifier,
+    io: &mut RingIo<'_, N, P>,
+    step: u64,
+) -> Result<Classifier> {
+    if io.ring.world == 1 {
+        return Ok(model);
+    }
+    let is_stat = |name: &str| name.ends_with("running_mean") || name.ends_with("running_var");
+    // `valid()` applies the statistics updates buffered during the epoch.
+    let stats: Vec<(String, crate::weights::RawTensor)> = collect_tensors(&model.valid())
+        .into_iter()
+        .filter(|(n, _)| is_stat(n))
+        .collect();
+    let mut flat: Vec<f32> = if io.ring.rank == 0 {
+        stats.iter().flat_map(|(_, t)| t.data.iter().copied()).collect()
+    } else {
+        vec![0.0; stats.iter().map(|(_, t)| t.data.len()).sum()]
+    };
+    io.all_reduce(step, &mut flat, false)?;
+    let mut values = std::collections::HashMap::new();
+    let mut offset = 0;
+    for (name, tensor) in stats {
+        let len = tensor.data.len();
+        values.insert(name, (flat[offset..offset + len].to_vec(), tensor.shape));
+        offset += len;
+    }
+    let mut writer = StatsWriter {
+        values,
+        path: Vec::new(),
+        written: 0,
+    };
+    let model = model.map(&mut writer);
+    if !writer.values.is_empty() {
+        return Err(cluster(format!(
+            "{} BatchNorm statistics were not found in the model to update",
+            writer.values.len()
+        )));
+    }
+    Ok(model)
+}
+
+/// Writes the given running statistics into a module by path, leaving everything else.
+struct StatsWriter {
+    values: std::collections::HashMap<String, (Vec<f32>, Vec<usize>)>,
+    path: Vec<String>,
+    written: usize,
+}
+
+impl burn::module::ModuleMapper for StatsWriter {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        if !container_type.starts_with("Enum:") {
+            self.path.push(name.to_string());
+        }
+    }
+
+    fn exit_module(&mut self, _name: &str, container_type: &str) {
+        if !container_type.starts_with("Enum:") {
+            self.path.pop();
+        }
+    }
+
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<Tensor<D>>,
+    ) -> burn::module::Param<Tensor<D>> {
+        let Some((data, shape)) = self.values.remove(&self.path.join(".")) else {
+            return param;
+        };
+        let device = param.lazy_device();
+        let tensor = Tensor::<D>::from_data(TensorData::new(data, shape), &device);
+        self.written += 1;
+        let id = param.id;
+        param.transform_for_load(tensor, id)
+    }
 }
 
 fn labels(samples: &[Sample], device: &Device) -> Tensor<1, Int> {
