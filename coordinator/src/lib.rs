@@ -5,6 +5,7 @@
 pub mod config;
 pub mod error;
 pub mod local;
+pub mod progress;
 pub mod report;
 pub mod run;
 pub mod service;
@@ -36,6 +37,8 @@ pub struct ServeOptions {
     pub heartbeat_timeout: Duration,
     /// After the run ends, how long to wait for workers to receive their final order.
     pub linger: Duration,
+    /// Show a progress bar (interactive terminals).
+    pub progress: bool,
 }
 
 /// How a run ended.
@@ -86,9 +89,12 @@ pub async fn serve(
     };
 
     tokio::pin!(interrupt);
+    let progress = progress::Progress::new(options.progress);
     loop {
         let changed = shared.changed();
+        progress.update(&shared.lock());
         if shared.lock().finished() {
+            progress.finish(&shared.lock());
             break;
         }
         tokio::select! {
@@ -96,6 +102,7 @@ pub async fn serve(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             reason = &mut interrupt => {
                 shared.update(|run| run.finish(Some(reason)));
+                progress.finish(&shared.lock());
                 break;
             }
         }

@@ -201,6 +201,8 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
         tls: args.security.tls(),
         heartbeat_timeout: Duration::from_secs_f64(args.heartbeat_timeout),
         linger: Duration::from_secs(5),
+        // A bar on a terminal; structured logs only when piped or with JSON logs.
+        progress: log_format == "text" && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let job = config.job;
     let local = !children.is_empty();
