@@ -290,7 +290,9 @@ async fn status(args: StatusArgs) -> Result<()> {
             .workers
             .iter()
             .map(|w| {
-                serde_json::json!({"worker_id": w.worker_id, "name": w.name, "rank": w.rank, "address": w.address,
+                serde_json::json!({"worker_id": w.worker_id, "name": w.name,
+                    // u32::MAX on the wire: not in a ring yet.
+                    "rank": (w.rank != u32::MAX).then_some(w.rank), "address": w.address,
                     "device": w.device, "step": w.step, "seconds_since_heartbeat": w.seconds_since_heartbeat})
             })
             .collect();
@@ -305,9 +307,14 @@ async fn status(args: StatusArgs) -> Result<()> {
             reply.run_id, reply.state, reply.generation, reply.epoch
         );
         for w in &reply.workers {
+            let rank = if w.rank == u32::MAX {
+                "-".to_string()
+            } else {
+                w.rank.to_string()
+            };
             println!(
-                "  {} rank {} {} {} step {} (heartbeat {:.1} s ago)",
-                w.worker_id, w.rank, w.address, w.device, w.step, w.seconds_since_heartbeat
+                "  {} rank {rank} {} {} step {} (heartbeat {:.1} s ago)",
+                w.worker_id, w.address, w.device, w.step, w.seconds_since_heartbeat
             );
         }
         if !reply.error.is_empty() {
