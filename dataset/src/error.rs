@@ -36,6 +36,16 @@ pub enum Error {
         source: object_store::Error,
     },
 
+    /// An object could not be written.
+    #[error("cannot write {file}: {source}")]
+    Write {
+        /// The file or object.
+        file: String,
+        /// The store's error.
+        #[source]
+        source: object_store::Error,
+    },
+
     /// An image could not be decoded.
     #[error("cannot decode image {file}: {reason}")]
     Image {

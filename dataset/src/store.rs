@@ -100,6 +100,32 @@ impl DataStore {
         })
     }
 
+    /// Open `spec` as an output location: like [`open`](Self::open), but a local directory
+    /// is created when missing.
+    pub fn create(spec: &str) -> Result<Self> {
+        if !spec.starts_with("s3://") {
+            let path = spec.strip_prefix("file://").unwrap_or(spec);
+            std::fs::create_dir_all(path).map_err(|e| Error::Location {
+                location: spec.to_string(),
+                reason: format!("cannot create the directory: {e}"),
+            })?;
+        }
+        Self::open(spec)
+    }
+
+    /// Store `bytes` as the object `relative`. Whole or not at all: S3 takes one PUT, a local
+    /// directory a temporary file renamed into place, so readers never see a torn object.
+    pub async fn put(&self, relative: &str, bytes: Vec<u8>) -> Result<()> {
+        self.store
+            .put(&self.path(relative), object_store::PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Write {
+                file: self.describe(relative),
+                source,
+            })
+    }
+
     /// The object path of `relative` (a `/`-separated path under the dataset).
     pub fn path(&self, relative: &str) -> ObjectPath {
         let mut parts: Vec<String> = self.prefix.parts().map(|p| p.as_ref().to_string()).collect();
@@ -125,5 +151,30 @@ impl DataStore {
             .bytes()
             .await
             .map_err(read_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn created_locations_take_whole_objects_and_errors_name_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run/one");
+        let store = DataStore::create(out.to_str().unwrap()).unwrap();
+        store.put("checkpoints/a.bin", vec![1, 2, 3]).await.unwrap();
+        assert_eq!(std::fs::read(out.join("checkpoints/a.bin")).unwrap(), [1, 2, 3]);
+        assert_eq!(
+            store.get_bytes("checkpoints/a.bin").await.unwrap().as_ref(),
+            [1, 2, 3]
+        );
+        // A file where a directory is needed.
+        std::fs::write(out.join("blocker"), b"").unwrap();
+        let err = store.put("blocker/b.bin", vec![0]).await.unwrap_err().to_string();
+        assert!(
+            err.contains("cannot write") && err.contains("blocker/b.bin"),
+            "{err}"
+        );
     }
 }

@@ -396,19 +396,32 @@ impl State {
         client: &mut Client,
     ) -> Result<()> {
         let phase = cluster_proto::v1::Phase::try_from(epoch.phase).unwrap_or_default();
-        let dir = PathBuf::from(&config.out).join("checkpoints");
-        let name = format!("{}-epoch{:03}.safetensors", phase.label(), epoch.epoch + 1);
-        let (path, bytes, sha256) = trainer.save(&dir, &name)?;
-        tracing::info!(path = %path.display(), bytes, "checkpoint written");
+        let relative = format!(
+            "checkpoints/{}-epoch{:03}.safetensors",
+            phase.label(),
+            epoch.epoch + 1
+        );
+        let (bytes, sha256) = trainer.model_file(&relative)?;
+        let size = bytes.len() as u64;
+        // The output location is a storage interface: a local directory here, any object
+        // store the dataset layer can open (S3 included) in general.
+        let store = dataset::store::DataStore::create(&config.out)
+            .map_err(|e| cluster(format!("checkpoint location: {e}")))?;
+        store
+            .put(&relative, bytes)
+            .await
+            .map_err(|e| cluster(format!("checkpoint: {e}")))?;
+        let location = store.describe(&relative);
+        tracing::info!(location = %location, bytes = size, "checkpoint written");
         client
             .commit_checkpoint(CheckpointCommit {
                 worker_id: worker_id.to_string(),
-                location: path.display().to_string(),
+                location,
                 phase: epoch.phase,
                 epoch: epoch.epoch,
                 step: at_step,
                 sha256,
-                bytes,
+                bytes: size,
             })
             .await
             .map_err(|s| cluster(format!("the coordinator refused the checkpoint: {}", s.message())))?;

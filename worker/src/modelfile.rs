@@ -211,6 +211,11 @@ fn log_report(path: &Path, report: &LoadReport) {
 
 /// Save a classifier with its architecture and class names, atomically.
 pub fn save(path: &Path, model: &LoadedModel) -> Result<()> {
+    weights::write_atomic(path, &to_bytes(path, model)?)
+}
+
+/// A classifier as the bytes of a model file (`path` names the destination in errors).
+pub fn to_bytes(path: &Path, model: &LoadedModel) -> Result<Vec<u8>> {
     let tensors = weights::collect_tensors(&model.model);
     let config = serde_json::to_string(&model.config).map_err(|e| Error::ModelFile {
         path: path.to_path_buf(),
@@ -225,5 +230,5 @@ pub fn save(path: &Path, model: &LoadedModel) -> Result<()> {
         ("config".to_string(), config),
         ("classes".to_string(), classes),
     ]);
-    weights::write_safetensors(path, &tensors, metadata)
+    weights::safetensors_bytes(path, &tensors, metadata)
 }

@@ -7,7 +7,6 @@
 //! so after every step all ranks hold bit-identical weights; the epoch report carries a
 //! checksum of them for the coordinator to compare.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -430,27 +429,18 @@ impl Trainer {
         plots::prediction_grid(&predictions, path).map_err(|e| cluster(e.to_string()))
     }
 
-    /// Write the current model to `dir/name` (our model file format) and return its path,
-    /// size and sha256.
-    pub fn save(&self, dir: &std::path::Path, name: &str) -> Result<(PathBuf, u64, String)> {
+    /// The current model as a model file (its bytes and their sha256, hex); `name` is used
+    /// in errors.
+    pub fn model_file(&self, name: &str) -> Result<(Vec<u8>, String)> {
         let loaded = self.model.as_ref().ok_or_else(|| cluster("no model to save"))?;
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let path = dir.join(name);
         let snapshot = LoadedModel {
             model: loaded.model.clone(),
             config: loaded.config.clone(),
             classes: loaded.classes.clone(),
         };
-        modelfile::save(&path, &snapshot)?;
-        let bytes = std::fs::read(&path).map_err(|source| Error::Io {
-            path: path.clone(),
-            source,
-        })?;
+        let bytes = modelfile::to_bytes(std::path::Path::new(name), &snapshot)?;
         let digest = hex::encode(Sha256::digest(&bytes));
-        Ok((path, bytes.len() as u64, digest))
+        Ok((bytes, digest))
     }
 }
 

@@ -537,6 +537,16 @@ pub fn write_safetensors(
     tensors: &[(String, RawTensor)],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
+    write_atomic(path, &safetensors_bytes(path, tensors, metadata)?)
+}
+
+/// Tensors and string metadata in the safetensors format (`path` names the destination in
+/// errors).
+pub fn safetensors_bytes(
+    path: &Path,
+    tensors: &[(String, RawTensor)],
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, t)| {
@@ -555,11 +565,10 @@ pub fn write_safetensors(
             path: path.to_path_buf(),
             reason: format!("cannot serialise tensors: {e}"),
         })?;
-    let serialized = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::WeightsFormat {
+    safetensors::serialize(views, Some(metadata)).map_err(|e| Error::WeightsFormat {
         path: path.to_path_buf(),
         reason: format!("cannot serialise tensors: {e}"),
-    })?;
-    write_atomic(path, &serialized)
+    })
 }
 
 /// Write a file through a temporary sibling and a rename.
