@@ -72,6 +72,9 @@ pub struct RunArgs {
     /// Checkpoint every N epochs (0: at the end of each phase only).
     #[arg(long, env = "CLUSTER_CHECKPOINT_EVERY")]
     pub checkpoint_every: Option<u32>,
+    /// Compare the ranks' weights every N steps (0: after each epoch only).
+    #[arg(long, env = "CLUSTER_CHECKSUM_EVERY")]
+    pub checksum_every: Option<u32>,
     /// Output directory.
     #[arg(long, env = "CLUSTER_OUT")]
     pub out: Option<String>,
@@ -131,6 +134,7 @@ impl RunArgs {
             seed,
             split,
             checkpoint_every,
+            checksum_every,
             out
         );
         for (field, value) in [

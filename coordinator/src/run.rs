@@ -178,6 +178,8 @@ pub struct Run {
     pub last_checkpoint: Option<CheckpointCommit>,
     /// Why the run failed.
     pub error: Option<String>,
+    /// Step checksums by step and rank, until every rank has sent its own.
+    checksums: BTreeMap<u64, BTreeMap<u32, u64>>,
     next_id: u64,
 }
 
@@ -200,6 +202,7 @@ impl Run {
             bench: None,
             last_checkpoint: None,
             error: None,
+            checksums: BTreeMap::new(),
             next_id: 0,
         }
     }
@@ -390,14 +393,43 @@ impl Run {
             .ok_or_else(|| Refusal::BadRequest(format!("worker {worker_id} has no rank yet")))
     }
 
-    /// A worker's heartbeat.
-    pub fn heartbeat(&mut self, worker_id: &str, step: u64) -> Result<(), Refusal> {
+    /// A worker's heartbeat, with the weight checksums it took since the last one. When
+    /// every rank has sent its checksum of a step, they are compared: ranks that disagree
+    /// stop the run at once, rather than at the end of the epoch.
+    pub fn heartbeat(&mut self, worker_id: &str, step: u64, checksums: &[(u64, u64)]) -> Result<(), Refusal> {
         let worker = self
             .workers
             .get_mut(worker_id)
             .ok_or_else(|| Refusal::UnknownWorker(worker_id.to_string()))?;
         worker.last_seen = Instant::now();
         worker.step = step;
+        let Some(rank) = worker.rank else {
+            return Ok(());
+        };
+        let ranks = self.workers.values().filter(|w| w.rank.is_some()).count();
+        for &(at, checksum) in checksums {
+            let seen = self.checksums.entry(at).or_default();
+            seen.insert(rank, checksum);
+            if seen.len() < ranks {
+                continue;
+            }
+            let seen = self.checksums.remove(&at).unwrap_or_default();
+            let first = seen.values().next().copied().unwrap_or_default();
+            if seen.values().any(|c| *c != first) {
+                let listed: Vec<String> = seen.iter().map(|(r, c)| format!("rank {r}: {c:016x}")).collect();
+                self.finish(Some(format!(
+                    "ranks diverged at step {at}: weight checksums differ ({}); the all-reduce or a \
+                     worker's arithmetic is broken",
+                    listed.join(", ")
+                )));
+                return Ok(());
+            }
+            tracing::debug!(step = at, ranks, "weights agree on every rank");
+        }
+        // Checksums of steps some rank never reported (a lost heartbeat) are dropped once the
+        // run is past them.
+        let done = self.steps_done;
+        self.checksums.retain(|&at, _| at + 10_000 > done);
         Ok(())
     }
 
@@ -612,5 +644,42 @@ fn summarize(phase: Phase, epoch: u32, results: &[&EpochResult]) -> EpochSummary
         } else {
             0.0
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_with_two_workers() -> (Run, Vec<String>) {
+        let mut run = Run::new("r".into(), RunConfig::default(), 2);
+        let mut ids = Vec::new();
+        for i in 0..2 {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            std::mem::forget(rx);
+            let request = v1::JoinRequest {
+                name: format!("w{i}"),
+                advertise: format!("127.0.0.1:{}", 1000 + i),
+                device: "cpu".into(),
+            };
+            ids.push(run.join(request, tx).unwrap());
+        }
+        (run, ids)
+    }
+
+    #[test]
+    fn agreeing_step_checksums_keep_the_run_going_and_differing_ones_stop_it() {
+        let (mut run, ids) = run_with_two_workers();
+        assert_eq!(run.stage, Stage::Head);
+        run.heartbeat(&ids[0], 100, &[(100, 7)]).unwrap();
+        run.heartbeat(&ids[1], 100, &[(100, 7)]).unwrap();
+        assert_eq!(run.stage, Stage::Head);
+        run.heartbeat(&ids[0], 200, &[(200, 8)]).unwrap();
+        assert_eq!(run.stage, Stage::Head, "waits for the other rank");
+        run.heartbeat(&ids[1], 200, &[(200, 9)]).unwrap();
+        assert_eq!(run.stage, Stage::Failed);
+        let error = run.error.unwrap();
+        assert!(error.contains("ranks diverged at step 200"), "{error}");
+        assert!(error.contains("rank 1: 0000000000000009"), "{error}");
     }
 }

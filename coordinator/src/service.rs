@@ -117,9 +117,13 @@ impl Coordinator for CoordinatorService {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
         let request = request.into_inner();
+        let checksums: Vec<(u64, u64)> = request
+            .checksums
+            .iter()
+            .map(|c| (c.step, c.weights_checksum))
+            .collect();
         self.shared
-            .lock()
-            .heartbeat(&request.worker_id, request.step)
+            .update(|run| run.heartbeat(&request.worker_id, request.step, &checksums))
             .map_err(Status::from)?;
         Ok(Response::new(HeartbeatReply {}))
     }

@@ -69,6 +69,8 @@ pub struct RunConfig {
     pub augment: bool,
     /// Checkpoint every this many epochs (0: only at the end of each phase).
     pub checkpoint_every: u32,
+    /// Compare the ranks' weights every this many steps (0: only after each epoch).
+    pub checksum_every: u32,
     /// Where outputs and checkpoints go (a directory).
     pub out: String,
     /// Send gradients as bfloat16.
@@ -109,6 +111,7 @@ impl Default for RunConfig {
             synthetic_test: 500,
             augment: true,
             checkpoint_every: 0,
+            checksum_every: 100,
             out: "runs/latest".into(),
             bf16_allreduce: false,
             peer_timeout_s: 60.0,

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use burn::tensor::Device;
@@ -15,8 +15,8 @@ use cluster_proto::net::{self, MAX_MESSAGE_BYTES, TlsFiles};
 use cluster_proto::run::RunConfig;
 use cluster_proto::v1::coordinator_client::CoordinatorClient;
 use cluster_proto::v1::{
-    Assignment, BenchResult, BenchRow, CheckpointCommit, HeartbeatRequest, JoinRequest, Order, WorkReport,
-    assignment::Work, order, work_report,
+    Assignment, BenchResult, BenchRow, CheckpointCommit, HeartbeatRequest, JoinRequest, Order, StepChecksum,
+    WorkReport, assignment::Work, order, work_report,
 };
 use collective::Ring;
 use collective::bench::{Plan, measure};
@@ -28,7 +28,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
-use crate::train::{RingIo, Trainer};
+use crate::train::{Beat, RingIo, Trainer};
 
 type Client = CoordinatorClient<InterceptedService<Channel, ClientAuth>>;
 
@@ -165,17 +165,25 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
         _ => return Err(cluster("the coordinator did not welcome this worker")),
     };
 
-    let step = Arc::new(AtomicU64::new(0));
+    let step = Arc::new(Beat::default());
     let heartbeat = {
         let mut client = client.clone();
-        let step = step.clone();
+        let beat = step.clone();
         let worker_id = worker_id.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 let request = HeartbeatRequest {
                     worker_id: worker_id.clone(),
-                    step: step.load(Ordering::Relaxed),
+                    step: beat.step.load(Ordering::Relaxed),
+                    checksums: beat
+                        .drain()
+                        .into_iter()
+                        .map(|(step, weights_checksum)| StepChecksum {
+                            step,
+                            weights_checksum,
+                        })
+                        .collect(),
                 };
                 if let Err(status) = client.heartbeat(request).await {
                     tracing::warn!(error = %status.message(), "heartbeat failed");
@@ -253,7 +261,7 @@ impl State {
         &mut self,
         assignment: Assignment,
         worker_id: &str,
-        step: &Arc<AtomicU64>,
+        step: &Arc<Beat>,
         client: &mut Client,
     ) -> Result<()> {
         let config = RunConfig::from_json(&assignment.config_json).map_err(cluster)?;
@@ -366,7 +374,7 @@ impl State {
                 let (trainer, result) = result?;
                 let result = result?;
                 if epoch.checkpoint && rank == 0 {
-                    let at_step = step.load(Ordering::Relaxed);
+                    let at_step = step.step.load(Ordering::Relaxed);
                     self.checkpoint(&trainer, &config, &epoch, at_step, worker_id, client)
                         .await?;
                 }

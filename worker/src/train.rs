@@ -132,6 +132,43 @@ pub fn weights_checksum<M: Module>(module: &M) -> u64 {
     u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8]))
 }
 
+/// What a training thread tells the heartbeat: the last step, and the weight checksums
+/// taken since the last heartbeat.
+#[derive(Debug, Default)]
+pub struct Beat {
+    /// Global steps taken.
+    pub step: AtomicU64,
+    /// (step, checksum of the trainable weights) not yet sent.
+    pub checksums: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl Beat {
+    /// Take the checksums not yet sent.
+    pub fn drain(&self) -> Vec<(u64, u64)> {
+        self.checksums
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+}
+
+/// A checksum of the parameters only. BatchNorm statistics are left out: a BatchNorm that
+/// trains has each rank's own statistics until the end of the epoch.
+pub fn parameters_checksum<M: Module>(module: &M) -> u64 {
+    let mut hasher = Sha256::new();
+    for (name, tensor) in collect_tensors(module) {
+        if name.ends_with("running_mean") || name.ends_with("running_var") {
+            continue;
+        }
+        hasher.update(name.as_bytes());
+        for v in tensor.data {
+            hasher.update(v.to_bits().to_le_bytes());
+        }
+    }
+    let digest = hasher.finalize();
+    u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8]))
+}
+
 /// Totals of one pass over a split.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Totals {
@@ -198,12 +235,13 @@ impl Trainer {
     }
 
     /// Train one epoch, then evaluate this rank's validation (and, when asked, test) shard.
-    /// `step` is updated after every optimizer step, for heartbeats.
+    /// `beat` gets the step after every optimizer step and a checksum every
+    /// `checksum_every` steps, for heartbeats.
     pub fn epoch<N: Link, P: Link>(
         &mut self,
         work: &EpochWork,
         io: &mut RingIo<'_, N, P>,
-        step: &AtomicU64,
+        beat: &Beat,
     ) -> Result<EpochResult> {
         let started = Instant::now();
         io.seconds = 0.0;
@@ -284,7 +322,14 @@ impl Trainer {
             let grads = unflatten(&model, &grads, &flat);
             model = optimizer.step(lr, model, grads);
             steps += 1;
-            step.store(global_step + 1, Ordering::Relaxed);
+            beat.step.store(global_step + 1, Ordering::Relaxed);
+            let every = u64::from(self.config.checksum_every);
+            if every > 0 && (global_step + 1).is_multiple_of(every) {
+                let checksum = parameters_checksum(&model);
+                if let Ok(mut pending) = beat.checksums.lock() {
+                    pending.push((global_step + 1, checksum));
+                }
+            }
             let n = batch.samples.len() as u64;
             let loss_value = scalar(loss)?;
             train.loss_sum += f64::from(loss_value) * n as f64;
