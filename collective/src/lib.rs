@@ -142,6 +142,16 @@ impl Values {
             Values::F32(v) => apply(dst, v, phase),
             Values::LeF32(bytes) => match le_f32_slice(bytes) {
                 Some(v) => apply(dst, v, phase),
+                None if cfg!(target_endian = "little") => match phase {
+                    // Unaligned wire bytes: one memcpy into place (or into an aligned scratch
+                    // buffer to add from) is much faster than converting value by value.
+                    Phase::AllGather => bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(bytes),
+                    Phase::ReduceScatter => {
+                        let mut scratch = vec![0f32; dst.len()];
+                        bytemuck::cast_slice_mut::<f32, u8>(&mut scratch).copy_from_slice(bytes);
+                        apply(dst, &scratch, phase);
+                    }
+                },
                 None => {
                     let decode = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                     match phase {

@@ -172,3 +172,19 @@ async fn bf16_wire_keeps_ranks_bit_identical() {
         );
     }
 }
+
+#[test]
+fn unaligned_wire_values_add_and_copy_like_aligned_ones() {
+    let values = [0.5f32, -1.25, 3.0, 1e-3];
+    let mut raw = vec![0u8];
+    for v in values {
+        raw.extend_from_slice(&v.to_le_bytes());
+    }
+    let unaligned = Values::LeF32(bytes::Bytes::from(raw).slice(1..));
+    let mut sum = [1.0f32; 4];
+    unaligned.apply(&mut sum, Phase::ReduceScatter);
+    assert_eq!(sum, [1.5, -0.25, 4.0, 1.001]);
+    let mut copy = [9.0f32; 4];
+    unaligned.apply(&mut copy, Phase::AllGather);
+    assert_eq!(copy, values);
+}
