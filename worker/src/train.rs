@@ -32,7 +32,7 @@ use crate::grads::{flatten, unflatten};
 use crate::model::Classifier;
 use crate::modelfile::{self, ClassLabel, LoadedModel, WeightsSource};
 use crate::phase::{self, Phase};
-use crate::weights::{WeightsFile, apply_weights, collect_tensors};
+use crate::weights::{ModulePath, RawTensor, WeightsFile, apply_weights, collect_tensors};
 
 /// Batches read ahead of the training step.
 const PREFETCH: usize = 4;
@@ -118,11 +118,15 @@ pub fn open_dataset(config: &RunConfig, handle: &Handle) -> Result<(Arc<Dataset>
     Ok((Arc::new(dataset), splits))
 }
 
-/// A checksum of every weight and BatchNorm statistic: equal on all ranks when they agree
-/// bit for bit.
-pub fn weights_checksum<M: Module>(module: &M) -> u64 {
+/// Whether a tensor path names a BatchNorm running statistic.
+fn is_running_stat(name: &str) -> bool {
+    name.ends_with("running_mean") || name.ends_with("running_var")
+}
+
+/// The first 8 bytes of the SHA-256 of names and value bits.
+fn hash_tensors(tensors: impl Iterator<Item = (String, RawTensor)>) -> u64 {
     let mut hasher = Sha256::new();
-    for (name, tensor) in collect_tensors(module) {
+    for (name, tensor) in tensors {
         hasher.update(name.as_bytes());
         for v in tensor.data {
             hasher.update(v.to_bits().to_le_bytes());
@@ -130,6 +134,12 @@ pub fn weights_checksum<M: Module>(module: &M) -> u64 {
     }
     let digest = hasher.finalize();
     u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8]))
+}
+
+/// A checksum of every weight and BatchNorm statistic: equal on all ranks when they agree
+/// bit for bit.
+pub fn weights_checksum<M: Module>(module: &M) -> u64 {
+    hash_tensors(collect_tensors(module).into_iter())
 }
 
 /// What a training thread tells the heartbeat: the last step, and the weight checksums
@@ -155,18 +165,11 @@ impl Beat {
 /// A checksum of the parameters only. BatchNorm statistics are left out: a BatchNorm that
 /// trains has each rank's own statistics until the end of the epoch.
 pub fn parameters_checksum<M: Module>(module: &M) -> u64 {
-    let mut hasher = Sha256::new();
-    for (name, tensor) in collect_tensors(module) {
-        if name.ends_with("running_mean") || name.ends_with("running_var") {
-            continue;
-        }
-        hasher.update(name.as_bytes());
-        for v in tensor.data {
-            hasher.update(v.to_bits().to_le_bytes());
-        }
-    }
-    let digest = hasher.finalize();
-    u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8]))
+    hash_tensors(
+        collect_tensors(module)
+            .into_iter()
+            .filter(|(name, _)| !is_running_stat(name)),
+    )
 }
 
 /// Totals of one pass over a split.
@@ -489,8 +492,29 @@ impl Trainer {
     }
 }
 
-/// Make every rank's weights equal to rank 0's: the others contribute zeros to a sum, which
-/// is exact in floating point.
+/// Replace the values of `tensors` with rank 0's: the others contribute zeros to a sum, which
+/// is exact in floating point. `step` tags the collective.
+fn from_rank0<N: Link, P: Link>(
+    tensors: &mut [(String, RawTensor)],
+    io: &mut RingIo<'_, N, P>,
+    step: u64,
+) -> Result<()> {
+    let mut flat: Vec<f32> = if io.ring.rank == 0 {
+        tensors.iter().flat_map(|(_, t)| t.data.iter().copied()).collect()
+    } else {
+        vec![0.0; tensors.iter().map(|(_, t)| t.data.len()).sum()]
+    };
+    io.all_reduce(step, &mut flat, false)?;
+    let mut offset = 0;
+    for (_, tensor) in tensors {
+        let len = tensor.data.len();
+        tensor.data.copy_from_slice(&flat[offset..offset + len]);
+        offset += len;
+    }
+    Ok(())
+}
+
+/// Make every rank's weights equal to rank 0's.
 fn broadcast<N: Link, P: Link>(
     model: Classifier,
     config: &crate::config::EfficientNetConfig,
@@ -499,22 +523,13 @@ fn broadcast<N: Link, P: Link>(
     if io.ring.world == 1 {
         return Ok(model);
     }
-    let tensors = collect_tensors(&model);
-    let mut flat: Vec<f32> = if io.ring.rank == 0 {
-        tensors.iter().flat_map(|(_, t)| t.data.iter().copied()).collect()
-    } else {
-        vec![0.0; tensors.iter().map(|(_, t)| t.data.len()).sum()]
+    let mut tensors = collect_tensors(&model);
+    // Step numbers below 2^63 belong to training; the broadcasts use the top of the range.
+    from_rank0(&mut tensors, io, u64::MAX)?;
+    let file = WeightsFile {
+        tensors: tensors.into_iter().collect(),
+        ..WeightsFile::default()
     };
-    // Step numbers below 2^63 belong to training; the broadcast uses the top of the range.
-    io.all_reduce(u64::MAX, &mut flat, false)?;
-    let mut file = WeightsFile::default();
-    let mut offset = 0;
-    for (name, mut tensor) in tensors {
-        let len = tensor.data.len();
-        tensor.data.copy_from_slice(&flat[offset..offset + len]);
-        offset += len;
-        file.tensors.insert(name, tensor);
-    }
     let (model, _) = apply_weights(
         model,
         config,
@@ -524,7 +539,7 @@ fn broadcast<N: Link, P: Link>(
     Ok(model)
 }
 
-/// Set every BatchNorm running statistic to rank 0's (others add zeros to an exact sum).
+/// Set every BatchNorm running statistic to rank 0's.
 fn broadcast_running_stats<N: Link, P: Link>(
     model: Classifier,
     io: &mut RingIo<'_, N, P>,
@@ -533,29 +548,15 @@ fn broadcast_running_stats<N: Link, P: Link>(
     if io.ring.world == 1 {
         return Ok(model);
     }
-    let is_stat = |name: &str| name.ends_with("running_mean") || name.ends_with("running_var");
     // `valid()` applies the statistics updates buffered during the epoch.
-    let stats: Vec<(String, crate::weights::RawTensor)> = collect_tensors(&model.valid())
+    let mut stats: Vec<(String, RawTensor)> = collect_tensors(&model.valid())
         .into_iter()
-        .filter(|(n, _)| is_stat(n))
+        .filter(|(n, _)| is_running_stat(n))
         .collect();
-    let mut flat: Vec<f32> = if io.ring.rank == 0 {
-        stats.iter().flat_map(|(_, t)| t.data.iter().copied()).collect()
-    } else {
-        vec![0.0; stats.iter().map(|(_, t)| t.data.len()).sum()]
-    };
-    io.all_reduce(step, &mut flat, false)?;
-    let mut values = std::collections::HashMap::new();
-    let mut offset = 0;
-    for (name, tensor) in stats {
-        let len = tensor.data.len();
-        values.insert(name, (flat[offset..offset + len].to_vec(), tensor.shape));
-        offset += len;
-    }
+    from_rank0(&mut stats, io, step)?;
     let mut writer = StatsWriter {
-        values,
-        path: Vec::new(),
-        written: 0,
+        values: stats.into_iter().collect(),
+        path: ModulePath::default(),
     };
     let model = model.map(&mut writer);
     if !writer.values.is_empty() {
@@ -568,35 +569,30 @@ fn broadcast_running_stats<N: Link, P: Link>(
 }
 
 /// Writes the given running statistics into a module by path, leaving everything else.
+/// (Not `apply_weights`: that replaces every tensor and is meant for fresh models.)
 struct StatsWriter {
-    values: std::collections::HashMap<String, (Vec<f32>, Vec<usize>)>,
-    path: Vec<String>,
-    written: usize,
+    values: std::collections::HashMap<String, RawTensor>,
+    path: ModulePath,
 }
 
 impl burn::module::ModuleMapper for StatsWriter {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        if !container_type.starts_with("Enum:") {
-            self.path.push(name.to_string());
-        }
+        self.path.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, container_type: &str) {
-        if !container_type.starts_with("Enum:") {
-            self.path.pop();
-        }
+        self.path.exit(container_type);
     }
 
     fn map_float<const D: usize>(
         &mut self,
         param: burn::module::Param<Tensor<D>>,
     ) -> burn::module::Param<Tensor<D>> {
-        let Some((data, shape)) = self.values.remove(&self.path.join(".")) else {
+        let Some(raw) = self.values.remove(&self.path.joined()) else {
             return param;
         };
         let device = param.lazy_device();
-        let tensor = Tensor::<D>::from_data(TensorData::new(data, shape), &device);
-        self.written += 1;
+        let tensor = Tensor::<D>::from_data(TensorData::new(raw.data, raw.shape), &device);
         let id = param.id;
         param.transform_for_load(tensor, id)
     }

@@ -387,7 +387,7 @@ pub fn apply_weights<M: Module>(
         scheme,
         prefix: &prefix,
         weights,
-        path: Vec::new(),
+        path: ModulePath::default(),
         used: BTreeSet::new(),
         missing: Vec::new(),
         mismatched: Vec::new(),
@@ -429,33 +429,50 @@ struct Applier<'a> {
     scheme: NameScheme,
     prefix: &'a str,
     weights: &'a WeightsFile,
-    path: Vec<String>,
+    path: ModulePath,
     used: BTreeSet<String>,
     missing: Vec<String>,
     mismatched: Vec<ShapeMismatch>,
     applied: usize,
 }
 
-/// Enum variants (such as which head a classifier has) are not part of a tensor's name.
-fn is_variant(container_type: &str) -> bool {
-    container_type.starts_with("Enum:")
+/// The dotted module path of the tensor a visitor or mapper is at (`head.fc.weight`). Enum
+/// variants (such as which head a classifier has) are not part of the name.
+#[derive(Debug, Default)]
+pub struct ModulePath(Vec<String>);
+
+impl ModulePath {
+    /// Call from `enter_module`.
+    pub fn enter(&mut self, name: &str, container_type: &str) {
+        if !container_type.starts_with("Enum:") {
+            self.0.push(name.to_string());
+        }
+    }
+
+    /// Call from `exit_module`.
+    pub fn exit(&mut self, container_type: &str) {
+        if !container_type.starts_with("Enum:") {
+            self.0.pop();
+        }
+    }
+
+    /// The current path, dotted.
+    pub fn joined(&self) -> String {
+        self.0.join(".")
+    }
 }
 
 impl ModuleMapper for Applier<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        if !is_variant(container_type) {
-            self.path.push(name.to_string());
-        }
+        self.path.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, container_type: &str) {
-        if !is_variant(container_type) {
-            self.path.pop();
-        }
+        self.path.exit(container_type);
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let ours = self.path.join(".");
+        let ours = self.path.joined();
         let Some(external) = self.scheme.external_name(self.cfg, &ours) else {
             self.missing
                 .push(format!("{ours} (no counterpart in {:?} naming)", self.scheme));
@@ -504,21 +521,17 @@ pub fn collect_tensors<M: Module>(module: &M) -> Vec<(String, RawTensor)> {
 
 #[derive(Default)]
 struct Collector {
-    path: Vec<String>,
+    path: ModulePath,
     out: Vec<(String, RawTensor)>,
 }
 
 impl ModuleVisitor for Collector {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        if !is_variant(container_type) {
-            self.path.push(name.to_string());
-        }
+        self.path.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, container_type: &str) {
-        if !is_variant(container_type) {
-            self.path.pop();
-        }
+        self.path.exit(container_type);
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
@@ -526,7 +539,7 @@ impl ModuleVisitor for Collector {
         let shape = data.shape().to_vec();
         let values = data.convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
         self.out
-            .push((self.path.join("."), RawTensor { shape, data: values }));
+            .push((self.path.joined(), RawTensor { shape, data: values }));
     }
 }
 

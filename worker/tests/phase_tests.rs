@@ -10,7 +10,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use worker::config::EfficientNetConfig;
 use worker::model::{Classifier, HeadKind};
 use worker::phase::{Phase, prepare};
-use worker::weights::collect_tensors;
+use worker::weights::{ModulePath, collect_tensors};
 
 fn model(device: &Device) -> Classifier {
     let cfg = EfficientNetConfig::b(0)
@@ -37,30 +37,25 @@ fn grads(m: &Classifier, device: &Device) -> GradientsParams {
 fn with_grads(m: &Classifier, grads: &GradientsParams) -> Vec<String> {
     struct V<'a> {
         grads: &'a GradientsParams,
-        path: Vec<String>,
+        path: ModulePath,
         out: Vec<String>,
     }
-    // Enum variants (which head) are not part of a name, as in `collect_tensors`.
     impl ModuleVisitor for V<'_> {
         fn enter_module(&mut self, name: &str, container: &str) {
-            if !container.starts_with("Enum:") {
-                self.path.push(name.into());
-            }
+            self.path.enter(name, container);
         }
         fn exit_module(&mut self, _: &str, container: &str) {
-            if !container.starts_with("Enum:") {
-                self.path.pop();
-            }
+            self.path.exit(container);
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if self.grads.get::<D>(param.id).is_some() {
-                self.out.push(self.path.join("."));
+                self.out.push(self.path.joined());
             }
         }
     }
     let mut v = V {
         grads,
-        path: Vec::new(),
+        path: ModulePath::default(),
         out: Vec::new(),
     };
     m.visit(&mut v);
