@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use cluster_proto::auth::{ClientAuth, Token};
 use collective::grpc::{LocalPeers, OutboundLink, OutboundOptions, RingLinks};
-use collective::{Link, Phase, Piece, Ring, Tag, all_reduce};
+use collective::{Link, Phase, Ring, Tag, all_reduce};
 
 fn input(rank: usize, len: usize) -> Vec<f32> {
     (0..len)
@@ -70,6 +70,26 @@ async fn grpc_ring_matches_a_direct_sum_for_1_to_4_ranks() {
     }
 }
 
+/// Send pieces of `generation` until the stream reports its refusal. The first sends may be
+/// queued before the refusal arrives; the refusal must surface within half a second.
+async fn first_refusal(link: &mut OutboundLink, generation: u64) -> String {
+    let tag = Tag {
+        generation,
+        step: 0,
+        phase: Phase::ReduceScatter,
+        round: 0,
+        chunk: 0,
+        offset: 0,
+    };
+    for _ in 0..10 {
+        if let Err(e) = link.send(tag, &[1.0]).await {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the stream was not refused");
+}
+
 #[tokio::test]
 async fn a_wrong_token_is_refused_as_unauthenticated() {
     let peers = LocalPeers::start(1).await.unwrap();
@@ -89,27 +109,7 @@ async fn a_wrong_token_is_refused_as_unauthenticated() {
     )
     .await
     .unwrap();
-    let piece = Piece {
-        tag: Tag {
-            generation: 1,
-            step: 0,
-            phase: Phase::ReduceScatter,
-            round: 0,
-            chunk: 0,
-            offset: 0,
-        },
-        data: collective::Values::F32(vec![1.0]),
-    };
-    // The first sends may be queued before the refusal arrives; the refusal must surface.
-    let mut error = None;
-    for _ in 0..10 {
-        if let Err(e) = link.send(piece.tag, &[1.0]).await {
-            error = Some(e);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let error = error.expect("the stream was refused");
+    let error = first_refusal(&mut link, 1).await;
     assert!(
         error.contains("wrong join token") && error.contains("Unauthenticated"),
         "{error}"
@@ -136,26 +136,7 @@ async fn a_stale_generation_stream_is_refused() {
     )
     .await
     .unwrap();
-    let piece = Piece {
-        tag: Tag {
-            generation: 4,
-            step: 0,
-            phase: Phase::ReduceScatter,
-            round: 0,
-            chunk: 0,
-            offset: 0,
-        },
-        data: collective::Values::F32(vec![1.0]),
-    };
-    let mut error = None;
-    for _ in 0..10 {
-        if let Err(e) = link.send(piece.tag, &[1.0]).await {
-            error = Some(e);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let error = error.expect("the stale stream was refused");
+    let error = first_refusal(&mut link, 4).await;
     assert!(
         error.contains("stale ring") && error.contains("generation 4"),
         "{error}"
