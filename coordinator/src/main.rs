@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use cluster_proto::auth::{ClientAuth, Token};
-use cluster_proto::net::{self, TlsFiles};
+use cluster_proto::net::{self, SecurityArgs};
 use cluster_proto::run::Job;
 use cluster_proto::v1::StatusRequest;
 use cluster_proto::v1::coordinator_client::CoordinatorClient;
@@ -33,34 +33,6 @@ enum Command {
     Start(Box<StartArgs>),
     /// Print a running coordinator's state.
     Status(StatusArgs),
-}
-
-#[derive(Args, Debug, Clone)]
-struct SecurityArgs {
-    /// File holding the join token shared by every node (default: the CLUSTER_TOKEN
-    /// environment variable).
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
-    /// This node's TLS certificate (PEM).
-    #[arg(long, value_name = "FILE")]
-    tls_cert: Option<PathBuf>,
-    /// This node's TLS private key (PEM).
-    #[arg(long, value_name = "FILE")]
-    tls_key: Option<PathBuf>,
-    /// CA certificate (PEM) that signed every node's certificate; with it, servers require
-    /// client certificates too.
-    #[arg(long, value_name = "FILE")]
-    tls_ca: Option<PathBuf>,
-}
-
-impl SecurityArgs {
-    fn tls(&self) -> TlsFiles {
-        TlsFiles {
-            cert: self.tls_cert.clone(),
-            key: self.tls_key.clone(),
-            ca: self.tls_ca.clone(),
-        }
-    }
 }
 
 #[derive(Args, Debug)]
@@ -167,7 +139,7 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
             .unwrap_or_default();
         config.out = format!("runs/run-{stamp}");
     }
-    let token = match (args.local, Token::load(args.security.token_file.as_deref())) {
+    let token = match (args.local, args.security.token()) {
         (_, Ok(token)) => token,
         (Some(_), Err(cluster_proto::Error::NoToken)) => {
             Token::random().context("cannot create a join token")?
@@ -273,7 +245,7 @@ fn format_bytes(bytes: u64) -> String {
 }
 
 async fn status(args: StatusArgs) -> Result<()> {
-    let token = Token::load(args.security.token_file.as_deref())?;
+    let token = args.security.token()?;
     let endpoint = net::endpoint(&args.coordinator, args.security.tls().client()?)?;
     let channel = endpoint
         .connect()

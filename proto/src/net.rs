@@ -103,6 +103,41 @@ impl TlsFiles {
     }
 }
 
+/// The security flags every node takes: the join token and TLS files.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SecurityArgs {
+    /// File holding the join token shared by every node (default: the CLUSTER_TOKEN
+    /// environment variable).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// This node's TLS certificate (PEM), for the services it serves.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's TLS private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that signed every node's certificate; with it, servers require
+    /// client certificates too.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl SecurityArgs {
+    /// The TLS files given.
+    pub fn tls(&self) -> TlsFiles {
+        TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: self.tls_ca.clone(),
+        }
+    }
+
+    /// The join token: from --token-file, else CLUSTER_TOKEN.
+    pub fn token(&self) -> Result<crate::auth::Token> {
+        crate::auth::Token::load(self.token_file.as_deref())
+    }
+}
+
 /// A server builder with the cluster's transport settings.
 pub fn server(tls: Option<ServerTlsConfig>) -> Result<Server> {
     let builder = Server::builder()

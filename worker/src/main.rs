@@ -7,8 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use cluster_proto::auth::Token;
-use cluster_proto::net::TlsFiles;
+use cluster_proto::net::SecurityArgs;
 use worker::augment::Augment;
 use worker::cluster::{JoinOptions, JoinOutcome};
 use worker::config::EfficientNetConfig;
@@ -40,33 +39,6 @@ enum Command {
     Bench(BenchCommand),
     /// Join a coordinator and work for it until the run ends.
     Join(JoinArgs),
-}
-
-#[derive(Args, Debug, Clone)]
-struct SecurityArgs {
-    /// File holding the cluster's join token (default: the CLUSTER_TOKEN environment
-    /// variable).
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
-    /// This node's TLS certificate (PEM), for the peer service it serves.
-    #[arg(long, value_name = "FILE")]
-    tls_cert: Option<PathBuf>,
-    /// This node's TLS private key (PEM).
-    #[arg(long, value_name = "FILE")]
-    tls_key: Option<PathBuf>,
-    /// CA certificate (PEM) that signed every node's certificate.
-    #[arg(long, value_name = "FILE")]
-    tls_ca: Option<PathBuf>,
-}
-
-impl SecurityArgs {
-    fn tls(&self) -> TlsFiles {
-        TlsFiles {
-            cert: self.tls_cert.clone(),
-            key: self.tls_key.clone(),
-            ca: self.tls_ca.clone(),
-        }
-    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -419,7 +391,7 @@ fn join_options(cluster: &ClusterArgs, device_name: &str) -> Result<JoinOptions>
     }
     Ok(JoinOptions {
         coordinator: cluster.coordinator.clone(),
-        token: Token::load(cluster.security.token_file.as_deref())?,
+        token: cluster.security.token()?,
         tls: cluster.security.tls(),
         advertise: cluster.advertise.clone(),
         name: cluster
