@@ -2,12 +2,9 @@
 //! through `object_store` so that a worker reads only the bytes it needs.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use object_store::aws::AmazonS3Builder;
-use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, RetryConfig};
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::error::{Error, Result};
 
@@ -35,75 +32,24 @@ impl DataStore {
     /// keys (`aws_endpoint`, `aws_access_key_id`, `aws_secret_access_key`, `aws_region`,
     /// `aws_allow_http`, ...).
     pub fn open_with(spec: &str, s3_options: &[(&str, &str)]) -> Result<Self> {
-        if let Some(rest) = spec.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(Error::Location {
-                    location: spec.to_string(),
-                    reason: "expected s3://bucket/prefix".into(),
-                });
-            }
-            let http_endpoint = ["AWS_ENDPOINT_URL", "AWS_ENDPOINT", "AWS_ENDPOINT_URL_S3"]
-                .iter()
-                .filter_map(|k| std::env::var(k).ok())
-                .chain(
-                    s3_options
-                        .iter()
-                        .filter(|(k, _)| k.contains("endpoint"))
-                        .map(|(_, v)| v.to_string()),
-                )
-                .any(|v| v.starts_with("http://"));
-            let mut builder = AmazonS3Builder::from_env().with_allow_http(http_endpoint);
-            for (key, value) in s3_options {
-                let key = key.parse().map_err(|e| Error::Location {
-                    location: spec.to_string(),
-                    reason: format!("unknown S3 option '{key}': {e}"),
-                })?;
-                builder = builder.with_config(key, *value);
-            }
-            let retry = RetryConfig {
-                backoff: BackoffConfig::default(),
-                max_retries: 4,
-                retry_timeout: Duration::from_secs(30),
-            };
-            let store = builder
-                .with_bucket_name(bucket)
-                .with_retry(retry)
-                .build()
-                .map_err(|e| Error::Location {
-                    location: spec.to_string(),
-                    reason: format!("cannot configure S3 access: {e}"),
-                })?;
-            return Ok(Self {
-                store: Arc::new(store),
-                prefix: ObjectPath::from(prefix.trim_matches('/')),
-                display: spec.to_string(),
-            });
-        }
-        let path = spec.strip_prefix("file://").unwrap_or(spec);
-        let dir = std::path::Path::new(path);
-        if !dir.is_dir() {
-            return Err(Error::Location {
+        let location = storage::Location::open_with(spec, s3_options).map_err(|e| match e {
+            storage::Error::Location { location, reason } => Error::Location { location, reason },
+            other => Error::Location {
                 location: spec.to_string(),
-                reason: "no such directory (expected a local directory, file://..., or s3://bucket/prefix)"
-                    .into(),
-            });
-        }
-        let store = LocalFileSystem::new_with_prefix(dir).map_err(|e| Error::Location {
-            location: spec.to_string(),
-            reason: e.to_string(),
+                reason: other.to_string(),
+            },
         })?;
         Ok(Self {
-            store: Arc::new(store),
-            prefix: ObjectPath::default(),
-            display: spec.to_string(),
+            store: location.store,
+            prefix: location.prefix,
+            display: location.display,
         })
     }
 
     /// Open `spec` as an output location: like [`open`](Self::open), but a local directory
     /// is created when missing.
     pub fn create(spec: &str) -> Result<Self> {
-        if !spec.starts_with("s3://") {
+        if storage::is_local(spec) {
             let path = spec.strip_prefix("file://").unwrap_or(spec);
             std::fs::create_dir_all(path).map_err(|e| Error::Location {
                 location: spec.to_string(),
