@@ -174,16 +174,55 @@ fn two_workers_train_both_phases_in_lockstep() {
         .sum();
     assert_eq!(total, 40);
     // Rank 0 checkpointed at the end of each phase and the coordinator committed both.
-    for name in ["head-epoch001.safetensors", "finetune-epoch001.safetensors"] {
-        let path = out.join("checkpoints").join(name);
-        assert!(
-            std::fs::metadata(&path)
-                .map(|m| m.len() > 1_000_000)
-                .unwrap_or(false),
-            "{path:?}"
+    let root = out.join("checkpoints");
+    let store = checkpoint::CheckpointStore::open(root.to_str().unwrap()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (committed, problems) = runtime.block_on(store.list()).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    let labels: Vec<(String, u32, u64)> = committed
+        .iter()
+        .map(|m| (m.phase.clone(), m.epoch, m.step))
+        .collect();
+    assert_eq!(
+        labels,
+        [("head".to_string(), 1, 4), ("finetune".to_string(), 1, 8)]
+    );
+    for manifest in &committed {
+        let names: Vec<&str> = manifest.objects.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "weights.safetensors",
+                "optimizer.bpk",
+                "param-ids.json",
+                "state.json"
+            ]
         );
-        assert!(coordinator.stderr.contains(name), "{}", coordinator.stderr);
+        assert!(
+            manifest.object("weights.safetensors").unwrap().size > 1_000_000,
+            "{manifest:?}"
+        );
+        assert!(manifest.val_accuracy.is_some());
+        assert!(
+            coordinator.stderr.contains(&manifest.name),
+            "{}",
+            coordinator.stderr
+        );
     }
+    let good = runtime.block_on(store.latest_good()).unwrap().unwrap();
+    assert_eq!(good.manifest.name, committed[1].name);
+    // The final state records the whole history.
+    let state: serde_json::Value = serde_json::from_slice(
+        &runtime
+            .block_on(store.read(&good.manifest, "state.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["history"].as_array().unwrap().len(), 2);
+    assert_eq!(state["step"], 8);
 }
 
 #[test]
@@ -458,4 +497,167 @@ fn local_mode_stops_when_a_worker_cannot_start() {
     .finish(Duration::from_secs(120))
     .failure();
     assert!(run.stderr.contains("no-such-data"), "{}", run.stderr);
+}
+
+/// The final weights of the run whose checkpoints are under `url`, by tensor name.
+fn final_weights(
+    server: &test_s3::S3Server,
+    url: &str,
+) -> (
+    checkpoint::Manifest,
+    std::collections::BTreeMap<String, worker::weights::RawTensor>,
+) {
+    let options = server.options();
+    let options: Vec<(&str, &str)> = options.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let store = checkpoint::CheckpointStore::open_with(url, &options).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let good = runtime
+        .block_on(store.latest_good())
+        .unwrap()
+        .expect("a committed checkpoint");
+    let bytes = runtime
+        .block_on(store.read(&good.manifest, "weights.safetensors"))
+        .unwrap();
+    let file = worker::weights::safetensors_from_bytes(Path::new(url), &bytes).unwrap();
+    (good.manifest, file.tensors)
+}
+
+/// Two workers and a coordinator checkpointing every epoch to `url` on the test S3 server.
+fn s3_cluster(dir: &Path, server: &test_s3::S3Server, url: &str, out: &Path) -> (Proc, Vec<Proc>) {
+    let token = token_file(dir, TOKEN);
+    let env = server.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut args = vec![
+        "--log-format",
+        "json",
+        "start",
+        "--listen",
+        "127.0.0.1:0",
+        "--token-file",
+        token.to_str().unwrap(),
+        "--workers",
+        "2",
+    ];
+    args.extend_from_slice(&[
+        "--data",
+        "synthetic",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--head-epochs",
+        "2",
+        "--finetune-epochs",
+        "1",
+        "--limit-train",
+        "64",
+        "--limit-val",
+        "32",
+        "--limit-test",
+        "40",
+        "--checkpoint-every",
+        "1",
+        "--checkpoints",
+        url,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let mut coordinator = spawn("coordinator", args, &env);
+    let address = logged_address(&coordinator.wait_for("coordinator listening", Duration::from_secs(60)));
+    let workers = (0..2)
+        .map(|_| {
+            let args = [
+                "--log-format",
+                "json",
+                "join",
+                "--coordinator",
+                &address,
+                "--token-file",
+                token.to_str().unwrap(),
+                "--cpu",
+            ];
+            spawn("worker", args, &env)
+        })
+        .collect();
+    (coordinator, workers)
+}
+
+#[test]
+fn s3_checkpoints_survive_a_killed_upload_and_resume_to_the_same_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = test_s3::S3Server::start(&["ckpt"]);
+
+    // The reference: the same run, never interrupted.
+    let (coordinator, workers) = s3_cluster(
+        dir.path(),
+        &server,
+        "s3://ckpt/straight",
+        &dir.path().join("straight"),
+    );
+    for w in workers {
+        w.finish(Duration::from_secs(300)).success();
+    }
+    coordinator.finish(Duration::from_secs(60)).success();
+    let (straight, straight_weights) = final_weights(&server, "s3://ckpt/straight");
+    assert_eq!(
+        (straight.phase.as_str(), straight.epoch, straight.step),
+        ("finetune", 1, 12)
+    );
+
+    // Once the first checkpoint's LATEST is written, every later write hangs: the second
+    // checkpoint's upload never completes, and the whole job is killed in the middle of it.
+    server.hold_writes_after("/ckpt/resumed/LATEST");
+    let out = dir.path().join("resumed");
+    let (mut coordinator, mut workers) = s3_cluster(dir.path(), &server, "s3://ckpt/resumed", &out);
+    assert!(
+        server.wait_for_held(Duration::from_secs(300)),
+        "no upload reached the server:\n{}",
+        coordinator.stderr()
+    );
+    for w in &mut workers {
+        w.kill();
+    }
+    coordinator.kill();
+    server.release();
+    let (first, _) = final_weights(&server, "s3://ckpt/resumed");
+    assert_eq!(
+        (first.phase.as_str(), first.epoch, first.step),
+        ("head", 1, 4),
+        "the previous checkpoint is the one loaded"
+    );
+
+    // The same command again resumes from it and ends where the uninterrupted run ended.
+    let (coordinator, workers) = s3_cluster(dir.path(), &server, "s3://ckpt/resumed", &out);
+    for w in workers {
+        let w = w.finish(Duration::from_secs(300)).success();
+        assert!(w.stderr.contains("resumed from checkpoint"), "{}", w.stderr);
+    }
+    let coordinator = coordinator.finish(Duration::from_secs(60)).success();
+    assert!(
+        coordinator.stderr.contains("resuming from checkpoint"),
+        "{}",
+        coordinator.stderr
+    );
+    assert!(coordinator.stderr.contains(&first.name), "{}", coordinator.stderr);
+    let (resumed, resumed_weights) = final_weights(&server, "s3://ckpt/resumed");
+    assert_eq!(
+        (resumed.phase.as_str(), resumed.epoch, resumed.step),
+        ("finetune", 1, 12)
+    );
+    assert_eq!(resumed_weights.len(), straight_weights.len());
+    for (name, tensor) in &straight_weights {
+        assert!(
+            resumed_weights.get(name) == Some(tensor),
+            "tensor {name} differs after resuming"
+        );
+    }
+    // The history spans the whole run, the epoch before the interruption included.
+    let history: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("history.json")).unwrap()).unwrap();
+    assert_eq!(history.as_array().unwrap().len(), 3, "{history}");
 }

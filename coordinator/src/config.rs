@@ -78,6 +78,13 @@ pub struct RunArgs {
     /// Output directory.
     #[arg(long, env = "CLUSTER_OUT")]
     pub out: Option<String>,
+    /// Checkpoint root: a directory, s3://bucket/prefix (AWS_* variables or profile give the
+    /// endpoint and credentials), file:// or memory:// (default: OUT/checkpoints).
+    #[arg(long, env = "CLUSTER_CHECKPOINTS", value_name = "URL")]
+    pub checkpoints: Option<String>,
+    /// Committed checkpoints to keep, besides the best by validation accuracy.
+    #[arg(long, env = "CLUSTER_KEEP_CHECKPOINTS")]
+    pub keep_checkpoints: Option<u32>,
     /// Send gradients as bfloat16 (half the bytes, ~3 significant digits).
     #[arg(long, env = "CLUSTER_BF16_ALLREDUCE")]
     pub bf16_allreduce: bool,
@@ -135,7 +142,9 @@ impl RunArgs {
             split,
             checkpoint_every,
             checksum_every,
-            out
+            out,
+            checkpoints,
+            keep_checkpoints
         );
         for (field, value) in [
             (&mut c.limit_train, self.limit_train),

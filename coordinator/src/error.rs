@@ -2,6 +2,20 @@
 
 use tonic::Status;
 
+/// Why the coordinator cannot serve a run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Listening, TLS or authentication setup failed.
+    #[error(transparent)]
+    Net(#[from] cluster_proto::Error),
+    /// The checkpoint root cannot be used.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::Error),
+    /// The checkpoint to resume from does not fit this run.
+    #[error("cannot resume: {0}")]
+    Resume(String),
+}
+
 /// A refused request.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum Refusal {

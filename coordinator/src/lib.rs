@@ -2,6 +2,7 @@
 //! advertised peer addresses, hands out one unit of work at a time (an epoch of a phase, or
 //! the all-reduce benchmark), aggregates the results and records checkpoints.
 
+pub mod checkpoints;
 pub mod config;
 pub mod error;
 pub mod local;
@@ -20,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
-pub use error::Refusal;
+pub use error::{Error, Refusal};
 use run::{Run, Stage};
 use service::{CoordinatorService, Shared};
 
@@ -48,19 +49,19 @@ pub struct Outcome {
     pub run: Run,
 }
 
-/// Serve `config` on `listener` until the run is over, or until `interrupt` resolves with
-/// the reason to stop it.
+/// Serve the `prepared` run on `listener` until it is over, or until `interrupt` resolves
+/// with the reason to stop it.
 pub async fn serve(
-    config: RunConfig,
+    prepared: checkpoints::Prepared,
     options: ServeOptions,
     listener: TcpListener,
     interrupt: impl std::future::Future<Output = String>,
-) -> Result<Outcome, cluster_proto::Error> {
+) -> Result<Outcome, Error> {
     let address = listener.local_addr().ok();
-    let run_id = format!("run-{}", std::process::id());
-    let shared = Shared::new(Run::new(run_id.clone(), config, options.workers));
+    let run_id = prepared.run.run_id.clone();
+    let shared = Shared::new(prepared.run);
     let service = InterceptedService::new(
-        CoordinatorServer::new(CoordinatorService::new(shared.clone()))
+        CoordinatorServer::new(CoordinatorService::new(shared.clone(), prepared.store))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         ServerAuth::new(options.token.clone()),

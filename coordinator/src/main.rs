@@ -56,6 +56,10 @@ struct StartArgs {
     /// Seconds without a heartbeat after which a worker is presumed dead.
     #[arg(long, default_value_t = 30.0, env = "CLUSTER_HEARTBEAT_TIMEOUT")]
     heartbeat_timeout: f64,
+    /// Start a new run even if the checkpoint root holds checkpoints (they are kept; by
+    /// default the run resumes from the newest good one).
+    #[arg(long)]
+    fresh: bool,
     #[command(flatten)]
     security: SecurityArgs,
     #[command(flatten)]
@@ -146,6 +150,11 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
         }
         (_, Err(e)) => return Err(e.into()),
     };
+    // Resume or start fresh before any worker is started: a checkpoint root that cannot be
+    // read, or one of another run, stops here with nothing spawned.
+    let prepared = coordinator::checkpoints::prepare(config.clone(), workers, args.fresh)
+        .await
+        .context("checkpoints")?;
     let listen = args.listen.unwrap_or_else(|| {
         if args.local.is_some() {
             SocketAddr::from(([127, 0, 0, 1], 0))
@@ -192,7 +201,7 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
             else => std::future::pending::<String>().await,
         }
     };
-    let outcome = serve(config, options, listener, interrupt).await;
+    let outcome = serve(prepared, options, listener, interrupt).await;
     // Local workers exit on their own once told the run is over (serve waits for them to
     // hang up); dropping the watcher kills any left.
     watcher.abort();

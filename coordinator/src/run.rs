@@ -10,7 +10,7 @@ use cluster_proto::v1::{
     self, Assignment, BenchResult, BenchWork, CheckpointCommit, EpochResult, EpochWork, Finish, Order, Phase,
     Welcome, assignment::Work, order, work_report::Result as ReportResult,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
 
@@ -112,7 +112,7 @@ pub struct Worker {
 }
 
 /// The aggregate of one finished epoch over all ranks.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochSummary {
     /// `head` or `finetune`.
     pub phase: String,
@@ -148,6 +148,55 @@ pub struct EpochSummary {
     pub images_per_second: f64,
 }
 
+/// A committed checkpoint, as status shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpointed {
+    /// Where it is (root URL and name).
+    pub location: String,
+    /// Its name under the checkpoint root.
+    pub name: String,
+    /// Steps completed when it was taken.
+    pub step: u64,
+}
+
+/// Where a resumed run continues: what a checkpoint's `state.json` holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedState {
+    /// The run that wrote it.
+    pub run_id: String,
+    /// Phase of the last completed epoch (`head`, `finetune`).
+    pub phase: String,
+    /// Epochs of that phase completed.
+    pub epoch: u32,
+    /// Optimizer steps completed in the run.
+    pub step: u64,
+    /// The sampler position to continue from: the global epoch (both phases counted) and
+    /// the examples of it already consumed.
+    pub sampler_epoch: u64,
+    /// Examples of `sampler_epoch` already consumed.
+    pub sampler_consumed: u64,
+    /// The run's seed; every other random stream (shuffles, augmentation, dropout) is
+    /// derived from it, the epoch and the rank.
+    pub seed: u64,
+    /// The run's configuration.
+    pub config: RunConfig,
+    /// Every finished epoch so far.
+    pub history: Vec<EpochSummary>,
+}
+
+/// What the coordinator needs to commit rank 0's upload.
+#[derive(Debug, Clone)]
+pub struct CommitPlan {
+    /// Checkpoint name.
+    pub name: String,
+    /// The state to store beside rank 0's objects.
+    pub state: SavedState,
+    /// Validation accuracy of the checkpointed epoch.
+    pub val_accuracy: Option<f64>,
+    /// Rank 0's objects.
+    pub objects: Vec<checkpoint::ObjectEntry>,
+}
+
 /// The run.
 #[derive(Debug)]
 pub struct Run {
@@ -175,7 +224,11 @@ pub struct Run {
     /// Benchmark results (rank 0's measurements).
     pub bench: Option<BenchResult>,
     /// The latest committed checkpoint.
-    pub last_checkpoint: Option<CheckpointCommit>,
+    pub last_checkpoint: Option<Checkpointed>,
+    /// The checkpoint this run resumed from: workers load it instead of fresh weights.
+    pub resume_from: Option<String>,
+    /// The epoch whose checkpoint rank 0 is uploading; the next unit waits for its commit.
+    pub awaiting_checkpoint: Option<(Phase, u32)>,
     /// Why the run failed.
     pub error: Option<String>,
     /// Step checksums by step and rank, until every rank has sent its own.
@@ -201,6 +254,8 @@ impl Run {
             history: Vec::new(),
             bench: None,
             last_checkpoint: None,
+            resume_from: None,
+            awaiting_checkpoint: None,
             error: None,
             checksums: BTreeMap::new(),
             next_id: 0,
@@ -352,6 +407,7 @@ impl Run {
                 peers: peers.clone(),
                 config_json: config_json.clone(),
                 work: Some(work.clone()),
+                resume_checkpoint: self.resume_from.clone().unwrap_or_default(),
             };
             let _ = worker.orders.send(Ok(Order {
                 order: Some(order::Order::Assignment(assignment)),
@@ -495,6 +551,11 @@ impl Run {
                     test_accuracy = ?summary.test_accuracy, seconds = summary.seconds, "epoch finished");
                 self.steps_done += summary.steps;
                 self.history.push(summary);
+                if matches!(unit, Some(Unit::Epoch { checkpoint: true, .. })) {
+                    tracing::info!(phase = phase.label(), epoch, "waiting for rank 0's checkpoint");
+                    self.awaiting_checkpoint = Some((phase, epoch));
+                    return Ok(());
+                }
             }
             Some(Unit::Bench) => {
                 self.bench = reports.get(&0).and_then(|r| match r {
@@ -509,8 +570,9 @@ impl Run {
         Ok(())
     }
 
-    /// Rank 0 wrote a checkpoint.
-    pub fn commit_checkpoint(&mut self, commit: CheckpointCommit) -> Result<(), Refusal> {
+    /// Rank 0 uploaded a checkpoint: check that it is the one the run waits for, and say
+    /// what to commit.
+    pub fn prepare_commit(&self, commit: &CheckpointCommit) -> Result<CommitPlan, Refusal> {
         let rank = self.rank_of(&commit.worker_id)?;
         if rank != 0 {
             return Err(Refusal::BadRequest(format!(
@@ -518,9 +580,92 @@ impl Run {
                 commit.worker_id
             )));
         }
-        tracing::info!(location = %commit.location, step = commit.step, bytes = commit.bytes, "checkpoint committed");
-        self.last_checkpoint = Some(commit);
-        Ok(())
+        let Some((phase, epoch)) = self.awaiting_checkpoint else {
+            return Err(Refusal::BadRequest("no checkpoint is due now".into()));
+        };
+        if commit.phase != phase as i32 || commit.epoch != epoch + 1 {
+            return Err(Refusal::BadRequest(format!(
+                "checkpoint for phase {} epoch {} does not match the one due ({} epoch {})",
+                commit.phase,
+                commit.epoch,
+                phase.label(),
+                epoch + 1
+            )));
+        }
+        if commit.step != self.steps_done {
+            return Err(Refusal::BadRequest(format!(
+                "checkpoint at step {} but the run completed {} steps",
+                commit.step, self.steps_done
+            )));
+        }
+        if !commit.checkpoint.starts_with("step-") || commit.checkpoint.contains('/') {
+            return Err(Refusal::BadRequest(format!(
+                "bad checkpoint name {:?}",
+                commit.checkpoint
+            )));
+        }
+        let global_epoch = match phase {
+            Phase::Finetune => u64::from(self.config.head_epochs) + u64::from(epoch) + 1,
+            _ => u64::from(epoch) + 1,
+        };
+        Ok(CommitPlan {
+            name: commit.checkpoint.clone(),
+            state: SavedState {
+                run_id: self.run_id.clone(),
+                phase: phase.label().to_string(),
+                epoch: epoch + 1,
+                step: self.steps_done,
+                sampler_epoch: global_epoch,
+                sampler_consumed: 0,
+                seed: self.config.seed,
+                config: self.config.clone(),
+                history: self.history.clone(),
+            },
+            val_accuracy: self.history.last().and_then(|h| h.val_accuracy),
+            objects: commit
+                .objects
+                .iter()
+                .map(|o| checkpoint::ObjectEntry {
+                    name: o.name.clone(),
+                    size: o.size,
+                    sha256: o.sha256.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    /// The checkpoint the run waited for is committed: record it and start the next unit.
+    pub fn checkpoint_committed(&mut self, checkpoint: Checkpointed) {
+        if self.finished() || self.awaiting_checkpoint.is_none() {
+            return;
+        }
+        tracing::info!(location = %checkpoint.location, step = checkpoint.step, "checkpoint committed");
+        self.last_checkpoint = Some(checkpoint);
+        self.awaiting_checkpoint = None;
+        self.current += 1;
+        self.start_unit();
+    }
+
+    /// A run continuing from a checkpoint whose state is `state`: the plan resumes after the
+    /// checkpointed epoch, with its history and step count.
+    pub fn resume(state: SavedState, checkpoint: Checkpointed, expected: usize) -> Result<Self, String> {
+        let mut run = Run::new(state.run_id.clone(), state.config.clone(), expected);
+        let phase = match state.phase.as_str() {
+            "head" => Phase::Head,
+            "finetune" => Phase::Finetune,
+            other => return Err(format!("phase '{other}': expected head or finetune")),
+        };
+        let position = run
+            .plan
+            .iter()
+            .position(|u| matches!(u, Unit::Epoch { phase: p, epoch, .. } if *p == phase && epoch + 1 == state.epoch))
+            .ok_or_else(|| format!("{} epoch {} is not part of this run's plan", state.phase, state.epoch))?;
+        run.current = position + 1;
+        run.steps_done = state.step;
+        run.history = state.history;
+        run.resume_from = Some(checkpoint.name.clone());
+        run.last_checkpoint = Some(checkpoint);
+        Ok(run)
     }
 
     /// A worker's order stream closed. Before the run starts it simply leaves; during the
@@ -681,5 +826,118 @@ mod tests {
         let error = run.error.unwrap();
         assert!(error.contains("ranks diverged at step 200"), "{error}");
         assert!(error.contains("rank 1: 0000000000000009"), "{error}");
+    }
+
+    fn epoch_report(worker: &str, phase: Phase, epoch: u32, steps: u64) -> v1::WorkReport {
+        v1::WorkReport {
+            worker_id: worker.to_string(),
+            generation: 1,
+            result: Some(ReportResult::Epoch(EpochResult {
+                phase: phase as i32,
+                epoch,
+                steps,
+                train_count: 8,
+                val_count: 4,
+                val_correct: 3,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn commit(worker: &str, epoch: u32, step: u64) -> CheckpointCommit {
+        CheckpointCommit {
+            worker_id: worker.to_string(),
+            checkpoint: format!("step-{step:010}-head-e{epoch:03}-00000000"),
+            phase: Phase::Head as i32,
+            epoch,
+            step,
+            objects: vec![v1::StoredObject {
+                name: "weights.safetensors".into(),
+                size: 3,
+                sha256: "ab".repeat(32),
+            }],
+        }
+    }
+
+    #[test]
+    fn checkpointed_epochs_wait_for_rank_0s_commit_and_resume_continues_after_them() {
+        let config = RunConfig {
+            head_epochs: 2,
+            finetune_epochs: 1,
+            checkpoint_every: 1,
+            ..RunConfig::default()
+        };
+        let mut run = Run::new("r".into(), config.clone(), 2);
+        let mut ids = Vec::new();
+        for i in 0..2 {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            std::mem::forget(rx);
+            let request = v1::JoinRequest {
+                name: format!("w{i}"),
+                advertise: format!("127.0.0.1:{}", 1000 + i),
+                device: "cpu".into(),
+            };
+            ids.push(run.join(request, tx).unwrap());
+        }
+        run.report(epoch_report(&ids[0], Phase::Head, 0, 4)).unwrap();
+        run.report(epoch_report(&ids[1], Phase::Head, 0, 4)).unwrap();
+        assert_eq!(run.awaiting_checkpoint, Some((Phase::Head, 0)));
+        assert_eq!(run.current, 0, "the next epoch waits for the checkpoint");
+
+        // Only rank 0, only the due epoch, only at the run's step count.
+        let err = run
+            .prepare_commit(&commit(&ids[1], 1, 4))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only rank 0"), "{err}");
+        let err = run
+            .prepare_commit(&commit(&ids[0], 2, 4))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not match the one due"), "{err}");
+        let err = run
+            .prepare_commit(&commit(&ids[0], 1, 5))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("completed 4 steps"), "{err}");
+
+        let plan = run.prepare_commit(&commit(&ids[0], 1, 4)).unwrap();
+        assert_eq!(plan.state.phase, "head");
+        assert_eq!(plan.state.epoch, 1);
+        assert_eq!(plan.state.step, 4);
+        assert_eq!((plan.state.sampler_epoch, plan.state.sampler_consumed), (1, 0));
+        assert_eq!(plan.state.history.len(), 1);
+        assert_eq!(plan.val_accuracy, Some(0.75));
+        assert_eq!(plan.objects[0].name, "weights.safetensors");
+        let checkpointed = Checkpointed {
+            location: format!("mem://x/{}", plan.name),
+            name: plan.name.clone(),
+            step: 4,
+        };
+        run.checkpoint_committed(checkpointed.clone());
+        assert_eq!(run.current, 1);
+        assert_eq!(run.awaiting_checkpoint, None);
+        assert_eq!(run.stage, Stage::Head);
+        let err = run
+            .prepare_commit(&commit(&ids[0], 1, 4))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no checkpoint is due"), "{err}");
+
+        // A restarted coordinator continues with head epoch 1 (index 1 of the plan), and
+        // workers are told which checkpoint to load.
+        let resumed = Run::resume(plan.state.clone(), checkpointed, 2).unwrap();
+        assert_eq!(resumed.current, 1);
+        assert_eq!(resumed.steps_done, 4);
+        assert_eq!(resumed.history.len(), 1);
+        assert_eq!(resumed.resume_from.as_deref(), Some(plan.name.as_str()));
+        assert_eq!(resumed.run_id, "r");
+        let mut beyond = plan.state;
+        beyond.epoch = 7;
+        let err = Run::resume(beyond, run.last_checkpoint.clone().unwrap(), 2).unwrap_err();
+        assert!(
+            err.contains("head epoch 7 is not part of this run's plan"),
+            "{err}"
+        );
     }
 }

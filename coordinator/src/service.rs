@@ -14,7 +14,8 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::run::Run;
+use crate::run::{Checkpointed, Run};
+use checkpoint::CheckpointStore;
 
 /// The run, shared between handlers, with a signal for "something changed".
 #[derive(Clone)]
@@ -60,12 +61,13 @@ impl Shared {
 #[derive(Clone)]
 pub struct CoordinatorService {
     shared: Shared,
+    checkpoints: Option<CheckpointStore>,
 }
 
 impl CoordinatorService {
-    /// Serve `shared`.
-    pub fn new(shared: Shared) -> Self {
-        Self { shared }
+    /// Serve `shared`, committing checkpoints under `checkpoints`.
+    pub fn new(shared: Shared, checkpoints: Option<CheckpointStore>) -> Self {
+        Self { shared, checkpoints }
     }
 }
 
@@ -136,10 +138,35 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn commit_checkpoint(&self, request: Request<CheckpointCommit>) -> Result<Response<Ack>, Status> {
-        self.shared
-            .update(|run| run.commit_checkpoint(request.into_inner()))
-            .map_err(Status::from)?;
-        Ok(Response::new(Ack {}))
+        let Some(store) = &self.checkpoints else {
+            return Err(Status::failed_precondition("this run keeps no checkpoints"));
+        };
+        let (plan, keep) = {
+            let run = self.shared.lock();
+            let plan = run.prepare_commit(request.get_ref()).map_err(Status::from)?;
+            (plan, run.config.keep_checkpoints)
+        };
+        let name = plan.name.clone();
+        match crate::checkpoints::commit(store, plan, keep).await {
+            Ok(manifest) => {
+                self.shared.update(|run| {
+                    run.checkpoint_committed(Checkpointed {
+                        location: store.describe(&manifest.name),
+                        name: manifest.name.clone(),
+                        step: manifest.step,
+                    })
+                });
+                Ok(Response::new(Ack {}))
+            }
+            Err(e) => {
+                let reason = format!(
+                    "checkpoint {} could not be committed: {e}; the previous checkpoint is untouched",
+                    store.describe(&name)
+                );
+                self.shared.update(|run| run.finish(Some(reason.clone())));
+                Err(Status::internal(reason))
+            }
+        }
     }
 
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {

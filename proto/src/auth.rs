@@ -198,7 +198,9 @@ mod tests {
         let status = ServerAuth::new(token()).check(request.metadata()).unwrap_err();
         assert_eq!(status.code(), tonic::Code::FailedPrecondition);
         assert!(
-            status.message().contains("protocol 1, the caller sent 99"),
+            status
+                .message()
+                .contains(&format!("protocol {PROTOCOL_VERSION}, the caller sent 99")),
             "{}",
             status.message()
         );

@@ -71,8 +71,13 @@ pub struct RunConfig {
     pub checkpoint_every: u32,
     /// Compare the ranks' weights every this many steps (0: only after each epoch).
     pub checksum_every: u32,
-    /// Where outputs and checkpoints go (a directory).
+    /// Where outputs go (a directory).
     pub out: String,
+    /// Checkpoint root: a directory, `file://`, `s3://bucket/prefix` or `memory://name`;
+    /// empty means `<out>/checkpoints`.
+    pub checkpoints: String,
+    /// Committed checkpoints kept besides the best by validation accuracy (and `LATEST`).
+    pub keep_checkpoints: u32,
     /// Send gradients as bfloat16.
     pub bf16_allreduce: bool,
     /// Seconds a worker waits for its ring neighbour before declaring it dead.
@@ -113,6 +118,8 @@ impl Default for RunConfig {
             checkpoint_every: 0,
             checksum_every: 100,
             out: "runs/latest".into(),
+            checkpoints: String::new(),
+            keep_checkpoints: 3,
             bf16_allreduce: false,
             peer_timeout_s: 60.0,
             bench_sizes_mb: vec![1.0, 4.0, 16.0, 64.0],
@@ -129,6 +136,43 @@ impl RunConfig {
         serde_json::to_string(self).unwrap_or_default()
     }
 
+    /// The checkpoint root URL: [`checkpoints`](Self::checkpoints), or `<out>/checkpoints`.
+    pub fn checkpoint_url(&self) -> String {
+        if self.checkpoints.is_empty() {
+            format!("{}/checkpoints", self.out.trim_end_matches('/'))
+        } else {
+            self.checkpoints.clone()
+        }
+    }
+
+    /// The fields that change what a run computes, with their values, for comparing a
+    /// checkpoint's run with the one asked to resume it. Output places, retention, timeouts
+    /// and checksum cadence may differ.
+    pub fn resume_differences(&self, other: &RunConfig) -> Vec<String> {
+        let mut a = serde_json::to_value(self).unwrap_or_default();
+        let mut b = serde_json::to_value(other).unwrap_or_default();
+        let mut differences = Vec::new();
+        if let (Some(a), Some(b)) = (a.as_object_mut(), b.as_object_mut()) {
+            for free in [
+                "out",
+                "checkpoints",
+                "keep_checkpoints",
+                "peer_timeout_s",
+                "checksum_every",
+            ] {
+                a.remove(free);
+                b.remove(free);
+            }
+            for (key, value) in a.iter() {
+                let theirs = b.get(key).cloned().unwrap_or_default();
+                if *value != theirs {
+                    differences.push(format!("{key} = {value} (checkpoint) vs {theirs} (now)"));
+                }
+            }
+        }
+        differences
+    }
+
     /// Parse the configuration received from a coordinator.
     pub fn from_json(text: &str) -> Result<Self, String> {
         serde_json::from_str(text)
@@ -140,6 +184,9 @@ impl RunConfig {
         let mut problems = Vec::new();
         if self.batch_size == 0 {
             problems.push("batch_size must be at least 1".to_string());
+        }
+        if self.keep_checkpoints == 0 {
+            problems.push("keep_checkpoints must be at least 1".to_string());
         }
         if self.image_size < 32 {
             problems.push(format!(

@@ -10,13 +10,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use burn::tensor::Device;
+use checkpoint::CheckpointStore;
 use cluster_proto::auth::{ClientAuth, ServerAuth, Token};
 use cluster_proto::net::{self, MAX_MESSAGE_BYTES, TlsFiles};
 use cluster_proto::run::RunConfig;
 use cluster_proto::v1::coordinator_client::CoordinatorClient;
 use cluster_proto::v1::{
     Assignment, BenchResult, BenchRow, CheckpointCommit, HeartbeatRequest, JoinRequest, Order, StepChecksum,
-    WorkReport, assignment::Work, order, work_report,
+    StoredObject, WorkReport, assignment::Work, order, work_report,
 };
 use collective::Ring;
 use collective::bench::{Plan, measure};
@@ -332,6 +333,7 @@ impl State {
                 let handle = tokio::runtime::Handle::current();
                 let epoch_work = epoch;
                 let config_for_thread = config.clone();
+                let resume = Some(assignment.resume_checkpoint.clone()).filter(|n| !n.is_empty());
                 // Training is CPU/GPU-bound and synchronous: it runs on a blocking thread and
                 // drives the ring links through the runtime handle.
                 let joined = tokio::task::spawn_blocking(move || {
@@ -344,9 +346,13 @@ impl State {
                         seconds: 0.0,
                     };
                     let result = (|| {
-                        let mut trainer = match trainer {
-                            Some(t) => t,
-                            None => Trainer::new(&config_for_thread, device, &mut io)?,
+                        let mut trainer = match (trainer, resume) {
+                            (Some(t), _) => t,
+                            (None, Some(name)) => {
+                                let store = CheckpointStore::open(&config_for_thread.checkpoint_url())?;
+                                Trainer::resume(&config_for_thread, device, &io.handle, &store, &name)?
+                            }
+                            (None, None) => Trainer::new(&config_for_thread, device, &mut io)?,
                         };
                         let mut result = trainer.epoch(&epoch_work, &mut io, &thread_step);
                         if result.is_ok() && epoch_work.test && rank == 0 {
@@ -373,66 +379,80 @@ impl State {
                 self.links = Some((generation, links));
                 let (trainer, result) = result?;
                 let result = result?;
+                let at_step = epoch.first_step + result.steps;
+                let trainer = self.trainer.insert(trainer);
+                report(
+                    client,
+                    worker_id,
+                    assignment.generation,
+                    work_report::Result::Epoch(result),
+                )
+                .await?;
+                // The coordinator holds the next unit until this checkpoint is committed.
                 if epoch.checkpoint && rank == 0 {
-                    let at_step = step.step.load(Ordering::Relaxed);
-                    self.checkpoint(&trainer, &config, &epoch, at_step, worker_id, client)
-                        .await?;
+                    checkpoint(trainer, &config, &epoch, at_step, worker_id, client).await?;
                 }
-                self.trainer = Some(trainer);
-                work_report::Result::Epoch(result)
+                return Ok(());
             }
             None => return Err(cluster("the assignment carries no work")),
         };
-        client
-            .report(WorkReport {
-                worker_id: worker_id.to_string(),
-                generation: assignment.generation,
-                result: Some(result),
-            })
-            .await
-            .map_err(|s| cluster(format!("the coordinator refused the report: {}", s.message())))?;
-        Ok(())
+        report(client, worker_id, assignment.generation, result).await
     }
+}
 
-    async fn checkpoint(
-        &self,
-        trainer: &Trainer,
-        config: &RunConfig,
-        epoch: &cluster_proto::v1::EpochWork,
-        at_step: u64,
-        worker_id: &str,
-        client: &mut Client,
-    ) -> Result<()> {
-        let phase = cluster_proto::v1::Phase::try_from(epoch.phase).unwrap_or_default();
-        let relative = format!(
-            "checkpoints/{}-epoch{:03}.safetensors",
-            phase.label(),
-            epoch.epoch + 1
-        );
-        let (bytes, sha256) = trainer.model_file(&relative)?;
-        let size = bytes.len() as u64;
-        // The output location is a storage interface: a local directory here, any object
-        // store the dataset layer can open (S3 included) in general.
-        let store = dataset::store::DataStore::create(&config.out)
-            .map_err(|e| cluster(format!("checkpoint location: {e}")))?;
-        store
-            .put(&relative, bytes)
-            .await
-            .map_err(|e| cluster(format!("checkpoint: {e}")))?;
-        let location = store.describe(&relative);
-        tracing::info!(location = %location, bytes = size, "checkpoint written");
-        client
-            .commit_checkpoint(CheckpointCommit {
-                worker_id: worker_id.to_string(),
-                location,
-                phase: epoch.phase,
-                epoch: epoch.epoch,
-                step: at_step,
-                sha256,
-                bytes: size,
-            })
-            .await
-            .map_err(|s| cluster(format!("the coordinator refused the checkpoint: {}", s.message())))?;
-        Ok(())
-    }
+async fn report(
+    client: &mut Client,
+    worker_id: &str,
+    generation: u64,
+    result: work_report::Result,
+) -> Result<()> {
+    client
+        .report(WorkReport {
+            worker_id: worker_id.to_string(),
+            generation,
+            result: Some(result),
+        })
+        .await
+        .map_err(|s| cluster(format!("the coordinator refused the report: {}", s.message())))?;
+    Ok(())
+}
+
+/// Rank 0's part of a checkpoint: upload the model and the optimizer state under a fresh
+/// name, then ask the coordinator to verify and commit them.
+async fn checkpoint(
+    trainer: &Trainer,
+    config: &RunConfig,
+    epoch: &cluster_proto::v1::EpochWork,
+    at_step: u64,
+    worker_id: &str,
+    client: &mut Client,
+) -> Result<()> {
+    let phase = cluster_proto::v1::Phase::try_from(epoch.phase).unwrap_or_default();
+    let store = CheckpointStore::open(&config.checkpoint_url())?;
+    let name = CheckpointStore::new_name(at_step, phase.label(), epoch.epoch + 1);
+    let (model, optimizer) = trainer.checkpoint_parts()?;
+    let started = std::time::Instant::now();
+    let objects = crate::resume::upload(&store, &name, model, optimizer).await?;
+    let bytes: u64 = objects.iter().map(|o| o.size).sum();
+    tracing::info!(checkpoint = %store.describe(&name), bytes, seconds = started.elapsed().as_secs_f64(),
+        "checkpoint uploaded");
+    client
+        .commit_checkpoint(CheckpointCommit {
+            worker_id: worker_id.to_string(),
+            checkpoint: name,
+            phase: epoch.phase,
+            epoch: epoch.epoch + 1,
+            step: at_step,
+            objects: objects
+                .into_iter()
+                .map(|o| StoredObject {
+                    name: o.name,
+                    size: o.size,
+                    sha256: o.sha256,
+                })
+                .collect(),
+        })
+        .await
+        .map_err(|s| cluster(format!("the coordinator refused the checkpoint: {}", s.message())))?;
+    Ok(())
 }

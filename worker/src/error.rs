@@ -105,6 +105,10 @@ pub enum Error {
     /// Talking to the coordinator or the other workers failed, or the run was stopped.
     #[error("{0}")]
     Cluster(String),
+
+    /// Writing or reading a checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::Error),
 }
 
 impl Error {

@@ -18,6 +18,7 @@ pub mod model;
 pub mod modelfile;
 pub mod phase;
 pub mod predict;
+pub mod resume;
 pub mod train;
 pub mod weights;
 

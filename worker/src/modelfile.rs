@@ -50,6 +50,9 @@ pub enum WeightsSource {
     Imagenet,
     /// A local file: PyTorch, safetensors, or one of our model files.
     File(PathBuf),
+    /// The newest good checkpoint under a checkpoint root: `s3://...`, `memory://...`,
+    /// `file://...`, or a local directory holding `LATEST`.
+    Checkpoint(String),
 }
 
 impl std::str::FromStr for WeightsSource {
@@ -59,6 +62,10 @@ impl std::str::FromStr for WeightsSource {
         Ok(match s {
             "none" => WeightsSource::None,
             "imagenet" => WeightsSource::Imagenet,
+            url if url.starts_with("s3://") || url.starts_with("memory://") || url.starts_with("file://") => {
+                WeightsSource::Checkpoint(url.to_string())
+            }
+            path if Path::new(path).join("LATEST").is_file() => WeightsSource::Checkpoint(path.to_string()),
             path => WeightsSource::File(PathBuf::from(path)),
         })
     }
@@ -93,6 +100,10 @@ pub fn load(model: Option<&str>, weights: &WeightsSource, device: &Device) -> Re
             let config = config("efficientnet-b0")?;
             let path = imagenet_weights(&config)?;
             load_external(config, &path, device)
+        }
+        WeightsSource::Checkpoint(url) => {
+            let (name, bytes) = crate::resume::latest_weights(url)?;
+            from_bytes(model, &name, &bytes, device)
         }
         WeightsSource::File(path) => {
             let file = weights::read_weights(path)?;
@@ -147,6 +158,18 @@ fn load_external_file(
         config,
         classes,
     })
+}
+
+/// One of our model files already in memory (`name` says where it came from, for errors).
+pub fn from_bytes(model: Option<&str>, name: &Path, bytes: &[u8], device: &Device) -> Result<LoadedModel> {
+    let file = weights::safetensors_from_bytes(name, bytes)?;
+    if file.metadata.get("format").map(String::as_str) != Some(FORMAT) {
+        return Err(Error::ModelFile {
+            path: name.to_path_buf(),
+            reason: format!("not an effnet-cluster model file (metadata 'format' is not {FORMAT})"),
+        });
+    }
+    load_ours(model, file, name, device)
 }
 
 fn load_ours(

@@ -227,6 +227,39 @@ impl Trainer {
         })
     }
 
+    /// Continue a run from checkpoint `name` of `store`: model, phase and optimizer state as
+    /// they were after the checkpointed epoch. Every rank reads the same verified bytes, so
+    /// the replicas start identical without a broadcast.
+    pub fn resume(
+        config: &RunConfig,
+        device: Device,
+        handle: &Handle,
+        store: &checkpoint::CheckpointStore,
+        name: &str,
+    ) -> Result<Self> {
+        let (dataset, splits) = open_dataset(config, handle)?;
+        let (manifest, restored) = handle.block_on(crate::resume::restore(store, name, &device))?;
+        if restored.model.classes.len() != dataset.classes.len() {
+            return Err(cluster(format!(
+                "checkpoint {} has {} classes, the dataset {}",
+                store.describe(name),
+                restored.model.classes.len(),
+                dataset.classes.len()
+            )));
+        }
+        tracing::info!(checkpoint = %store.describe(name), phase = %manifest.phase, epoch = manifest.epoch,
+            step = manifest.step, "resumed from checkpoint");
+        Ok(Self {
+            config: config.clone(),
+            device,
+            dataset,
+            splits,
+            model: Some(restored.model),
+            phase: Some(restored.phase),
+            optimizer: Some(restored.optimizer),
+        })
+    }
+
     /// Number of classes.
     pub fn classes(&self) -> usize {
         self.dataset.classes.len()
@@ -271,6 +304,11 @@ impl Trainer {
             Phase::Head => u64::from(work.epoch),
             Phase::FineTune => u64::from(self.config.head_epochs) + u64::from(work.epoch),
         };
+        // Dropout and stochastic depth draw from the backend's generator: seeding it per
+        // epoch and rank makes an epoch's randomness independent of what ran before, so a run
+        // resumed from a checkpoint takes exactly the steps an uninterrupted one would.
+        self.device
+            .seed(epoch_seed(self.config.seed, global_epoch, io.ring.rank));
         let sampler = SamplerConfig {
             len: self.splits.train.len(),
             seed: self.config.seed,
@@ -477,18 +515,17 @@ impl Trainer {
         plots::prediction_grid(&predictions, path).map_err(|e| cluster(e.to_string()))
     }
 
-    /// The current model as a model file (its bytes and their sha256, hex); `name` is used
-    /// in errors.
-    pub fn model_file(&self, name: &str) -> Result<(Vec<u8>, String)> {
-        let loaded = self.model.as_ref().ok_or_else(|| cluster("no model to save"))?;
-        let snapshot = LoadedModel {
-            model: loaded.model.clone(),
-            config: loaded.config.clone(),
-            classes: loaded.classes.clone(),
-        };
-        let bytes = modelfile::to_bytes(std::path::Path::new(name), &snapshot)?;
-        let digest = hex::encode(Sha256::digest(&bytes));
-        Ok((bytes, digest))
+    /// What rank 0 uploads in a checkpoint: the model and the current phase's optimizer.
+    pub fn checkpoint_parts(&self) -> Result<(&LoadedModel, &burn::optim::ModuleOptimizer)> {
+        let model = self
+            .model
+            .as_ref()
+            .ok_or_else(|| cluster("no model to checkpoint"))?;
+        let optimizer = self
+            .optimizer
+            .as_ref()
+            .ok_or_else(|| cluster("no optimizer state to checkpoint (no epoch ran yet)"))?;
+        Ok((model, optimizer))
     }
 }
 
@@ -596,6 +633,18 @@ impl burn::module::ModuleMapper for StatsWriter {
         let id = param.id;
         param.transform_for_load(tensor, id)
     }
+}
+
+/// The backend seed of one rank's epoch: distinct per (run seed, epoch, rank).
+fn epoch_seed(seed: u64, global_epoch: u64, rank: usize) -> u64 {
+    let mut h = Sha256::new();
+    h.update(seed.to_le_bytes());
+    h.update(global_epoch.to_le_bytes());
+    h.update((rank as u64).to_le_bytes());
+    let digest = h.finalize();
+    u64::from_le_bytes([
+        digest[0], digest[1], digest[2], digest[3], digest[4], digest[5], digest[6], digest[7],
+    ])
 }
 
 fn labels(samples: &[Sample], device: &Device) -> Tensor<1, Int> {

@@ -65,10 +65,22 @@ pub fn read_weights(path: &Path) -> Result<WeightsFile> {
 
 fn read_safetensors(path: &Path, format_err: impl Fn(String) -> Error) -> Result<WeightsFile> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_safetensors(&bytes, format_err)
+}
+
+/// The tensors of a safetensors file already in memory (`path` names it in errors).
+pub fn safetensors_from_bytes(path: &Path, bytes: &[u8]) -> Result<WeightsFile> {
+    parse_safetensors(bytes, |reason| Error::WeightsFormat {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+fn parse_safetensors(bytes: &[u8], format_err: impl Fn(String) -> Error) -> Result<WeightsFile> {
     let (_, meta) = SafeTensors::read_metadata(&bytes)
         .map_err(|e| format_err(format!("invalid safetensors header: {e}")))?;
     let st =
-        SafeTensors::deserialize(&bytes).map_err(|e| format_err(format!("invalid safetensors file: {e}")))?;
+        SafeTensors::deserialize(bytes).map_err(|e| format_err(format!("invalid safetensors file: {e}")))?;
     let mut out = WeightsFile {
         metadata: meta.metadata().clone().unwrap_or_default(),
         ..Default::default()

@@ -1,0 +1,137 @@
+//! The coordinator's side of checkpoints: at start, a fresh run or a resume from the newest
+//! good checkpoint; during the run, committing what rank 0 uploaded.
+
+use checkpoint::{CheckpointStore, Manifest, Retention};
+use cluster_proto::run::{Job, RunConfig};
+use sha2::{Digest, Sha256};
+
+use crate::error::Error;
+use crate::run::{Checkpointed, CommitPlan, Run, SavedState};
+
+/// The run state object of a checkpoint.
+pub const STATE: &str = "state.json";
+
+/// A run ready to serve, and where its checkpoints go (none for benchmarks).
+pub struct Prepared {
+    /// The run, fresh or resumed.
+    pub run: Run,
+    /// The checkpoint root.
+    pub store: Option<CheckpointStore>,
+}
+
+/// Open the checkpoint root of `config` and decide: resume from its newest good checkpoint,
+/// or (with `fresh`, or when there is none) start a new run. Starting fresh never deletes
+/// anything; the new run's retention only ever touches its own checkpoints.
+pub async fn prepare(config: RunConfig, expected: usize, fresh: bool) -> Result<Prepared, Error> {
+    if config.job != Job::Train {
+        return Ok(Prepared {
+            run: Run::new(new_run_id(), config, expected),
+            store: None,
+        });
+    }
+    let url = config.checkpoint_url();
+    let store = CheckpointStore::open(&url)?;
+    if fresh {
+        let (existing, _) = store.list().await?;
+        if !existing.is_empty() {
+            tracing::info!(checkpoints = existing.len(), root = %url,
+                "starting fresh (--fresh); the existing checkpoints are kept, delete them yourself if unwanted");
+        }
+        return Ok(Prepared {
+            run: Run::new(new_run_id(), config, expected),
+            store: Some(store),
+        });
+    }
+    let Some(good) = store.latest_good().await? else {
+        tracing::info!(root = %url, "no checkpoint yet; starting a new run");
+        return Ok(Prepared {
+            run: Run::new(new_run_id(), config, expected),
+            store: Some(store),
+        });
+    };
+    for skipped in &good.skipped {
+        tracing::warn!(reason = %skipped, "a newer checkpoint failed verification and is not used");
+    }
+    let manifest = good.manifest;
+    let bytes = store.read(&manifest, STATE).await?;
+    let describe = store.describe(&format!("{}/{STATE}", manifest.name));
+    let mut state: SavedState = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Resume(format!("{describe}: not a run state: {e}")))?;
+    let differences = state.config.resume_differences(&config);
+    if !differences.is_empty() {
+        return Err(Error::Resume(format!(
+            "{url} holds checkpoints of a run with other settings: {}. Resume with the same settings, \
+             or pass --fresh to start a new run (the old checkpoints are kept)",
+            differences.join("; ")
+        )));
+    }
+    // Places, timeouts and retention may change between attempts; the new values win.
+    state.config = config;
+    let checkpointed = Checkpointed {
+        location: store.describe(&manifest.name),
+        name: manifest.name.clone(),
+        step: manifest.step,
+    };
+    tracing::info!(checkpoint = %checkpointed.location, run = %state.run_id, phase = %state.phase,
+        epoch = state.epoch, step = state.step, "resuming from checkpoint");
+    let run =
+        Run::resume(state, checkpointed, expected).map_err(|e| Error::Resume(format!("{describe}: {e}")))?;
+    Ok(Prepared {
+        run,
+        store: Some(store),
+    })
+}
+
+/// Store the run state beside rank 0's objects, verify everything, write the manifest and
+/// `LATEST`, then prune by the run's retention. Pruning problems are logged, not fatal: the
+/// new checkpoint is already committed.
+pub async fn commit(
+    store: &CheckpointStore,
+    plan: CommitPlan,
+    keep: u32,
+) -> Result<Manifest, checkpoint::Error> {
+    let state = serde_json::to_vec_pretty(&plan.state).map_err(|e| checkpoint::Error::Format {
+        object: store.describe(&format!("{}/{STATE}", plan.name)),
+        reason: format!("cannot encode the run state: {e}"),
+    })?;
+    let mut objects = plan.objects;
+    objects.push(store.upload(&plan.name, STATE, &state).await?);
+    let manifest = store
+        .commit(Manifest {
+            format: checkpoint::FORMAT,
+            name: plan.name,
+            run_id: plan.state.run_id.clone(),
+            phase: plan.state.phase.clone(),
+            epoch: plan.state.epoch,
+            step: plan.state.step,
+            val_accuracy: plan.val_accuracy,
+            committed_unix_ms: 0,
+            objects,
+        })
+        .await?;
+    let retention = Retention {
+        keep_last: keep as usize,
+        keep_best: true,
+    };
+    match store.prune(&plan.state.run_id, retention).await {
+        Ok(deleted) if !deleted.is_empty() => {
+            tracing::info!(deleted = deleted.len(), "retention pruned old checkpoints")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not prune old checkpoints; they stay"),
+    }
+    Ok(manifest)
+}
+
+/// A run id unique across restarts and machines: checkpoints of different runs under one
+/// root never mix.
+pub fn new_run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(nanos.to_le_bytes());
+    h.update(std::process::id().to_le_bytes());
+    format!("run-{}", hex::encode(&h.finalize()[..6]))
+}

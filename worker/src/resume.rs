@@ -1,0 +1,205 @@
+//! A worker's side of checkpoints: rank 0 uploads the model and the optimizer state; on
+//! resume every rank loads them from the store itself (verified against the manifest), so no
+//! weights pass through the coordinator.
+//!
+//! Burn keys optimizer state by parameter id, and ids are drawn afresh whenever a model is
+//! built. The checkpoint therefore also records which id each parameter path had, and a
+//! resumed model takes those ids back before the optimizer state is loaded.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::ModuleOptimizer;
+use burn::tensor::{Device, Tensor};
+use checkpoint::{CheckpointStore, Manifest, ObjectEntry};
+
+use crate::error::{Error, Result};
+use crate::modelfile::{self, LoadedModel};
+use crate::phase::Phase;
+use crate::weights::ModulePath;
+
+/// The model file: architecture, class names and every tensor (BatchNorm statistics too).
+pub const WEIGHTS: &str = "weights.safetensors";
+/// Burn's optimizer record (burnpack), for the phase the checkpoint was taken in.
+pub const OPTIMIZER: &str = "optimizer.bpk";
+/// Parameter path -> the id the optimizer record refers to it by.
+pub const PARAM_IDS: &str = "param-ids.json";
+
+/// What a checkpoint restores on a worker.
+pub struct Restored {
+    /// The model, set up for `phase`, with the parameter ids the optimizer state names.
+    pub model: LoadedModel,
+    /// The phase the checkpoint was taken in.
+    pub phase: Phase,
+    /// The optimizer state of that phase.
+    pub optimizer: ModuleOptimizer,
+}
+
+/// Upload rank 0's model and optimizer state as objects of checkpoint `name`.
+pub async fn upload(
+    store: &CheckpointStore,
+    name: &str,
+    model: &LoadedModel,
+    optimizer: &ModuleOptimizer,
+) -> Result<Vec<ObjectEntry>> {
+    let weights = modelfile::to_bytes(Path::new(&store.describe(&format!("{name}/{WEIGHTS}"))), model)?;
+    let mut entries = vec![store.upload(name, WEIGHTS, &weights).await?];
+    drop(weights);
+    let optim = optimizer
+        .into_bytes()
+        .map_err(|e| Error::Cluster(format!("cannot encode the optimizer state: {e:?}")))?;
+    entries.push(store.upload(name, OPTIMIZER, &optim).await?);
+    drop(optim);
+    let ids = serde_json::to_vec(&param_ids(&model.model))
+        .map_err(|e| Error::Cluster(format!("cannot encode parameter ids: {e}")))?;
+    entries.push(store.upload(name, PARAM_IDS, &ids).await?);
+    Ok(entries)
+}
+
+/// Load checkpoint `name` for training: every object verified against the manifest.
+pub async fn restore(store: &CheckpointStore, name: &str, device: &Device) -> Result<(Manifest, Restored)> {
+    let manifest = store.manifest(name).await?;
+    let phase = match manifest.phase.as_str() {
+        "head" => Phase::Head,
+        "finetune" => Phase::FineTune,
+        other => {
+            return Err(Error::Cluster(format!(
+                "checkpoint {} names phase '{other}'; expected head or finetune",
+                store.describe(name)
+            )));
+        }
+    };
+    let weights = store.read(&manifest, WEIGHTS).await?;
+    let mut model = modelfile::from_bytes(
+        None,
+        Path::new(&store.describe(&format!("{name}/{WEIGHTS}"))),
+        &weights,
+        device,
+    )?;
+    drop(weights);
+    let ids_bytes = store.read(&manifest, PARAM_IDS).await?;
+    let ids: BTreeMap<String, u64> = serde_json::from_slice(&ids_bytes).map_err(|e| {
+        Error::Cluster(format!(
+            "{}: not a map of parameter ids: {e}",
+            store.describe(&format!("{name}/{PARAM_IDS}"))
+        ))
+    })?;
+    model.model = crate::phase::prepare(model.model, phase);
+    model.model = with_param_ids(model.model, &ids)?;
+    let optim_bytes = store.read(&manifest, OPTIMIZER).await?;
+    let optimizer = burn::optim::AdamConfig::new()
+        .init()
+        .from_bytes(burn::tensor::Bytes::from_bytes_vec(optim_bytes.to_vec()))
+        .map_err(|e| {
+            Error::Cluster(format!(
+                "{}: not an optimizer record: {e:?}",
+                store.describe(&format!("{name}/{OPTIMIZER}"))
+            ))
+        })?;
+    Ok((
+        manifest,
+        Restored {
+            model,
+            phase,
+            optimizer,
+        },
+    ))
+}
+
+/// The weights of the newest good checkpoint under `url`: its name (for messages) and bytes.
+pub fn latest_weights(url: &str) -> Result<(std::path::PathBuf, Vec<u8>)> {
+    let fetch = async {
+        let store = CheckpointStore::open(url)?;
+        let good = store.latest_good().await?.ok_or_else(|| {
+            Error::Cluster(format!(
+                "{url} holds no committed checkpoint (no LATEST and no manifest)"
+            ))
+        })?;
+        for skipped in &good.skipped {
+            tracing::warn!(skipped = %skipped, "skipped a checkpoint that failed verification");
+        }
+        let bytes = store.read(&good.manifest, WEIGHTS).await?;
+        tracing::info!(checkpoint = %store.describe(&good.manifest.name), "loading weights from checkpoint");
+        Ok::<_, Error>((
+            store
+                .describe(&format!("{}/{WEIGHTS}", good.manifest.name))
+                .into(),
+            bytes.to_vec(),
+        ))
+    };
+    match tokio::runtime::Handle::try_current() {
+        // A blocking thread of a running runtime (training) can drive the future directly.
+        Ok(handle) => handle.block_on(fetch),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Cluster(format!("cannot start an I/O runtime: {e}")))?
+            .block_on(fetch),
+    }
+}
+
+/// Path -> id of every float parameter of `module`.
+pub fn param_ids<M: Module>(module: &M) -> BTreeMap<String, u64> {
+    struct Ids {
+        path: ModulePath,
+        ids: BTreeMap<String, u64>,
+    }
+    impl ModuleVisitor for Ids {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, container_type: &str) {
+            self.path.exit(container_type);
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.ids.insert(self.path.joined(), param.id.val());
+        }
+    }
+    let mut v = Ids {
+        path: ModulePath::default(),
+        ids: BTreeMap::new(),
+    };
+    module.visit(&mut v);
+    v.ids
+}
+
+/// `module` with the parameter ids of `ids` (by path); every parameter must be listed.
+pub fn with_param_ids<M: Module>(module: M, ids: &BTreeMap<String, u64>) -> Result<M> {
+    struct Renumber<'a> {
+        path: ModulePath,
+        ids: &'a BTreeMap<String, u64>,
+        missing: Vec<String>,
+    }
+    impl ModuleMapper for Renumber<'_> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, container_type: &str) {
+            self.path.exit(container_type);
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let path = self.path.joined();
+            let Some(&id) = self.ids.get(&path) else {
+                self.missing.push(path);
+                return param;
+            };
+            let (_, value, mapper) = param.consume();
+            Param::from_mapped_value(ParamId::from(id), value, mapper)
+        }
+    }
+    let mut mapper = Renumber {
+        path: ModulePath::default(),
+        ids,
+        missing: Vec::new(),
+    };
+    let module = module.map(&mut mapper);
+    if !mapper.missing.is_empty() {
+        return Err(Error::Cluster(format!(
+            "the checkpoint's parameter ids do not cover {} of the model's parameters (first: {})",
+            mapper.missing.len(),
+            mapper.missing[0]
+        )));
+    }
+    Ok(module)
+}
