@@ -278,3 +278,87 @@ fn real_lite0_weights_recognise_real_photos() {
     assert_eq!(top1(1)["label"], "espresso", "{}", out.stdout);
     assert_eq!(json[0]["top"].as_array().unwrap().len(), 5);
 }
+
+#[test]
+fn predict_reads_the_newest_good_checkpoint_from_s3() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let image = dir.path().join("a.png");
+    write_image(&image, 7);
+    let server = test_s3::S3Server::start(&["ckpt"]);
+    let options = server.options();
+    let options: Vec<(&str, &str)> = options.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let store = checkpoint::CheckpointStore::open_with("s3://ckpt/run", &options).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let good_bytes = std::fs::read(&model).unwrap();
+    // Two checkpoints; the newer one's weights get corrupted on the server.
+    let mut names = Vec::new();
+    for step in [1u64, 2] {
+        let name = checkpoint::CheckpointStore::new_name(step, "head", step as u32);
+        let entry = runtime
+            .block_on(store.upload(&name, "weights.safetensors", &good_bytes))
+            .unwrap();
+        let manifest = checkpoint::Manifest {
+            format: checkpoint::FORMAT,
+            name: name.clone(),
+            run_id: "r".into(),
+            phase: "head".into(),
+            epoch: step as u32,
+            step,
+            val_accuracy: None,
+            committed_unix_ms: 0,
+            objects: vec![entry],
+        };
+        runtime.block_on(store.commit(manifest)).unwrap();
+        names.push(name);
+    }
+    let newest = server.object_file("ckpt", &format!("run/{}/weights.safetensors", names[1]));
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&newest, bytes).unwrap();
+
+    let env = server.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let image_arg = image.to_str().unwrap();
+    let args = [
+        "predict",
+        "--weights",
+        "s3://ckpt/run",
+        "--image-size",
+        "64",
+        "--json",
+        image_arg,
+    ];
+    let out = cluster_tests::spawn("worker", args, &env)
+        .finish(std::time::Duration::from_secs(120))
+        .success();
+    assert!(
+        out.stderr.contains("failed verification") && out.stderr.contains(&names[1]),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains(&names[0]), "{}", out.stderr);
+    let loaded = modelfile::load(None, &WeightsSource::File(model.clone()), &Device::flex()).unwrap();
+    let expected = worker::predict::predict(&loaded, std::slice::from_ref(&image), 3, 64).unwrap();
+    let json = out.json();
+    let top = json[0]["top"].as_array().unwrap();
+    assert_eq!(top[0]["label"], expected[0].top[0].label.as_str());
+    assert!((top[0]["prob"].as_f64().unwrap() - f64::from(expected[0].top[0].prob)).abs() < 1e-6);
+
+    // Wrong credentials: a clear error and a non-zero exit.
+    let mut env = server.env();
+    for (k, v) in &mut env {
+        if *k == "AWS_SECRET_ACCESS_KEY" {
+            *v = "wrong-secret-key-for-this-test".into();
+        }
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = cluster_tests::spawn("worker", args, &env)
+        .finish(std::time::Duration::from_secs(120))
+        .failure();
+    assert!(out.stderr.contains("refused the credentials"), "{}", out.stderr);
+}

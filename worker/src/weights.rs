@@ -77,7 +77,7 @@ pub fn safetensors_from_bytes(path: &Path, bytes: &[u8]) -> Result<WeightsFile> 
 }
 
 fn parse_safetensors(bytes: &[u8], format_err: impl Fn(String) -> Error) -> Result<WeightsFile> {
-    let (_, meta) = SafeTensors::read_metadata(&bytes)
+    let (_, meta) = SafeTensors::read_metadata(bytes)
         .map_err(|e| format_err(format!("invalid safetensors header: {e}")))?;
     let st =
         SafeTensors::deserialize(bytes).map_err(|e| format_err(format!("invalid safetensors file: {e}")))?;
