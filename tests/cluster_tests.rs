@@ -17,6 +17,11 @@ fn token_file(dir: &Path, token: &str) -> PathBuf {
 
 /// Start a coordinator on a free loopback port; returns it and its address.
 fn coordinator(token: &Path, args: &[&str]) -> (Proc, String) {
+    coordinator_with_env(token, args, &[])
+}
+
+/// [`coordinator`], with extra environment variables.
+fn coordinator_with_env(token: &Path, args: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
     let mut all = vec![
         "--log-format",
         "json",
@@ -27,18 +32,29 @@ fn coordinator(token: &Path, args: &[&str]) -> (Proc, String) {
         token.to_str().unwrap(),
     ];
     all.extend_from_slice(args);
-    let mut proc = spawn("coordinator", all, &[]);
+    let mut proc = spawn("coordinator", all, env);
     let line = proc.wait_for("coordinator listening", Duration::from_secs(30));
     let address = logged_address(&line);
     (proc, address)
 }
 
 fn worker(token: &Path, address: &str, command: &[&str], extra: &[&str]) -> Proc {
+    worker_with_env(token, address, command, extra, &[])
+}
+
+/// [`worker`], with extra environment variables.
+fn worker_with_env(
+    token: &Path,
+    address: &str,
+    command: &[&str],
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let mut all = vec!["--log-format", "json"];
     all.extend_from_slice(command);
     all.extend_from_slice(&["--coordinator", address, "--token-file", token.to_str().unwrap()]);
     all.extend_from_slice(extra);
-    spawn("worker", all, &[])
+    spawn("worker", all, env)
 }
 
 /// Numbers of a table row like `|      1 MB |  3.20 |  0.321 |  0.321 |`.
@@ -508,7 +524,6 @@ fn final_weights(
     std::collections::BTreeMap<String, worker::weights::RawTensor>,
 ) {
     let options = server.options();
-    let options: Vec<(&str, &str)> = options.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let store = checkpoint::CheckpointStore::open_with(url, &options).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -530,18 +545,9 @@ fn s3_cluster(dir: &Path, server: &test_s3::S3Server, url: &str, out: &Path) -> 
     let token = token_file(dir, TOKEN);
     let env = server.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut args = vec![
-        "--log-format",
-        "json",
-        "start",
-        "--listen",
-        "127.0.0.1:0",
-        "--token-file",
-        token.to_str().unwrap(),
+    let args = [
         "--workers",
         "2",
-    ];
-    args.extend_from_slice(&[
         "--data",
         "synthetic",
         "--weights",
@@ -566,23 +572,10 @@ fn s3_cluster(dir: &Path, server: &test_s3::S3Server, url: &str, out: &Path) -> 
         url,
         "--out",
         out.to_str().unwrap(),
-    ]);
-    let mut coordinator = spawn("coordinator", args, &env);
-    let address = logged_address(&coordinator.wait_for("coordinator listening", Duration::from_secs(60)));
+    ];
+    let (coordinator, address) = coordinator_with_env(&token, &args, &env);
     let workers = (0..2)
-        .map(|_| {
-            let args = [
-                "--log-format",
-                "json",
-                "join",
-                "--coordinator",
-                &address,
-                "--token-file",
-                token.to_str().unwrap(),
-                "--cpu",
-            ];
-            spawn("worker", args, &env)
-        })
+        .map(|_| worker_with_env(&token, &address, &["join"], &["--cpu"], &env))
         .collect();
     (coordinator, workers)
 }

@@ -287,7 +287,6 @@ fn predict_reads_the_newest_good_checkpoint_from_s3() {
     write_image(&image, 7);
     let server = test_s3::S3Server::start(&["ckpt"]);
     let options = server.options();
-    let options: Vec<(&str, &str)> = options.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let store = checkpoint::CheckpointStore::open_with("s3://ckpt/run", &options).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -47,7 +47,6 @@ fn main() -> Result<()> {
             ("s3://bench/ckpt".to_string(), server.options())
         }
     };
-    let options: Vec<(&str, &str)> = options.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let store = CheckpointStore::open_with(&url, &options)?;
     let raw = storage::Location::create_with(&url, &options)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -65,7 +65,7 @@ impl CheckpointStore {
     }
 
     /// Open with explicit S3 settings (`object_store` keys), for tests and tools.
-    pub fn open_with(url: &str, s3_options: &[(&str, &str)]) -> Result<Self> {
+    pub fn open_with<K: AsRef<str>, V: AsRef<str>>(url: &str, s3_options: &[(K, V)]) -> Result<Self> {
         Ok(Self {
             root: Location::create_with(url, s3_options)?,
         })

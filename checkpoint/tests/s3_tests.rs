@@ -6,7 +6,6 @@ use test_s3::S3Server;
 
 fn open(server: &S3Server, url: &str) -> CheckpointStore {
     let options = server.options();
-    let options: Vec<(&str, &str)> = options.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     CheckpointStore::open_with(url, &options).unwrap()
 }
 
@@ -229,7 +228,6 @@ async fn commit_refuses_objects_that_do_not_match_and_keeps_the_previous_one() {
 async fn wrong_credentials_are_refused_with_a_clear_error() {
     let server = S3Server::start(&["ckpt"]);
     let options = server.options_with_secret("not-the-secret-key-at-all");
-    let options: Vec<(&str, &str)> = options.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let store = CheckpointStore::open_with("s3://ckpt/r", &options).unwrap();
     let err = store
         .upload("step-1", "weights.safetensors", &[1, 2, 3])

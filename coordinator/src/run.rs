@@ -797,7 +797,11 @@ mod tests {
     use super::*;
 
     fn run_with_two_workers() -> (Run, Vec<String>) {
-        let mut run = Run::new("r".into(), RunConfig::default(), 2);
+        run_of_two(RunConfig::default())
+    }
+
+    fn run_of_two(config: RunConfig) -> (Run, Vec<String>) {
+        let mut run = Run::new("r".into(), config, 2);
         let mut ids = Vec::new();
         for i in 0..2 {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -867,18 +871,7 @@ mod tests {
             checkpoint_every: 1,
             ..RunConfig::default()
         };
-        let mut run = Run::new("r".into(), config.clone(), 2);
-        let mut ids = Vec::new();
-        for i in 0..2 {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            std::mem::forget(rx);
-            let request = v1::JoinRequest {
-                name: format!("w{i}"),
-                advertise: format!("127.0.0.1:{}", 1000 + i),
-                device: "cpu".into(),
-            };
-            ids.push(run.join(request, tx).unwrap());
-        }
+        let (mut run, ids) = run_of_two(config);
         run.report(epoch_report(&ids[0], Phase::Head, 0, 4)).unwrap();
         run.report(epoch_report(&ids[1], Phase::Head, 0, 4)).unwrap();
         assert_eq!(run.awaiting_checkpoint, Some((Phase::Head, 0)));

@@ -36,15 +36,9 @@ pub enum Error {
         source: object_store::Error,
     },
 
-    /// An object could not be written.
-    #[error("cannot write {file}: {source}")]
-    Write {
-        /// The file or object.
-        file: String,
-        /// The store's error.
-        #[source]
-        source: object_store::Error,
-    },
+    /// The store failed to give an object (missing, unreachable, refused).
+    #[error(transparent)]
+    Storage(#[from] storage::Error),
 
     /// An image could not be decoded.
     #[error("cannot decode image {file}: {reason}")]

@@ -98,11 +98,8 @@ impl Dataset {
         let meta = format!("{dir}{}", cifar::META_FILE);
         let classes = match store.get_bytes(&meta).await {
             Ok(bytes) => cifar::parse_meta(&store.describe(&meta), &String::from_utf8_lossy(&bytes))?,
-            Err(Error::Read {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => cifar::CLASS_NAMES.iter().map(|s| s.to_string()).collect(),
-            Err(e) => return Err(e),
+            Err(e) if e.is_not_found() => cifar::CLASS_NAMES.iter().map(|s| s.to_string()).collect(),
+            Err(e) => return Err(e.into()),
         };
         let mut ds = Dataset::empty(store, classes);
         let names = cifar::TRAIN_FILES

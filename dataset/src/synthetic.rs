@@ -90,11 +90,12 @@ impl DataStore {
                     source,
                 })?;
         }
-        Ok(DataStore {
+        Ok(storage::Location {
             store,
             prefix: ObjectPath::default(),
             display: "synthetic".into(),
-        })
+        }
+        .into())
     }
 }
 

@@ -36,12 +36,12 @@ impl Location {
     /// AWS files for `AWS_PROFILE` (or `default`); plain-HTTP endpoints (local servers) are
     /// allowed when the endpoint says `http://`. A local directory must exist.
     pub fn open(spec: &str) -> Result<Self> {
-        Self::open_with(spec, &[])
+        Self::open_with(spec, &[] as &[(&str, &str)])
     }
 
     /// [`open`](Self::open), with S3 settings that override the environment, as `object_store`
     /// keys (`aws_endpoint`, `aws_access_key_id`, `aws_secret_access_key`, `aws_region`, ...).
-    pub fn open_with(spec: &str, s3_options: &[(&str, &str)]) -> Result<Self> {
+    pub fn open_with<K: AsRef<str>, V: AsRef<str>>(spec: &str, s3_options: &[(K, V)]) -> Result<Self> {
         if let Some(rest) = spec.strip_prefix("s3://") {
             return open_s3(spec, rest, s3_options);
         }
@@ -77,11 +77,11 @@ impl Location {
     /// Open `spec` as an output location: like [`open`](Self::open), but a local directory is
     /// created when missing.
     pub fn create(spec: &str) -> Result<Self> {
-        Self::create_with(spec, &[])
+        Self::create_with(spec, &[] as &[(&str, &str)])
     }
 
     /// [`create`](Self::create) with S3 settings, as [`open_with`](Self::open_with) takes them.
-    pub fn create_with(spec: &str, s3_options: &[(&str, &str)]) -> Result<Self> {
+    pub fn create_with<K: AsRef<str>, V: AsRef<str>>(spec: &str, s3_options: &[(K, V)]) -> Result<Self> {
         if is_local(spec) {
             let path = spec.strip_prefix("file://").unwrap_or(spec);
             std::fs::create_dir_all(path).map_err(|e| Error::Location {
@@ -223,7 +223,7 @@ pub fn is_local(spec: &str) -> bool {
     !(spec.starts_with("s3://") || spec.starts_with("memory://"))
 }
 
-fn open_s3(spec: &str, rest: &str, s3_options: &[(&str, &str)]) -> Result<Location> {
+fn open_s3<K: AsRef<str>, V: AsRef<str>>(spec: &str, rest: &str, s3_options: &[(K, V)]) -> Result<Location> {
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
         return Err(Error::Location {
@@ -277,17 +277,18 @@ fn open_s3(spec: &str, rest: &str, s3_options: &[(&str, &str)]) -> Result<Locati
         }
     }
     for (key, value) in s3_options {
-        if key.contains("endpoint") {
-            endpoint = Some(value.to_string());
+        if key.as_ref().contains("endpoint") {
+            endpoint = Some(value.as_ref().to_string());
         }
     }
     builder = builder.with_allow_http(endpoint.as_deref().is_some_and(|e| e.starts_with("http://")));
     for (key, value) in s3_options {
-        let key = key.parse().map_err(|e| Error::Location {
+        let key = key.as_ref();
+        let parsed = key.parse().map_err(|e| Error::Location {
             location: spec.to_string(),
             reason: format!("unknown S3 option '{key}': {e}"),
         })?;
-        builder = builder.with_config(key, *value);
+        builder = builder.with_config(parsed, value.as_ref());
     }
     let retry = RetryConfig {
         backoff: BackoffConfig {
