@@ -239,6 +239,34 @@ fn two_workers_train_both_phases_in_lockstep() {
     .unwrap();
     assert_eq!(state["history"].as_array().unwrap().len(), 2);
     assert_eq!(state["step"], 8);
+
+    // Evaluating the newest checkpoint alone gives the run's own test result.
+    let eval = cluster_tests::run(
+        "worker",
+        [
+            "evaluate",
+            "--weights",
+            root.to_str().unwrap(),
+            "--data",
+            "synthetic",
+            "--image-size",
+            "32",
+            "--limit-test",
+            "40",
+            "--json",
+        ],
+    )
+    .success()
+    .json();
+    assert_eq!(eval["images"], 40);
+    assert_eq!(eval["test_accuracy"], epochs[1]["test_accuracy"], "{eval}");
+    let loss = eval["test_loss"].as_f64().unwrap();
+    let run_loss = epochs[1]["test_loss"].as_f64().unwrap();
+    assert!(
+        (loss - run_loss).abs() < 1e-4 * run_loss.abs().max(1.0),
+        "{loss} vs {run_loss}"
+    );
+    assert_eq!(eval["confusion"], epochs[1]["test_confusion"]);
 }
 
 #[test]

@@ -34,6 +34,9 @@ struct Cli {
 enum Command {
     /// Classify images and print the top classes (ImageNet models or our fine-tuned ones).
     Predict(PredictArgs),
+    /// Test loss, accuracy and per-class accuracy of a trained model (a model file or a
+    /// checkpoint URL) on a dataset's test split.
+    Evaluate(EvaluateArgs),
     /// Measure throughput.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -58,6 +61,37 @@ struct ClusterArgs {
     connect_timeout: f64,
     #[command(flatten)]
     security: SecurityArgs,
+}
+
+#[derive(Args, Debug)]
+struct EvaluateArgs {
+    /// The model: one of our model files, or a checkpoint root (`s3://bucket/prefix`, a
+    /// directory with `LATEST`, `file://`), whose newest good checkpoint is used.
+    #[arg(long)]
+    weights: WeightsSource,
+    /// Dataset: `cifar10` (downloaded), `synthetic`, a directory or `s3://bucket/prefix`.
+    #[arg(long, default_value = "cifar10")]
+    data: String,
+    /// Network input size in pixels.
+    #[arg(long, default_value_t = 224)]
+    image_size: u32,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch_size: u32,
+    /// Split scheme, as the run used it: `official` or `tutorial`.
+    #[arg(long, default_value = "official")]
+    split: String,
+    /// Class-balanced cap on test images, as the run used it.
+    #[arg(long)]
+    limit_test: Option<usize>,
+    /// The run's seed (it chooses the splits and the generated dataset).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args, Debug)]
@@ -216,6 +250,7 @@ fn init_logging(format: &str) {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Predict(args) => run_predict(args),
+        Command::Evaluate(args) => run_evaluate(args),
         Command::Bench(BenchCommand::Model(args)) => run_bench_model(args),
         Command::Bench(BenchCommand::Data(args)) => run_bench_data(args),
         Command::Bench(BenchCommand::Allreduce(args)) => run_bench_allreduce(args),
@@ -237,6 +272,69 @@ fn run_predict(args: PredictArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&predictions)?);
     } else {
         print!("{}", predict::render_text(&predictions));
+    }
+    Ok(())
+}
+
+fn run_evaluate(args: EvaluateArgs) -> Result<()> {
+    let device = device::select(args.device.gpu)?;
+    let config = cluster_proto::run::RunConfig {
+        data: args.data.clone(),
+        image_size: args.image_size,
+        batch_size: args.batch_size,
+        split: args.split.clone(),
+        limit_test: args.limit_test,
+        seed: args.seed,
+        ..Default::default()
+    };
+    config.validate().map_err(|e| anyhow::anyhow!(e))?;
+    let loaded = modelfile::load(None, &args.weights, &device).context("cannot load the model")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let trainer = worker::train::Trainer::for_evaluation(&config, device, runtime.handle(), loaded)?;
+    let totals = trainer.evaluate_test()?;
+    let classes = trainer.class_names();
+    let n = classes.len();
+    let per_class: Vec<serde_json::Value> = classes
+        .iter()
+        .enumerate()
+        .map(|(c, name)| {
+            let row = &totals.confusion[c * n..(c + 1) * n];
+            let count: u64 = row.iter().sum();
+            serde_json::json!({
+                "class": name,
+                "count": count,
+                "accuracy": if count == 0 { None } else { Some(row[c] as f64 / count as f64) },
+            })
+        })
+        .collect();
+    let accuracy = totals.correct as f64 / totals.count.max(1) as f64;
+    let loss = totals.loss_sum / totals.count.max(1) as f64;
+    if args.json {
+        let confusion: Vec<&[u64]> = totals.confusion.chunks(n.max(1)).collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "images": totals.count, "test_loss": loss, "test_accuracy": accuracy,
+                "per_class": per_class, "confusion": confusion,
+            }))?
+        );
+    } else {
+        println!(
+            "{} test images: loss {loss:.4}, accuracy {:.2}%",
+            totals.count,
+            accuracy * 100.0
+        );
+        for row in &per_class {
+            let acc = row["accuracy"].as_f64().map(|a| format!("{:.2}%", a * 100.0));
+            println!(
+                "  {:<16} {:>6} images  {}",
+                row["class"].as_str().unwrap_or_default(),
+                row["count"],
+                acc.unwrap_or_else(|| "-".into())
+            );
+        }
     }
     Ok(())
 }

@@ -260,6 +260,48 @@ impl Trainer {
         })
     }
 
+    /// A trainer that only evaluates `loaded` (one of our model files, or a checkpoint's) on
+    /// the splits of `config`: no ring, no optimizer.
+    pub fn for_evaluation(
+        config: &RunConfig,
+        device: Device,
+        handle: &Handle,
+        loaded: LoadedModel,
+    ) -> Result<Self> {
+        let (dataset, splits) = open_dataset(config, handle)?;
+        if loaded.classes.len() != dataset.classes.len() {
+            return Err(cluster(format!(
+                "the model predicts {} classes, the dataset {} has {}; evaluate a model trained on it",
+                loaded.classes.len(),
+                config.data,
+                dataset.classes.len()
+            )));
+        }
+        Ok(Self {
+            config: config.clone(),
+            device,
+            dataset,
+            splits,
+            model: Some(loaded),
+            phase: None,
+            optimizer: None,
+        })
+    }
+
+    /// Loss, accuracy and confusion of the model on the whole test split.
+    pub fn evaluate_test(&self) -> Result<Totals> {
+        let loaded = self
+            .model
+            .as_ref()
+            .ok_or_else(|| cluster("no model to evaluate"))?;
+        self.evaluate(&loaded.model.clone().valid(), &self.splits.test, true)
+    }
+
+    /// The dataset's class names, in label order.
+    pub fn class_names(&self) -> &[String] {
+        &self.dataset.classes
+    }
+
     /// Number of classes.
     pub fn classes(&self) -> usize {
         self.dataset.classes.len()
