@@ -137,14 +137,14 @@ fn two_workers_with_half_batches_match_one_worker() {
             assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{key}: {x} vs {y}");
         }
     }
+    // The final weights: the newest committed checkpoint of each run.
     let read = |run: &str| {
-        worker::weights::read_weights(
-            &dir.path()
-                .join(run)
-                .join("checkpoints/finetune-epoch001.safetensors"),
-        )
-        .unwrap()
-        .tensors
+        let root = dir.path().join(run).join("checkpoints");
+        let (name, bytes) = worker::resume::latest_weights(root.to_str().unwrap()).unwrap();
+        assert!(name.to_string_lossy().contains("finetune-e001"), "{name:?}");
+        worker::weights::safetensors_from_bytes(&name, &bytes)
+            .unwrap()
+            .tensors
     };
     let (a, b) = (read("one"), read("two"));
     assert_eq!(a.len(), b.len());
