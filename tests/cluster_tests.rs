@@ -682,3 +682,60 @@ fn s3_checkpoints_survive_a_killed_upload_and_resume_to_the_same_weights() {
         serde_json::from_str(&std::fs::read_to_string(out.join("history.json")).unwrap()).unwrap();
     assert_eq!(history.as_array().unwrap().len(), 3, "{history}");
 }
+
+/// The serving status `service` reports at `address` through `grpc.health.v1`, asked without
+/// a join token, as a Kubernetes probe asks.
+fn health_status(address: &str, service: &str) -> Result<i32, tonic::Code> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+            .map_err(|status| status.code())
+    })
+}
+
+#[test]
+fn both_binaries_answer_grpc_health_checks_without_a_token() {
+    use tonic_health::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    // Two expected workers: the one that joins waits, serving its peer port.
+    let (coordinator, address) = coordinator(&token, &["--workers", "2"]);
+    assert_eq!(health_status(&address, ""), Ok(ServingStatus::Serving as i32));
+    assert_eq!(
+        health_status(&address, "cluster.v1.Coordinator"),
+        Ok(ServingStatus::Serving as i32)
+    );
+    assert_eq!(
+        health_status(&address, "cluster.v1.Nope"),
+        Err(tonic::Code::NotFound)
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let advertise = format!("127.0.0.1:{port}");
+    let mut worker = worker(&token, &address, &["join"], &["--cpu", "--advertise", &advertise]);
+    worker.wait_for("joined", Duration::from_secs(60));
+    assert_eq!(
+        health_status(&advertise, "cluster.v1.Peer"),
+        Ok(ServingStatus::Serving as i32)
+    );
+    drop(worker);
+    drop(coordinator);
+}

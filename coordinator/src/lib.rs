@@ -67,13 +67,16 @@ pub async fn serve(
         ServerAuth::new(options.token.clone()),
     );
     let mut server = net::server(options.tls.server()?)?;
+    let (_health_reporter, health) = net::health(&["cluster.v1.Coordinator"]).await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server.add_service(service).serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let server = tokio::spawn(
+        server
+            .add_service(health)
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            }),
+    );
     let address = address.map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(run = %run_id, address = %address, workers = options.workers, tls = options.tls.enabled(),
         "coordinator listening");

@@ -138,6 +138,24 @@ impl SecurityArgs {
     }
 }
 
+/// The standard `grpc.health.v1.Health` service, for Kubernetes gRPC probes and
+/// `grpc_health_probe`: the whole server (`""`) and each of `services` report SERVING. It takes
+/// no join token (probes cannot send one); it tells a caller only that the process serves.
+pub async fn health(
+    services: &[&str],
+) -> (
+    tonic_health::server::HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    let (reporter, server) = tonic_health::server::health_reporter();
+    for service in services {
+        reporter
+            .set_service_status(service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    (reporter, server)
+}
+
 /// A server builder with the cluster's transport settings.
 pub fn server(tls: Option<ServerTlsConfig>) -> Result<Server> {
     let builder = Server::builder()

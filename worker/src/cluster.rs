@@ -109,8 +109,10 @@ async fn local_ip_towards(coordinator: &str) -> Option<IpAddr> {
 pub async fn join(options: JoinOptions, device: Device, device_name: String) -> Result<JoinOutcome> {
     let (listener, advertise) = bind_peer(options.advertise.as_deref(), &options.coordinator).await?;
     let peer = PeerService::new();
+    let (_health_reporter, health) = net::health(&["cluster.v1.Peer"]).await;
     let server = net::server(options.tls.server().map_err(|e| cluster(e.to_string()))?)
         .map_err(|e| cluster(e.to_string()))?
+        .add_service(health)
         .add_service(peer.clone().into_server(ServerAuth::new(options.token.clone())))
         .serve_with_incoming(TcpListenerStream::new(listener));
     let server = tokio::spawn(server);
