@@ -3,6 +3,7 @@
 //! the all-reduce benchmark), aggregates the results and records checkpoints.
 
 pub mod checkpoints;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod local;

@@ -1,82 +1,20 @@
 //! `coordinator`: starts and watches effnet-cluster runs.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::Parser;
 use cluster_proto::auth::{ClientAuth, Token};
-use cluster_proto::net::{self, SecurityArgs};
+use cluster_proto::net;
 use cluster_proto::run::Job;
 use cluster_proto::v1::StatusRequest;
 use cluster_proto::v1::coordinator_client::CoordinatorClient;
-use coordinator::config::RunArgs;
+use coordinator::cli::{Cli, Command, StartArgs, StatusArgs};
 use coordinator::run::{Run, Stage};
 use coordinator::{ServeOptions, serve};
 use tracing_subscriber::EnvFilter;
-
-#[derive(Parser, Debug)]
-#[command(name = "coordinator", version, about = "effnet-cluster coordinator")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-    /// Log format on stderr.
-    #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
-    log_format: String,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Start a run: wait for the workers, then drive it to the end.
-    Start(Box<StartArgs>),
-    /// Print a running coordinator's state.
-    Status(StatusArgs),
-}
-
-#[derive(Args, Debug)]
-struct StartArgs {
-    /// Address to serve on (default 0.0.0.0:50051; with --local, a free loopback port).
-    #[arg(long, env = "CLUSTER_LISTEN")]
-    listen: Option<SocketAddr>,
-    /// Workers to wait for before the run starts.
-    #[arg(long, default_value_t = 1, env = "CLUSTER_WORKERS", conflicts_with = "local")]
-    workers: usize,
-    /// Single-node mode: start N worker processes on this machine and run with them (a
-    /// fresh join token is made unless one is given).
-    #[arg(long, value_name = "N")]
-    local: Option<usize>,
-    /// With --local: GPUs for the workers, one per worker in order (CPU when absent).
-    #[arg(long, value_delimiter = ',', value_name = "0,1,...", requires = "local")]
-    gpus: Vec<usize>,
-    /// With --local: the worker binary (default: next to this one, else on PATH).
-    #[arg(long, value_name = "PATH", requires = "local")]
-    worker_bin: Option<PathBuf>,
-    /// Seconds without a heartbeat after which a worker is presumed dead.
-    #[arg(long, default_value_t = 30.0, env = "CLUSTER_HEARTBEAT_TIMEOUT")]
-    heartbeat_timeout: f64,
-    /// Start a new run even if the checkpoint root holds checkpoints (they are kept; by
-    /// default the run resumes from the newest good one).
-    #[arg(long)]
-    fresh: bool,
-    #[command(flatten)]
-    security: SecurityArgs,
-    #[command(flatten)]
-    run: RunArgs,
-}
-
-#[derive(Args, Debug)]
-struct StatusArgs {
-    /// The coordinator's address.
-    #[arg(long, default_value = "127.0.0.1:50051", env = "CLUSTER_COORDINATOR")]
-    coordinator: String,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    security: SecurityArgs,
-}
 
 fn init_logging(format: &str) {
     let filter = EnvFilter::try_from_env("COORDINATOR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));

@@ -5,6 +5,7 @@
 
 pub mod augment;
 pub mod bench;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod data;

@@ -1,0 +1,72 @@
+//! The `coordinator` command line, in the library so that deployment manifests can be
+//! checked against the real parser.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use cluster_proto::net::SecurityArgs;
+
+use crate::config::RunArgs;
+
+/// The command line.
+#[derive(Parser, Debug)]
+#[command(name = "coordinator", version, about = "effnet-cluster coordinator")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
+    pub log_format: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Start a run: wait for the workers, then drive it to the end.
+    Start(Box<StartArgs>),
+    /// Print a running coordinator's state.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    /// Address to serve on (default 0.0.0.0:50051; with --local, a free loopback port).
+    #[arg(long, env = "CLUSTER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Workers to wait for before the run starts.
+    #[arg(long, default_value_t = 1, env = "CLUSTER_WORKERS", conflicts_with = "local")]
+    pub workers: usize,
+    /// Single-node mode: start N worker processes on this machine and run with them (a
+    /// fresh join token is made unless one is given).
+    #[arg(long, value_name = "N")]
+    pub local: Option<usize>,
+    /// With --local: GPUs for the workers, one per worker in order (CPU when absent).
+    #[arg(long, value_delimiter = ',', value_name = "0,1,...", requires = "local")]
+    pub gpus: Vec<usize>,
+    /// With --local: the worker binary (default: next to this one, else on PATH).
+    #[arg(long, value_name = "PATH", requires = "local")]
+    pub worker_bin: Option<PathBuf>,
+    /// Seconds without a heartbeat after which a worker is presumed dead.
+    #[arg(long, default_value_t = 30.0, env = "CLUSTER_HEARTBEAT_TIMEOUT")]
+    pub heartbeat_timeout: f64,
+    /// Start a new run even if the checkpoint root holds checkpoints (they are kept; by
+    /// default the run resumes from the newest good one).
+    #[arg(long)]
+    pub fresh: bool,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The coordinator's address.
+    #[arg(long, default_value = "127.0.0.1:50051", env = "CLUSTER_COORDINATOR")]
+    pub coordinator: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
