@@ -739,3 +739,114 @@ fn both_binaries_answer_grpc_health_checks_without_a_token() {
     drop(worker);
     drop(coordinator);
 }
+
+/// `GET /metrics` over plain HTTP/1.0; the body, or `None` once the server is gone.
+fn scrape(address: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase().contains("application/openmetrics-text"),
+        "{head}"
+    );
+    Some(body.to_string())
+}
+
+/// The value of sample `name` (no labels) in a scrape.
+fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn metrics_move_during_a_local_run_and_secrets_stay_out_of_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    const SECRET: &str = "secret-token-that-must-never-be-logged";
+    const AWS_SECRET: &str = "aws-secret-that-must-never-be-logged";
+    let mut run = spawn(
+        "coordinator",
+        [
+            "--log-format",
+            "json",
+            "start",
+            "--local",
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--data",
+            "synthetic",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--head-epochs",
+            "3",
+            "--finetune-epochs",
+            "1",
+            "--limit-train",
+            "64",
+            "--limit-val",
+            "16",
+            "--limit-test",
+            "20",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[("CLUSTER_TOKEN", SECRET), ("AWS_SECRET_ACCESS_KEY", AWS_SECRET)],
+    );
+    let address = logged_address(&run.wait_for("metrics listening", Duration::from_secs(60)));
+    let mut steps_seen = std::collections::BTreeSet::new();
+    let mut workers_seen = std::collections::BTreeSet::new();
+    let mut last = String::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while let Some(body) = scrape(&address) {
+        if let Some(steps) = sample(&body, "effnet_steps_total") {
+            steps_seen.insert(steps as u64);
+        }
+        if let Some(workers) = sample(&body, "effnet_ranked_workers") {
+            workers_seen.insert(workers as u64);
+        }
+        last = body;
+        assert!(
+            Instant::now() < deadline,
+            "the run did not end:\n{}",
+            run.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let run = run.finish(Duration::from_secs(60)).success();
+    // 64 images over 2 ranks with batch 8: 4 steps an epoch; the counter climbed while we watched.
+    assert!(steps_seen.len() >= 2, "steps seen: {steps_seen:?}\n{last}");
+    assert!(
+        steps_seen.iter().all(|s| s % 4 == 0 && *s <= 16),
+        "{steps_seen:?}"
+    );
+    assert!(
+        workers_seen.contains(&2),
+        "ranked workers seen: {workers_seen:?}\n{last}"
+    );
+    for family in [
+        "effnet_epoch_duration_seconds",
+        "effnet_checkpoint_commit_duration_seconds",
+    ] {
+        assert!(
+            last.contains(&format!("# TYPE {family} histogram")),
+            "{family} missing:\n{last}"
+        );
+    }
+    assert!(!run.stderr.contains(SECRET) && !run.stdout.contains(SECRET));
+    assert!(!run.stderr.contains(AWS_SECRET) && !run.stdout.contains(AWS_SECRET));
+}

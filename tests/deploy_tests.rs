@@ -164,7 +164,9 @@ fn check(dir: &str) {
         panic!("{dir}: the coordinator container does not run `coordinator start`")
     };
     let listen = start.listen.expect("--listen").port() as u64;
-    assert_eq!(container_ports(container), [listen], "{dir}");
+    let metrics = start.metrics_listen.expect("--metrics-listen").port() as u64;
+    assert_eq!(container_ports(container), [listen, metrics], "{dir}");
+    assert!(service_ports(find(&objects, "Service", "effnet-coordinator")).contains(&metrics));
     assert_eq!(probe_ports(container), [listen, listen], "{dir}");
     assert!(service_ports(find(&objects, "Service", "effnet-coordinator")).contains(&listen));
     assert_eq!(

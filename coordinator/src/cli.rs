@@ -49,6 +49,10 @@ pub struct StartArgs {
     /// Seconds without a heartbeat after which a worker is presumed dead.
     #[arg(long, default_value_t = 30.0, env = "CLUSTER_HEARTBEAT_TIMEOUT")]
     pub heartbeat_timeout: f64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port; the address
+    /// is logged).
+    #[arg(long, env = "CLUSTER_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Start a new run even if the checkpoint root holds checkpoints (they are kept; by
     /// default the run resumes from the newest good one).
     #[arg(long)]

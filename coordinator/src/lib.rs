@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod local;
+pub mod metrics;
 pub mod progress;
 pub mod report;
 pub mod run;
@@ -56,6 +57,7 @@ pub async fn serve(
     prepared: checkpoints::Prepared,
     options: ServeOptions,
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     interrupt: impl std::future::Future<Output = String>,
 ) -> Result<Outcome, Error> {
     let address = listener.local_addr().ok();
@@ -82,6 +84,11 @@ pub async fn serve(
     tracing::info!(run = %run_id, address = %address, workers = options.workers, tls = options.tls.enabled(),
         "coordinator listening");
 
+    let metrics = metrics_listener.map(|listener| {
+        let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(address = %address, "metrics listening");
+        tokio::spawn(metrics::serve(listener, shared.clone()))
+    });
     let watchdog = {
         let shared = shared.clone();
         let limit = options.heartbeat_timeout;
@@ -113,6 +120,9 @@ pub async fn serve(
         }
     }
     watchdog.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
 
     // Let workers read their final order and hang up before the server goes away.
     let deadline = tokio::time::Instant::now() + options.linger;

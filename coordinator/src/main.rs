@@ -139,7 +139,15 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
             else => std::future::pending::<String>().await,
         }
     };
-    let outcome = serve(prepared, options, listener, interrupt).await;
+    let metrics_listener = match args.metrics_listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {address}"))?,
+        ),
+        None => None,
+    };
+    let outcome = serve(prepared, options, listener, metrics_listener, interrupt).await;
     // Local workers exit on their own once told the run is over (serve waits for them to
     // hang up); dropping the watcher kills any left.
     watcher.abort();

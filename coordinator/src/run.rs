@@ -229,6 +229,8 @@ pub struct Run {
     pub resume_from: Option<String>,
     /// The epoch whose checkpoint rank 0 is uploading; the next unit waits for its commit.
     pub awaiting_checkpoint: Option<(Phase, u32)>,
+    /// Every checkpoint commit of this coordinator, timed (for metrics).
+    pub commit_stats: Vec<crate::metrics::CommitStat>,
     /// Why the run failed.
     pub error: Option<String>,
     /// Step checksums by step and rank, until every rank has sent its own.
@@ -256,6 +258,7 @@ impl Run {
             last_checkpoint: None,
             resume_from: None,
             awaiting_checkpoint: None,
+            commit_stats: Vec::new(),
             error: None,
             checksums: BTreeMap::new(),
             next_id: 0,

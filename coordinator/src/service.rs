@@ -147,9 +147,15 @@ impl Coordinator for CoordinatorService {
             (plan, run.config.keep_checkpoints)
         };
         let name = plan.name.clone();
+        let started = std::time::Instant::now();
         match crate::checkpoints::commit(store, plan, keep).await {
             Ok(manifest) => {
+                let stat = crate::metrics::CommitStat {
+                    seconds: started.elapsed().as_secs_f64(),
+                    bytes: manifest.objects.iter().map(|o| o.size).sum(),
+                };
                 self.shared.update(|run| {
+                    run.commit_stats.push(stat);
                     run.checkpoint_committed(Checkpointed {
                         location: store.describe(&manifest.name),
                         name: manifest.name.clone(),

@@ -1,0 +1,273 @@
+//! Prometheus metrics of the coordinator, served as text on `--metrics-listen`. Every value is
+//! derived from the run's state at scrape time (the state machine stays free of metric
+//! plumbing), so counters are exactly as monotonic as the history they count.
+
+use std::sync::atomic::AtomicU64;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+
+use crate::run::{Run, Stage};
+use crate::service::Shared;
+
+/// One checkpoint commit, as the coordinator timed it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CommitStat {
+    /// Verification, state, manifest and `LATEST`, seconds.
+    pub seconds: f64,
+    /// Bytes of every object of the checkpoint.
+    pub bytes: u64,
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: f64) {
+    let g = Gauge::<f64, AtomicU64>::default();
+    g.set(value);
+    registry.register(name, help, g);
+}
+
+fn counter(registry: &mut Registry, name: &str, help: &str, unit: Option<Unit>, value: f64) {
+    let c = Counter::<f64, AtomicU64>::default();
+    c.inc_by(value);
+    match unit {
+        Some(unit) => registry.register_with_unit(name, help, unit, c),
+        None => registry.register(name, help, c),
+    }
+}
+
+/// The run's metrics in the OpenMetrics text format.
+pub fn render(run: &Run) -> String {
+    let mut registry = Registry::with_prefix("effnet");
+    let ranked = run.workers.values().filter(|w| w.rank.is_some()).count();
+    gauge(
+        &mut registry,
+        "workers",
+        "Workers connected to the coordinator",
+        run.workers.len() as f64,
+    );
+    gauge(
+        &mut registry,
+        "ranked_workers",
+        "Workers in the current ring",
+        ranked as f64,
+    );
+    gauge(
+        &mut registry,
+        "expected_workers",
+        "Workers the run waits for",
+        run.expected as f64,
+    );
+    gauge(
+        &mut registry,
+        "ring_generation",
+        "Current ring generation",
+        run.generation as f64,
+    );
+    let stage = match run.stage {
+        Stage::Waiting => 0.0,
+        Stage::Head => 1.0,
+        Stage::Finetune => 2.0,
+        Stage::Bench => 3.0,
+        Stage::Done => 4.0,
+        Stage::Failed => 5.0,
+    };
+    gauge(
+        &mut registry,
+        "run_stage",
+        "Run stage: 0 waiting, 1 head, 2 finetune, 3 bench, 4 done, 5 failed",
+        stage,
+    );
+    counter(
+        &mut registry,
+        "steps",
+        "Optimizer steps completed",
+        None,
+        run.steps_done as f64,
+    );
+    counter(
+        &mut registry,
+        "epochs",
+        "Epochs completed, both phases",
+        None,
+        run.history.len() as f64,
+    );
+    let images: u64 = run.history.iter().map(|h| h.train_images).sum();
+    counter(
+        &mut registry,
+        "train_images",
+        "Training images processed, all ranks",
+        None,
+        images as f64,
+    );
+    let allreduce: f64 = run.history.iter().map(|h| h.allreduce_seconds).sum();
+    counter(
+        &mut registry,
+        "allreduce",
+        "Mean time per rank spent in all-reduce",
+        Some(Unit::Seconds),
+        allreduce,
+    );
+    let epoch_seconds = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+    for h in &run.history {
+        epoch_seconds.observe(h.seconds);
+    }
+    registry.register_with_unit(
+        "epoch_duration",
+        "Wall time of an epoch",
+        Unit::Seconds,
+        epoch_seconds,
+    );
+    if let Some(last) = run.history.last() {
+        gauge(
+            &mut registry,
+            "train_loss",
+            "Mean training loss of the last epoch",
+            last.train_loss,
+        );
+        gauge(
+            &mut registry,
+            "train_accuracy",
+            "Training accuracy of the last epoch",
+            last.train_accuracy,
+        );
+        gauge(
+            &mut registry,
+            "images_per_second",
+            "Training images per second of the last epoch, all ranks",
+            last.images_per_second,
+        );
+        if let Some(acc) = last.val_accuracy {
+            gauge(
+                &mut registry,
+                "val_accuracy",
+                "Validation accuracy of the last epoch",
+                acc,
+            );
+        }
+    }
+    counter(
+        &mut registry,
+        "checkpoint_commits",
+        "Checkpoints committed",
+        None,
+        run.commit_stats.len() as f64,
+    );
+    let commit_seconds = Histogram::new(exponential_buckets(0.05, 2.0, 14));
+    for c in &run.commit_stats {
+        commit_seconds.observe(c.seconds);
+    }
+    registry.register_with_unit(
+        "checkpoint_commit_duration",
+        "Time to verify and commit a checkpoint",
+        Unit::Seconds,
+        commit_seconds,
+    );
+    if let Some(last) = run.commit_stats.last() {
+        gauge(
+            &mut registry,
+            "checkpoint_size_bytes",
+            "Size of the last checkpoint",
+            last.bytes as f64,
+        );
+    }
+    let mut text = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut text, &registry);
+    text
+}
+
+/// Serve `GET /metrics` for `shared` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, shared: Shared) {
+    loop {
+        let Ok((socket, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let shared = shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(&req, &shared)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(socket), service)
+                .await;
+        });
+    }
+}
+
+fn respond(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    if req.method() != Method::GET || req.uri().path() != "/metrics" {
+        *response.status_mut() = StatusCode::NOT_FOUND;
+        *response.body_mut() = Full::new(Bytes::from_static(b"not found: metrics are at /metrics\n"));
+        return response;
+    }
+    let text = render(&shared.lock());
+    if let Ok(value) = "application/openmetrics-text; version=1.0.0; charset=utf-8".parse() {
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+    }
+    *response.body_mut() = Full::new(Bytes::from(text));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::EpochSummary;
+    use cluster_proto::run::RunConfig;
+
+    #[test]
+    fn metrics_follow_the_run_state_with_prometheus_names() {
+        let mut run = Run::new("r".into(), RunConfig::default(), 2);
+        let empty = render(&run);
+        assert!(empty.contains("effnet_expected_workers 2.0"), "{empty}");
+        assert!(empty.contains("effnet_steps_total 0.0"), "{empty}");
+        assert!(!empty.contains("effnet_train_loss"), "no epoch yet: {empty}");
+        run.steps_done = 8;
+        run.history.push(EpochSummary {
+            phase: "head".into(),
+            epoch: 0,
+            steps: 8,
+            train_loss: 1.5,
+            train_accuracy: 0.25,
+            val_loss: Some(1.25),
+            val_accuracy: Some(0.5),
+            test_loss: None,
+            test_accuracy: None,
+            test_confusion: None,
+            classes: None,
+            train_images: 64,
+            seconds: 3.0,
+            allreduce_seconds: 0.5,
+            images_per_second: 21.0,
+        });
+        run.commit_stats.push(CommitStat {
+            seconds: 0.2,
+            bytes: 1000,
+        });
+        let text = render(&run);
+        for line in [
+            "effnet_steps_total 8.0",
+            "effnet_epochs_total 1.0",
+            "effnet_train_images_total 64.0",
+            "effnet_allreduce_seconds_total 0.5",
+            "effnet_train_loss 1.5",
+            "effnet_val_accuracy 0.5",
+            "effnet_checkpoint_commits_total 1.0",
+            "effnet_checkpoint_size_bytes 1000.0",
+            "effnet_epoch_duration_seconds_count 1",
+            "effnet_epoch_duration_seconds_sum 3.0",
+            "# TYPE effnet_checkpoint_commit_duration_seconds histogram",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
