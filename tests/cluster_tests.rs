@@ -808,6 +808,41 @@ fn metrics_move_during_a_local_run_and_secrets_stay_out_of_the_logs() {
         &[("CLUSTER_TOKEN", SECRET), ("AWS_SECRET_ACCESS_KEY", AWS_SECRET)],
     );
     let address = logged_address(&run.wait_for("metrics listening", Duration::from_secs(60)));
+    let coordinator_address = logged_address(&run.wait_for("coordinator listening", Duration::from_secs(10)));
+    // `status --json` lists every worker with its rank once the ring has formed.
+    let status_deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let status = cluster_tests::spawn(
+            "coordinator",
+            ["status", "--coordinator", &coordinator_address, "--json"],
+            &[("CLUSTER_TOKEN", SECRET)],
+        )
+        .finish(Duration::from_secs(30))
+        .success()
+        .json();
+        if status["workers"].as_array().map(|w| w.len()) == Some(2) && status["generation"] == 1 {
+            break status;
+        }
+        assert!(
+            Instant::now() < status_deadline,
+            "the ring never formed: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut ranks: Vec<u64> = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["rank"].as_u64().unwrap())
+        .collect();
+    ranks.sort();
+    assert_eq!(ranks, [0, 1], "{status}");
+    assert!(
+        status["workers"][0]["address"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
     let mut steps_seen = std::collections::BTreeSet::new();
     let mut workers_seen = std::collections::BTreeSet::new();
     let mut last = String::new();

@@ -199,6 +199,16 @@ fn format_bytes(bytes: u64) -> String {
     }
 }
 
+/// `1h 02m`, `3m 05s`, `42s`.
+fn format_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, min, sec) => format!("{min}m {sec:02}s"),
+        (h, min, _) => format!("{h}h {min:02}m"),
+    }
+}
+
 async fn status(args: StatusArgs) -> Result<()> {
     let token = args.security.token()?;
     let endpoint = net::endpoint(&args.coordinator, args.security.tls().client()?)?;
@@ -220,27 +230,48 @@ async fn status(args: StatusArgs) -> Result<()> {
                 serde_json::json!({"worker_id": w.worker_id, "name": w.name,
                     // u32::MAX on the wire: not in a ring yet.
                     "rank": (w.rank != u32::MAX).then_some(w.rank), "address": w.address,
-                    "device": w.device, "step": w.step, "seconds_since_heartbeat": w.seconds_since_heartbeat})
+                    "device": w.device, "step": w.step, "seconds_since_heartbeat": w.seconds_since_heartbeat,
+                    "steps_per_second": w.steps_per_second, "images_per_second": w.images_per_second,
+                    "step_seconds": (w.steps_per_second > 0.0).then(|| 1.0 / w.steps_per_second)})
             })
             .collect();
         let history: serde_json::Value = serde_json::from_str(&reply.history_json).unwrap_or_default();
         let value = serde_json::json!({"run_id": reply.run_id, "state": reply.state, "generation": reply.generation,
-            "epoch": reply.epoch, "workers": workers, "history": history, "last_checkpoint": reply.last_checkpoint,
-            "error": reply.error});
+            "epoch": reply.epoch, "step": reply.step, "workers": workers, "history": history,
+            "val_accuracy": reply.val_accuracy, "eta_seconds": reply.eta_seconds,
+            "last_checkpoint": reply.last_checkpoint, "error": reply.error});
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         println!(
-            "run {}: {} (ring generation {}, epoch {})",
-            reply.run_id, reply.state, reply.generation, reply.epoch
+            "run {}: {} (ring generation {}, epoch {}, step {})",
+            reply.run_id, reply.state, reply.generation, reply.epoch, reply.step
         );
+        if let Some(acc) = reply.val_accuracy {
+            println!("  validation accuracy {:.2}%", acc * 100.0);
+        }
+        if let Some(eta) = reply.eta_seconds {
+            println!("  about {} left", format_duration(eta));
+        }
+        if !reply.last_checkpoint.is_empty() {
+            println!("  last checkpoint {}", reply.last_checkpoint);
+        }
         for w in &reply.workers {
             let rank = if w.rank == u32::MAX {
                 "-".to_string()
             } else {
                 w.rank.to_string()
             };
+            let speed = if w.steps_per_second > 0.0 {
+                format!(
+                    ", {:.3} s/step, {:.1} images/s",
+                    1.0 / w.steps_per_second,
+                    w.images_per_second
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "  {} rank {rank} {} {} step {} (heartbeat {:.1} s ago)",
+                "  {} rank {rank} {} {} step {}{speed} (heartbeat {:.1} s ago)",
                 w.worker_id, w.address, w.device, w.step, w.seconds_since_heartbeat
             );
         }

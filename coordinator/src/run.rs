@@ -108,6 +108,9 @@ pub struct Worker {
     pub last_seen: Instant,
     /// The last step it reported.
     pub step: u64,
+    /// Recent steps per second (smoothed over heartbeats), once measured.
+    pub steps_per_second: Option<f64>,
+    rate_mark: (u64, Instant),
     orders: UnboundedSender<Result<Order, Status>>,
 }
 
@@ -318,6 +321,8 @@ impl Run {
                 rank: None,
                 last_seen: Instant::now(),
                 step: 0,
+                steps_per_second: None,
+                rate_mark: (0, Instant::now()),
                 orders,
             },
         );
@@ -462,6 +467,19 @@ impl Run {
             .ok_or_else(|| Refusal::UnknownWorker(worker_id.to_string()))?;
         worker.last_seen = Instant::now();
         worker.step = step;
+        let (mark_step, mark_time) = worker.rate_mark;
+        let elapsed = mark_time.elapsed().as_secs_f64();
+        if step < mark_step {
+            worker.rate_mark = (step, Instant::now());
+        } else if elapsed >= 1.0 {
+            // Smoothed, so the pause for evaluation between epochs does not swing it to 0.
+            let now = (step - mark_step) as f64 / elapsed;
+            worker.steps_per_second = Some(match worker.steps_per_second {
+                Some(rate) => 0.5 * rate + 0.5 * now,
+                None => now,
+            });
+            worker.rate_mark = (step, Instant::now());
+        }
         let Some(rank) = worker.rank else {
             return Ok(());
         };
@@ -710,6 +728,44 @@ impl Run {
         }
     }
 
+    /// Steps the ring has completed: the slowest ranked worker's last heartbeat, never less
+    /// than what finished epochs account for.
+    pub fn ring_step(&self) -> u64 {
+        self.workers
+            .values()
+            .filter(|w| w.rank.is_some())
+            .map(|w| w.step)
+            .min()
+            .unwrap_or(0)
+            .max(self.steps_done)
+    }
+
+    /// Seconds to the end of the run, from the last epoch's step count and the ring's recent
+    /// speed (the slowest rank's): `None` until both are known.
+    pub fn eta_seconds(&self) -> Option<f64> {
+        if self.finished() {
+            return Some(0.0);
+        }
+        let per_epoch = self.history.last()?.steps;
+        let rate = self
+            .workers
+            .values()
+            .filter(|w| w.rank.is_some())
+            .map(|w| w.steps_per_second)
+            .collect::<Option<Vec<f64>>>()?
+            .into_iter()
+            .fold(f64::INFINITY, f64::min);
+        if !(rate.is_finite() && rate > 0.0) {
+            return None;
+        }
+        let epochs_left = self.plan[self.current.min(self.plan.len())..]
+            .iter()
+            .filter(|u| matches!(u, Unit::Epoch { .. }))
+            .count() as u64;
+        let in_progress = self.ring_step().saturating_sub(self.steps_done).min(per_epoch);
+        Some((epochs_left * per_epoch).saturating_sub(in_progress) as f64 / rate)
+    }
+
     /// The status reply.
     pub fn status(&self) -> v1::StatusReply {
         let epoch = match self.plan.get(self.current) {
@@ -732,6 +788,8 @@ impl Run {
                     device: w.device.clone(),
                     step: w.step,
                     seconds_since_heartbeat: w.last_seen.elapsed().as_secs_f64(),
+                    steps_per_second: w.steps_per_second.unwrap_or(0.0),
+                    images_per_second: w.steps_per_second.unwrap_or(0.0) * f64::from(self.config.batch_size),
                 })
                 .collect(),
             history_json: serde_json::to_string(&self.history).unwrap_or_default(),
@@ -741,6 +799,9 @@ impl Run {
                 .map(|c| c.location.clone())
                 .unwrap_or_default(),
             error: self.error.clone().unwrap_or_default(),
+            step: self.ring_step(),
+            val_accuracy: self.history.iter().rev().find_map(|h| h.val_accuracy),
+            eta_seconds: self.eta_seconds(),
         }
     }
 }
@@ -935,5 +996,36 @@ mod tests {
             err.contains("head epoch 7 is not part of this run's plan"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn heartbeats_give_speed_and_the_eta_follows_the_plan() {
+        let config = RunConfig {
+            head_epochs: 2,
+            finetune_epochs: 1,
+            ..RunConfig::default()
+        };
+        let (mut run, ids) = run_of_two(config);
+        assert_eq!(run.eta_seconds(), None, "nothing timed yet");
+        run.report(epoch_report(&ids[0], Phase::Head, 0, 4)).unwrap();
+        run.report(epoch_report(&ids[1], Phase::Head, 0, 4)).unwrap();
+        assert_eq!(run.steps_done, 4);
+        assert_eq!(run.eta_seconds(), None, "no speed yet");
+        // Two seconds ago both ranks were at step 4; now they are at 6: 1 step/s.
+        for id in &ids {
+            let worker = run.workers.get_mut(id).unwrap();
+            worker.rate_mark = (4, Instant::now() - Duration::from_secs(2));
+            run.heartbeat(id, 6, &[]).unwrap();
+        }
+        let rate = run.workers[&ids[0]].steps_per_second.unwrap();
+        assert!((rate - 1.0).abs() < 0.05, "{rate}");
+        assert_eq!(run.ring_step(), 6);
+        // Head epoch 1 (2 of 4 steps done) and the fine-tune epoch are left: 6 steps at 1/s.
+        let eta = run.eta_seconds().unwrap();
+        assert!((eta - 6.0).abs() < 0.3, "{eta}");
+        let status = run.status();
+        assert_eq!(status.step, 6);
+        assert_eq!(status.val_accuracy, Some(0.75));
+        assert!((status.workers[0].images_per_second - rate * 32.0).abs() < 1e-9);
     }
 }
