@@ -22,4 +22,4 @@ mod store;
 
 pub use error::{Error, Result};
 pub use manifest::{FORMAT, Latest, Manifest, ObjectEntry};
-pub use store::{CheckpointStore, Good, PART_SIZE, Retention};
+pub use store::{CheckpointStore, Good, PART_SIZE, Retention, unique_hex};

@@ -84,18 +84,7 @@ impl CheckpointStore {
     /// A fresh, unique checkpoint name: sortable by step, readable, and never reused, so a
     /// retried or concurrent attempt cannot overwrite a committed checkpoint's objects.
     pub fn new_name(step: u64, phase: &str, epoch: u32) -> String {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let mut h = Sha256::new();
-        h.update(nanos.to_le_bytes());
-        h.update(std::process::id().to_le_bytes());
-        h.update(COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
-        let nonce = hex::encode(&h.finalize()[..4]);
-        format!("step-{step:010}-{phase}-e{epoch:03}-{nonce}")
+        format!("step-{step:010}-{phase}-e{epoch:03}-{}", unique_hex(4))
     }
 
     /// Upload `bytes` as object `object` of checkpoint `checkpoint`; large objects go up in
@@ -441,6 +430,22 @@ impl CheckpointStore {
         }
         Ok(doomed)
     }
+}
+
+/// `bytes` bytes of hex that no other call returns, in this process or (by time and process
+/// id) another one: for names that must never collide, such as checkpoint prefixes and run ids.
+pub fn unique_hex(bytes: usize) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(nanos.to_le_bytes());
+    h.update(std::process::id().to_le_bytes());
+    h.update(COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    hex::encode(&h.finalize()[..bytes.min(32)])
 }
 
 fn is_missing(e: &Error) -> bool {

@@ -3,7 +3,6 @@
 
 use checkpoint::{CheckpointStore, Manifest, Retention};
 use cluster_proto::run::{Job, RunConfig};
-use sha2::{Digest, Sha256};
 
 use crate::error::Error;
 use crate::run::{Checkpointed, CommitPlan, Run, SavedState};
@@ -126,12 +125,5 @@ pub async fn commit(
 /// A run id unique across restarts and machines: checkpoints of different runs under one
 /// root never mix.
 pub fn new_run_id() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let mut h = Sha256::new();
-    h.update(nanos.to_le_bytes());
-    h.update(std::process::id().to_le_bytes());
-    format!("run-{}", hex::encode(&h.finalize()[..6]))
+    format!("run-{}", checkpoint::unique_hex(6))
 }

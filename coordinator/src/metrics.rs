@@ -42,6 +42,21 @@ fn counter(registry: &mut Registry, name: &str, help: &str, unit: Option<Unit>, 
     }
 }
 
+/// A histogram in seconds over `values`, buckets doubling from `first`.
+fn seconds_histogram(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    first: f64,
+    values: impl Iterator<Item = f64>,
+) {
+    let h = Histogram::new(exponential_buckets(first, 2.0, 14));
+    for v in values {
+        h.observe(v);
+    }
+    registry.register_with_unit(name, help, Unit::Seconds, h);
+}
+
 /// The run's metrics in the OpenMetrics text format.
 pub fn render(run: &Run) -> String {
     let mut registry = Registry::with_prefix("effnet");
@@ -114,15 +129,12 @@ pub fn render(run: &Run) -> String {
         Some(Unit::Seconds),
         allreduce,
     );
-    let epoch_seconds = Histogram::new(exponential_buckets(1.0, 2.0, 14));
-    for h in &run.history {
-        epoch_seconds.observe(h.seconds);
-    }
-    registry.register_with_unit(
+    seconds_histogram(
+        &mut registry,
         "epoch_duration",
         "Wall time of an epoch",
-        Unit::Seconds,
-        epoch_seconds,
+        1.0,
+        run.history.iter().map(|h| h.seconds),
     );
     if let Some(last) = run.history.last() {
         gauge(
@@ -159,15 +171,12 @@ pub fn render(run: &Run) -> String {
         None,
         run.commit_stats.len() as f64,
     );
-    let commit_seconds = Histogram::new(exponential_buckets(0.05, 2.0, 14));
-    for c in &run.commit_stats {
-        commit_seconds.observe(c.seconds);
-    }
-    registry.register_with_unit(
+    seconds_histogram(
+        &mut registry,
         "checkpoint_commit_duration",
         "Time to verify and commit a checkpoint",
-        Unit::Seconds,
-        commit_seconds,
+        0.05,
+        run.commit_stats.iter().map(|c| c.seconds),
     );
     if let Some(last) = run.commit_stats.last() {
         gauge(

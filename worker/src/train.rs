@@ -237,27 +237,13 @@ impl Trainer {
         store: &checkpoint::CheckpointStore,
         name: &str,
     ) -> Result<Self> {
-        let (dataset, splits) = open_dataset(config, handle)?;
         let (manifest, restored) = handle.block_on(crate::resume::restore(store, name, &device))?;
-        if restored.model.classes.len() != dataset.classes.len() {
-            return Err(cluster(format!(
-                "checkpoint {} has {} classes, the dataset {}",
-                store.describe(name),
-                restored.model.classes.len(),
-                dataset.classes.len()
-            )));
-        }
+        let mut trainer = Self::with_model(config, device, handle, restored.model, &store.describe(name))?;
+        trainer.phase = Some(restored.phase);
+        trainer.optimizer = Some(restored.optimizer);
         tracing::info!(checkpoint = %store.describe(name), phase = %manifest.phase, epoch = manifest.epoch,
             step = manifest.step, "resumed from checkpoint");
-        Ok(Self {
-            config: config.clone(),
-            device,
-            dataset,
-            splits,
-            model: Some(restored.model),
-            phase: Some(restored.phase),
-            optimizer: Some(restored.optimizer),
-        })
+        Ok(trainer)
     }
 
     /// A trainer that only evaluates `loaded` (one of our model files, or a checkpoint's) on
@@ -268,10 +254,22 @@ impl Trainer {
         handle: &Handle,
         loaded: LoadedModel,
     ) -> Result<Self> {
+        Self::with_model(config, device, handle, loaded, "the model")
+    }
+
+    /// A trainer over `config`'s data around an already trained `loaded` (`source` names it
+    /// in errors), with no phase or optimizer state yet.
+    fn with_model(
+        config: &RunConfig,
+        device: Device,
+        handle: &Handle,
+        loaded: LoadedModel,
+        source: &str,
+    ) -> Result<Self> {
         let (dataset, splits) = open_dataset(config, handle)?;
         if loaded.classes.len() != dataset.classes.len() {
             return Err(cluster(format!(
-                "the model predicts {} classes, the dataset {} has {}; evaluate a model trained on it",
+                "{source} predicts {} classes, the dataset {} has {}; use a model trained on it",
                 loaded.classes.len(),
                 config.data,
                 dataset.classes.len()
