@@ -807,7 +807,22 @@ fn metrics_move_during_a_local_run_and_secrets_stay_out_of_the_logs() {
         ],
         &[("CLUSTER_TOKEN", SECRET), ("AWS_SECRET_ACCESS_KEY", AWS_SECRET)],
     );
-    let address = logged_address(&run.wait_for("metrics listening", Duration::from_secs(60)));
+    let address = logged_address(
+        &run.wait_for_lines(
+            &["metrics listening", "\"target\":\"coordinator\""],
+            1,
+            Duration::from_secs(60),
+        )[0],
+    );
+    let worker_addresses: Vec<String> = run
+        .wait_for_lines(
+            &["metrics listening", "\"target\":\"worker::cluster\""],
+            2,
+            Duration::from_secs(60),
+        )
+        .iter()
+        .map(|line| logged_address(line))
+        .collect();
     let coordinator_address = logged_address(&run.wait_for("coordinator listening", Duration::from_secs(10)));
     // `status --json` lists every worker with its rank once the ring has formed.
     let status_deadline = Instant::now() + Duration::from_secs(120);
@@ -845,9 +860,22 @@ fn metrics_move_during_a_local_run_and_secrets_stay_out_of_the_logs() {
     );
     let mut steps_seen = std::collections::BTreeSet::new();
     let mut workers_seen = std::collections::BTreeSet::new();
+    let mut worker_steps_seen = std::collections::BTreeSet::new();
+    let mut worker_last = vec![String::new(); 2];
     let mut last = String::new();
     let deadline = Instant::now() + Duration::from_secs(300);
     while let Some(body) = scrape(&address) {
+        // Workers hang up first when the run ends; keep their last scrape.
+        for (i, worker) in worker_addresses.iter().enumerate() {
+            if let Some(body) = scrape(worker) {
+                if i == 0
+                    && let Some(steps) = sample(&body, "effnet_worker_steps_total")
+                {
+                    worker_steps_seen.insert(steps as u64);
+                }
+                worker_last[i] = body;
+            }
+        }
         if let Some(steps) = sample(&body, "effnet_steps_total") {
             steps_seen.insert(steps as u64);
         }
@@ -882,6 +910,61 @@ fn metrics_move_during_a_local_run_and_secrets_stay_out_of_the_logs() {
             "{family} missing:\n{last}"
         );
     }
+    // Each worker took all 16 steps with 32 of the 64 images an epoch, sent exactly the
+    // all-reduce bytes its ring position implies, and timed every step and data wait.
+    assert!(
+        worker_steps_seen.len() >= 2,
+        "worker steps seen: {worker_steps_seen:?}\n{}",
+        worker_last[0]
+    );
+    let mut ranks_seen = Vec::new();
+    for body in &worker_last {
+        assert_eq!(sample(body, "effnet_worker_steps_total"), Some(16.0), "{body}");
+        assert_eq!(
+            sample(body, "effnet_worker_train_images_total"),
+            Some(128.0),
+            "{body}"
+        );
+        assert_eq!(sample(body, "effnet_worker_world_size"), Some(2.0), "{body}");
+        assert_eq!(
+            sample(body, "effnet_worker_step_duration_seconds_count"),
+            Some(16.0),
+            "{body}"
+        );
+        assert_eq!(
+            sample(body, "effnet_worker_data_wait_seconds_count"),
+            Some(16.0),
+            "{body}"
+        );
+        assert_eq!(
+            sample(body, "effnet_worker_allreduce_duration_seconds_count"),
+            Some(16.0),
+            "{body}"
+        );
+        let sent = sample(body, "effnet_worker_allreduce_sent_bytes_total").unwrap_or(0.0);
+        assert!(
+            sent > 0.0 && (sent as u64).is_multiple_of(16 * 4),
+            "{sent}\n{body}"
+        );
+        assert!(
+            sample(body, "effnet_worker_train_loss").is_some_and(f64::is_finite),
+            "{body}"
+        );
+        ranks_seen.push(sample(body, "effnet_worker_rank").unwrap_or(-1.0) as i64);
+    }
+    ranks_seen.sort();
+    assert_eq!(ranks_seen, [0, 1]);
+    // Only rank 0 uploads checkpoints, one at the end of each phase (the last scrape may
+    // come before the final one: the worker exits soon after it).
+    let mut uploads: Vec<f64> = worker_last
+        .iter()
+        .map(|b| sample(b, "effnet_worker_checkpoint_upload_duration_seconds_count").unwrap_or(-1.0))
+        .collect();
+    uploads.sort_by(f64::total_cmp);
+    assert!(
+        uploads[0] == 0.0 && [1.0, 2.0].contains(&uploads[1]),
+        "{uploads:?}"
+    );
     assert!(!run.stderr.contains(SECRET) && !run.stdout.contains(SECRET));
     assert!(!run.stderr.contains(AWS_SECRET) && !run.stdout.contains(AWS_SECRET));
 }

@@ -167,6 +167,11 @@ fn check(dir: &str) {
     let metrics = start.metrics_listen.expect("--metrics-listen").port() as u64;
     assert_eq!(container_ports(container), [listen, metrics], "{dir}");
     assert!(service_ports(find(&objects, "Service", "effnet-coordinator")).contains(&metrics));
+    assert_eq!(
+        coordinator["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"],
+        metrics.to_string(),
+        "{dir}"
+    );
     assert_eq!(probe_ports(container), [listen, listen], "{dir}");
     assert!(service_ports(find(&objects, "Service", "effnet-coordinator")).contains(&listen));
     assert_eq!(
@@ -207,7 +212,13 @@ fn check(dir: &str) {
         "{dir}: --coordinator port"
     );
     let advertise = port_of(join.cluster.advertise.as_deref().expect("--advertise")) as u64;
-    assert_eq!(container_ports(container), [advertise], "{dir}");
+    let worker_metrics = join.metrics_listen.expect("--metrics-listen").port() as u64;
+    assert_eq!(container_ports(container), [advertise, worker_metrics], "{dir}");
+    assert_eq!(
+        workers["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"],
+        worker_metrics.to_string(),
+        "{dir}"
+    );
     assert_eq!(probe_ports(container), [advertise, advertise], "{dir}");
     let headless = find(
         &objects,
@@ -216,6 +227,7 @@ fn check(dir: &str) {
     );
     assert_eq!(headless["spec"]["clusterIP"], "None");
     assert!(service_ports(headless).contains(&advertise));
+    assert!(service_ports(headless).contains(&worker_metrics));
     let advertised_host = join.cluster.advertise.as_deref().unwrap();
     assert!(advertised_host.contains(&format!(".{}.", workers["spec"]["serviceName"].as_str().unwrap())));
     let token = join.cluster.security.token_file.clone().expect("--token-file");

@@ -158,26 +158,45 @@ impl Proc {
 
     /// Wait until a line of standard error contains `needle`; return that line.
     pub fn wait_for(&mut self, needle: &str, timeout: std::time::Duration) -> String {
+        self.wait_for_lines(&[needle], 1, timeout).remove(0)
+    }
+
+    /// Wait until `count` lines of standard error contain every one of `needles`; return
+    /// those lines.
+    pub fn wait_for_lines(
+        &mut self,
+        needles: &[&str],
+        count: usize,
+        timeout: std::time::Duration,
+    ) -> Vec<String> {
         let deadline = std::time::Instant::now() + timeout;
+        let matching = |lines: &[String]| -> Option<Vec<String>> {
+            let found: Vec<String> = lines
+                .iter()
+                .filter(|l| needles.iter().all(|n| l.contains(n)))
+                .cloned()
+                .collect();
+            (found.len() >= count).then_some(found)
+        };
         loop {
-            if let Some(line) = self.stderr.lock().unwrap().iter().find(|l| l.contains(needle)) {
-                return line.clone();
+            if let Some(lines) = matching(&self.stderr.lock().unwrap()) {
+                return lines;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 // Let the readers drain before reporting.
                 std::thread::sleep(std::time::Duration::from_millis(100));
-                if let Some(line) = self.stderr.lock().unwrap().iter().find(|l| l.contains(needle)) {
-                    return line.clone();
+                if let Some(lines) = matching(&self.stderr.lock().unwrap()) {
+                    return lines;
                 }
                 panic!(
-                    "{} exited ({status}) before printing {needle:?}:\n{}",
+                    "{} exited ({status}) before printing {count} lines with {needles:?}:\n{}",
                     self.name,
                     self.stderr()
                 );
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "{} did not print {needle:?} within {timeout:?}:\n{}",
+                "{} did not print {count} lines with {needles:?} within {timeout:?}:\n{}",
                 self.name,
                 self.stderr()
             );

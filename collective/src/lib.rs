@@ -296,6 +296,25 @@ pub async fn all_reduce<N: Link, P: Link>(
     Ok(())
 }
 
+/// Payload bytes rank `ring.rank` sends in one [`all_reduce`] of `len` values: every chunk it
+/// forwards in both halves, at 4 bytes a value (2 with bf16). Framing is not counted.
+pub fn bytes_sent(ring: &Ring, len: usize) -> u64 {
+    let n = ring.world;
+    if n <= 1 {
+        return 0;
+    }
+    let width: u64 = if ring.bf16 { 2 } else { 4 };
+    let r = ring.rank;
+    let values: usize = (0..n - 1)
+        .map(|round| {
+            let scatter = (r + n - round) % n;
+            let gather = (r + 1 + n - round) % n;
+            chunk_range(len, n, scatter).len() + chunk_range(len, n, gather).len()
+        })
+        .sum();
+    values as u64 * width
+}
+
 // The element loops below are plain functions, not generic ones: they are compiled (and
 // optimised) in this crate rather than in each caller's.
 

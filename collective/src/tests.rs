@@ -188,3 +188,65 @@ fn unaligned_wire_values_add_and_copy_like_aligned_ones() {
     unaligned.apply(&mut copy, Phase::AllGather);
     assert_eq!(copy, values);
 }
+
+/// A link that counts the values it sends.
+struct Counting {
+    inner: local::ChannelLink,
+    values: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Link for Counting {
+    async fn send(&mut self, tag: Tag, data: &[f32]) -> std::result::Result<(), String> {
+        self.values
+            .fetch_add(data.len(), std::sync::atomic::Ordering::Relaxed);
+        self.inner.send(tag, data).await
+    }
+
+    async fn recv(&mut self) -> std::result::Result<Piece, String> {
+        self.inner.recv().await
+    }
+}
+
+#[tokio::test]
+async fn bytes_sent_is_what_each_rank_puts_on_its_link() {
+    for (n, len, bf16) in [
+        (2, 1000, false),
+        (3, 1_000_003, false),
+        (4, 7, true),
+        (1, 10, false),
+    ] {
+        let mut tasks = Vec::new();
+        for (rank, (next, mut prev)) in ring_links(n).into_iter().enumerate() {
+            tasks.push(tokio::spawn(async move {
+                let ring = Ring {
+                    max_piece: 4096,
+                    bf16,
+                    ..Ring::new(n, rank, 1)
+                };
+                let values = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let mut next = Counting {
+                    inner: next,
+                    values: values.clone(),
+                };
+                let mut buf = input(rank, len);
+                all_reduce(&ring, 1, &mut buf, true, &mut next, &mut prev)
+                    .await
+                    .unwrap();
+                let width = if bf16 { 2 } else { 4 };
+                (
+                    values.load(std::sync::atomic::Ordering::Relaxed) as u64 * width,
+                    bytes_sent(&ring, len),
+                )
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            let (counted, predicted) = t.await.unwrap();
+            assert_eq!(counted, predicted, "n={n} len={len}");
+            total += predicted;
+        }
+        // Each of the 2(n-1) rounds moves every chunk once.
+        let width = if bf16 { 2 } else { 4 };
+        assert_eq!(total, 2 * (n as u64 - 1) * len as u64 * width, "n={n} len={len}");
+    }
+}

@@ -50,7 +50,8 @@ pub struct StartArgs {
     #[arg(long, default_value_t = 30.0, env = "CLUSTER_HEARTBEAT_TIMEOUT")]
     pub heartbeat_timeout: f64,
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port; the address
-    /// is logged).
+    /// is logged). With --local, worker i serves its own on the port 1 + i above (free ports
+    /// when this one is 0).
     #[arg(long, env = "CLUSTER_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
     /// Start a new run even if the checkpoint root holds checkpoints (they are kept; by

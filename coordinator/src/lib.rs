@@ -87,7 +87,9 @@ pub async fn serve(
     let metrics = metrics_listener.map(|listener| {
         let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(address = %address, "metrics listening");
-        tokio::spawn(metrics::serve(listener, shared.clone()))
+        let shared = shared.clone();
+        let render: cluster_metrics::Render = std::sync::Arc::new(move || metrics::render(&shared.lock()));
+        tokio::spawn(cluster_metrics::serve(listener, render))
     });
     let watchdog = {
         let shared = shared.clone();

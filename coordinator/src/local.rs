@@ -1,5 +1,6 @@
 //! Single-node mode: the coordinator starts its own worker processes on this machine.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use cluster_proto::auth::Token;
@@ -43,8 +44,20 @@ pub fn device_args(index: usize, gpus: &[usize]) -> Vec<String> {
     }
 }
 
-/// Start `n` workers joining `address`. The token travels in the environment, never on a
-/// command line (which other users can read); workers die with the coordinator.
+/// Where local worker `index` serves its metrics when the coordinator serves its own on
+/// `coordinator`: the same host, the next ports up (or free ports when the coordinator's is
+/// 0).
+pub fn worker_metrics_address(coordinator: SocketAddr, index: usize) -> SocketAddr {
+    let port = match coordinator.port() {
+        0 => 0,
+        port => port.saturating_add(1).saturating_add(index as u16),
+    };
+    SocketAddr::new(coordinator.ip(), port)
+}
+
+/// Start `n` workers joining `address`, serving metrics next to `metrics` when it is set.
+/// The token travels in the environment, never on a command line (which other users can
+/// read); workers die with the coordinator.
 pub fn spawn_workers(
     binary: &Path,
     n: usize,
@@ -52,10 +65,12 @@ pub fn spawn_workers(
     address: &str,
     token: &Token,
     log_format: &str,
+    metrics: Option<SocketAddr>,
 ) -> Result<Vec<Child>, String> {
     (0..n)
         .map(|i| {
-            Command::new(binary)
+            let mut command = Command::new(binary);
+            command
                 .arg("--log-format")
                 .arg(log_format)
                 .arg("join")
@@ -63,9 +78,17 @@ pub fn spawn_workers(
                 .arg(address)
                 .arg("--name")
                 .arg(format!("local-{i}"))
-                .args(device_args(i, gpus))
+                .args(device_args(i, gpus));
+            if let Some(base) = metrics {
+                command
+                    .arg("--metrics-listen")
+                    .arg(worker_metrics_address(base, i).to_string());
+            }
+            // One address for every local worker would make all but one fail to bind.
+            command
                 .env("CLUSTER_TOKEN", token.expose())
                 .env_remove("CLUSTER_ADVERTISE")
+                .env_remove("WORKER_METRICS_LISTEN")
                 .kill_on_drop(true)
                 .spawn()
                 .map_err(|e| format!("cannot start worker {i} ({}): {e}", binary.display()))
@@ -103,6 +126,15 @@ mod tests {
         assert_eq!(device_args(0, &[3, 5]), ["--gpu", "3"]);
         assert_eq!(device_args(1, &[3, 5]), ["--gpu", "5"]);
         assert_eq!(device_args(0, &[]), ["--cpu"]);
+    }
+
+    #[test]
+    fn local_workers_serve_metrics_on_the_ports_after_the_coordinators() {
+        let base: SocketAddr = "127.0.0.1:9100".parse().unwrap();
+        assert_eq!(worker_metrics_address(base, 0).to_string(), "127.0.0.1:9101");
+        assert_eq!(worker_metrics_address(base, 2).to_string(), "127.0.0.1:9103");
+        let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        assert_eq!(worker_metrics_address(any, 3).to_string(), "0.0.0.0:0");
     }
 
     #[test]

@@ -110,8 +110,16 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
         }
         let binary = coordinator::local::worker_binary(args.worker_bin.as_deref()).map_err(|e| anyhow!(e))?;
         let address = listener.local_addr().context("listener address")?.to_string();
-        children = coordinator::local::spawn_workers(&binary, n, &args.gpus, &address, &token, log_format)
-            .map_err(|e| anyhow!(e))?;
+        children = coordinator::local::spawn_workers(
+            &binary,
+            n,
+            &args.gpus,
+            &address,
+            &token,
+            log_format,
+            args.metrics_listen,
+        )
+        .map_err(|e| anyhow!(e))?;
         tracing::info!(workers = n, worker_bin = %binary.display(), out = %config.out, "local workers started");
     }
     let options = ServeOptions {

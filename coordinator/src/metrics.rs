@@ -2,21 +2,10 @@
 //! derived from the run's state at scrape time (the state machine stays free of metric
 //! plumbing), so counters are exactly as monotonic as the history they count.
 
-use std::sync::atomic::AtomicU64;
-
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::{Registry, Unit};
-use tokio::net::TcpListener;
+use cluster_metrics::prometheus_client::registry::{Registry, Unit};
+use cluster_metrics::{counter, gauge, seconds_histogram};
 
 use crate::run::{Run, Stage};
-use crate::service::Shared;
 
 /// One checkpoint commit, as the coordinator timed it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -25,36 +14,6 @@ pub struct CommitStat {
     pub seconds: f64,
     /// Bytes of every object of the checkpoint.
     pub bytes: u64,
-}
-
-fn gauge(registry: &mut Registry, name: &str, help: &str, value: f64) {
-    let g = Gauge::<f64, AtomicU64>::default();
-    g.set(value);
-    registry.register(name, help, g);
-}
-
-fn counter(registry: &mut Registry, name: &str, help: &str, unit: Option<Unit>, value: f64) {
-    let c = Counter::<f64, AtomicU64>::default();
-    c.inc_by(value);
-    match unit {
-        Some(unit) => registry.register_with_unit(name, help, unit, c),
-        None => registry.register(name, help, c),
-    }
-}
-
-/// A histogram in seconds over `values`, buckets doubling from `first`.
-fn seconds_histogram(
-    registry: &mut Registry,
-    name: &str,
-    help: &str,
-    first: f64,
-    values: impl Iterator<Item = f64>,
-) {
-    let h = Histogram::new(exponential_buckets(first, 2.0, 14));
-    for v in values {
-        h.observe(v);
-    }
-    registry.register_with_unit(name, help, Unit::Seconds, h);
 }
 
 /// The run's metrics in the OpenMetrics text format.
@@ -166,6 +125,13 @@ pub fn render(run: &Run) -> String {
     }
     counter(
         &mut registry,
+        "run_restarts",
+        "Times this run was restarted from a checkpoint",
+        None,
+        f64::from(run.restarts),
+    );
+    counter(
+        &mut registry,
         "checkpoint_commits",
         "Checkpoints committed",
         None,
@@ -186,44 +152,7 @@ pub fn render(run: &Run) -> String {
             last.bytes as f64,
         );
     }
-    let mut text = String::new();
-    // Writing into a String cannot fail.
-    let _ = encode(&mut text, &registry);
-    text
-}
-
-/// Serve `GET /metrics` for `shared` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, shared: Shared) {
-    loop {
-        let Ok((socket, _)) = listener.accept().await else {
-            continue;
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(respond(&req, &shared)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(socket), service)
-                .await;
-        });
-    }
-}
-
-fn respond(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::new()));
-    if req.method() != Method::GET || req.uri().path() != "/metrics" {
-        *response.status_mut() = StatusCode::NOT_FOUND;
-        *response.body_mut() = Full::new(Bytes::from_static(b"not found: metrics are at /metrics\n"));
-        return response;
-    }
-    let text = render(&shared.lock());
-    if let Ok(value) = "application/openmetrics-text; version=1.0.0; charset=utf-8".parse() {
-        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
-    }
-    *response.body_mut() = Full::new(Bytes::from(text));
-    response
+    cluster_metrics::encode(&registry)
 }
 
 #[cfg(test)]

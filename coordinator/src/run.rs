@@ -185,6 +185,9 @@ pub struct SavedState {
     pub config: RunConfig,
     /// Every finished epoch so far.
     pub history: Vec<EpochSummary>,
+    /// How many times the run had been restarted from a checkpoint when this one was taken.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// What the coordinator needs to commit rank 0's upload.
@@ -232,6 +235,9 @@ pub struct Run {
     pub resume_from: Option<String>,
     /// The epoch whose checkpoint rank 0 is uploading; the next unit waits for its commit.
     pub awaiting_checkpoint: Option<(Phase, u32)>,
+    /// How many times this run has been restarted from a checkpoint (carried in the
+    /// checkpoints, so it counts across coordinator restarts).
+    pub restarts: u32,
     /// Every checkpoint commit of this coordinator, timed (for metrics).
     pub commit_stats: Vec<crate::metrics::CommitStat>,
     /// Why the run failed.
@@ -261,6 +267,7 @@ impl Run {
             last_checkpoint: None,
             resume_from: None,
             awaiting_checkpoint: None,
+            restarts: 0,
             commit_stats: Vec::new(),
             error: None,
             checksums: BTreeMap::new(),
@@ -641,6 +648,7 @@ impl Run {
                 seed: self.config.seed,
                 config: self.config.clone(),
                 history: self.history.clone(),
+                restarts: self.restarts,
             },
             val_accuracy: self.history.last().and_then(|h| h.val_accuracy),
             objects: commit
@@ -684,6 +692,7 @@ impl Run {
         run.current = position + 1;
         run.steps_done = state.step;
         run.history = state.history;
+        run.restarts = state.restarts + 1;
         run.resume_from = Some(checkpoint.name.clone());
         run.last_checkpoint = Some(checkpoint);
         Ok(run)
@@ -989,6 +998,19 @@ mod tests {
         assert_eq!(resumed.history.len(), 1);
         assert_eq!(resumed.resume_from.as_deref(), Some(plan.name.as_str()));
         assert_eq!(resumed.run_id, "r");
+        // Restarts count across coordinators: the state carries them into later checkpoints.
+        assert_eq!((plan.state.restarts, resumed.restarts), (0, 1));
+        let again = Run::resume(
+            SavedState {
+                restarts: resumed.restarts,
+                ..plan.state.clone()
+            },
+            run.last_checkpoint.clone().unwrap(),
+            2,
+        )
+        .unwrap();
+        assert_eq!(again.restarts, 2);
+        assert!(crate::metrics::render(&again).contains("\neffnet_run_restarts_total 2.0\n"));
         let mut beyond = plan.state;
         beyond.epoch = 7;
         let err = Run::resume(beyond, run.last_checkpoint.clone().unwrap(), 2).unwrap_err();

@@ -93,6 +93,10 @@ pub struct JoinArgs {
     pub cluster: ClusterArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// Serve Prometheus metrics (step time, data wait, all-reduce time and bytes, loss,
+    /// checkpoint uploads) at http://ADDR/metrics; port 0 picks a free port, logged.
+    #[arg(long, env = "WORKER_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]

@@ -29,6 +29,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
+use crate::metrics::WorkerMetrics;
 use crate::train::{Beat, RingIo, Trainer};
 
 type Client = CoordinatorClient<InterceptedService<Channel, ClientAuth>>;
@@ -53,6 +54,8 @@ pub struct JoinOptions {
     pub name: String,
     /// How long to keep retrying the first connection to the coordinator.
     pub connect_timeout: Duration,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// What the worker did, for the caller to print.
@@ -116,6 +119,20 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
         .add_service(peer.clone().into_server(ServerAuth::new(options.token.clone())))
         .serve_with_incoming(TcpListenerStream::new(listener));
     let server = tokio::spawn(server);
+    let step = Arc::new(Beat::default());
+    let metrics = match options.metrics_listen {
+        Some(address) => {
+            let listener = TcpListener::bind(address)
+                .await
+                .map_err(|e| cluster(format!("cannot listen for metrics on {address}: {e}")))?;
+            let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(address = %bound, "metrics listening");
+            let beat = step.clone();
+            let render: cluster_metrics::Render = Arc::new(move || beat.metrics.render());
+            Some(tokio::spawn(cluster_metrics::serve(listener, render)))
+        }
+        None => None,
+    };
     let client_tls = options.tls.client().map_err(|e| cluster(e.to_string()))?;
     let endpoint =
         net::endpoint(&options.coordinator, client_tls.clone()).map_err(|e| cluster(e.to_string()))?;
@@ -168,7 +185,6 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
         _ => return Err(cluster("the coordinator did not welcome this worker")),
     };
 
-    let step = Arc::new(Beat::default());
     let heartbeat = {
         let mut client = client.clone();
         let beat = step.clone();
@@ -246,6 +262,9 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
     };
     heartbeat.abort();
     server.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     result.map(|()| state.outcome)
 }
 
@@ -277,6 +296,10 @@ impl State {
             )));
         }
         self.outcome.rank = Some(assignment.rank);
+        let metrics = &step.metrics;
+        metrics.rank.set(i64::from(assignment.rank));
+        metrics.world.set(i64::from(assignment.world));
+        metrics.generation.set(assignment.generation as i64);
         let ring = Ring {
             timeout: Duration::from_secs_f64(config.peer_timeout_s),
             bf16: config.bf16_allreduce,
@@ -352,7 +375,10 @@ impl State {
                             (Some(t), _) => t,
                             (None, Some(name)) => {
                                 let store = CheckpointStore::open(&config_for_thread.checkpoint_url())?;
-                                Trainer::resume(&config_for_thread, device, &io.handle, &store, &name)?
+                                let trainer =
+                                    Trainer::resume(&config_for_thread, device, &io.handle, &store, &name)?;
+                                thread_step.metrics.restores.inc();
+                                trainer
                             }
                             (None, None) => Trainer::new(&config_for_thread, device, &mut io)?,
                         };
@@ -392,7 +418,16 @@ impl State {
                 .await?;
                 // The coordinator holds the next unit until this checkpoint is committed.
                 if epoch.checkpoint && rank == 0 {
-                    checkpoint(trainer, &config, &epoch, at_step, worker_id, client).await?;
+                    checkpoint(
+                        trainer,
+                        &config,
+                        &epoch,
+                        at_step,
+                        worker_id,
+                        client,
+                        &step.metrics,
+                    )
+                    .await?;
                 }
                 return Ok(());
             }
@@ -428,6 +463,7 @@ async fn checkpoint(
     at_step: u64,
     worker_id: &str,
     client: &mut Client,
+    metrics: &WorkerMetrics,
 ) -> Result<()> {
     let phase = cluster_proto::v1::Phase::try_from(epoch.phase).unwrap_or_default();
     let store = CheckpointStore::open(&config.checkpoint_url())?;
@@ -436,6 +472,10 @@ async fn checkpoint(
     let started = std::time::Instant::now();
     let objects = crate::resume::upload(&store, &name, model, optimizer).await?;
     let bytes: u64 = objects.iter().map(|o| o.size).sum();
+    metrics
+        .checkpoint_upload_seconds
+        .observe(started.elapsed().as_secs_f64());
+    metrics.checkpoint_upload_bytes.inc_by(bytes);
     tracing::info!(checkpoint = %store.describe(&name), bytes, seconds = started.elapsed().as_secs_f64(),
         "checkpoint uploaded");
     client

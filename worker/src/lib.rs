@@ -15,6 +15,7 @@ pub mod error;
 pub mod grads;
 pub mod image;
 pub mod imagenet;
+pub mod metrics;
 pub mod model;
 pub mod modelfile;
 pub mod phase;

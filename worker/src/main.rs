@@ -290,6 +290,7 @@ fn join_options(cluster: &ClusterArgs, device_name: &str) -> Result<JoinOptions>
             .clone()
             .unwrap_or_else(|| format!("{}/{device_name}", host_name())),
         connect_timeout: std::time::Duration::from_secs_f64(cluster.connect_timeout),
+        metrics_listen: None,
     })
 }
 
@@ -299,7 +300,10 @@ fn run_join(args: JoinArgs) -> Result<()> {
         Some(n) => format!("cuda:{n}"),
         None => "cpu".to_string(),
     };
-    let options = join_options(&args.cluster, &device_name)?;
+    let options = JoinOptions {
+        metrics_listen: args.metrics_listen,
+        ..join_options(&args.cluster, &device_name)?
+    };
     let runtime = cluster_runtime()?;
     let result = runtime.block_on(worker::cluster::join(options, device, device_name));
     runtime.shutdown_background();

@@ -29,6 +29,7 @@ use tokio::runtime::Handle;
 use crate::augment::{Augment, Variant, to_input};
 use crate::error::{Error, Result};
 use crate::grads::{flatten, unflatten};
+use crate::metrics::WorkerMetrics;
 use crate::model::Classifier;
 use crate::modelfile::{self, ClassLabel, LoadedModel, WeightsSource};
 use crate::phase::{self, Phase};
@@ -142,14 +143,17 @@ pub fn weights_checksum<M: Module>(module: &M) -> u64 {
     hash_tensors(collect_tensors(module).into_iter())
 }
 
-/// What a training thread tells the heartbeat: the last step, and the weight checksums
-/// taken since the last heartbeat.
+/// What a training thread tells the rest of the worker as it goes: the last step and the
+/// weight checksums taken since the last heartbeat (for heartbeats), and its metrics (for
+/// scrapes).
 #[derive(Debug, Default)]
 pub struct Beat {
     /// Global steps taken.
     pub step: AtomicU64,
     /// (step, checksum of the trainable weights) not yet sent.
     pub checksums: std::sync::Mutex<Vec<(u64, u64)>>,
+    /// Step, data, all-reduce and checkpoint metrics.
+    pub metrics: WorkerMetrics,
 }
 
 impl Beat {
@@ -378,9 +382,20 @@ impl Trainer {
         let mut train = Totals::default();
         let mut steps = 0u64;
         let batch_list = batches(&shard, self.config.batch_size as usize);
-        let prefetch = Prefetcher::spawn(self.dataset.clone(), batch_list, PREFETCH)
+        let mut prefetch = Prefetcher::spawn(self.dataset.clone(), batch_list, PREFETCH)
             .map_err(|e| cluster(format!("data loader: {e}")))?;
-        for batch in prefetch {
+        let metrics = &beat.metrics;
+        metrics.phase.set(match phase {
+            Phase::Head => 1,
+            Phase::FineTune => 2,
+        });
+        loop {
+            let waiting = Instant::now();
+            let Some(batch) = prefetch.next() else { break };
+            let step_started = Instant::now();
+            metrics
+                .data_wait_seconds
+                .observe((step_started - waiting).as_secs_f64());
             let batch = batch.map_err(|e| cluster(format!("dataset {}: {e}", self.config.data)))?;
             let variants: Vec<Variant> = batch
                 .indices
@@ -399,7 +414,12 @@ impl Trainer {
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             let mut flat = flatten(&model, &grads);
             let global_step = work.first_step + steps;
+            let reducing = io.seconds;
             io.all_reduce(global_step, &mut flat, true)?;
+            metrics.allreduce_seconds.observe(io.seconds - reducing);
+            metrics
+                .allreduce_bytes
+                .inc_by(collective::bytes_sent(&io.ring, flat.len()));
             let grads = unflatten(&model, &grads, &flat);
             model = optimizer.step(lr, model, grads);
             steps += 1;
@@ -416,6 +436,14 @@ impl Trainer {
             train.loss_sum += f64::from(loss_value) * n as f64;
             train.correct += correct(logits.detach(), labels)?;
             train.count += n;
+            // Reading the loss above waited for the device, so this is the step's real time.
+            metrics.step_seconds.observe(step_started.elapsed().as_secs_f64());
+            metrics.steps.inc();
+            metrics.train_images.inc_by(n);
+            metrics.train_loss.set(f64::from(loss_value));
+            metrics
+                .images_per_second
+                .set(train.count as f64 / started.elapsed().as_secs_f64().max(1e-9));
         }
         // A BatchNorm that trains (the tutorial head's, in phase 1) has seen only this rank's
         // batches: take rank 0's statistics, as PyTorch DDP broadcasts its buffers.
@@ -428,6 +456,7 @@ impl Trainer {
                 .copied()
                 .collect()
         };
+        let evaluating = Instant::now();
         let eval_model = model.valid();
         let val = self.evaluate(&eval_model, &rank_slice(&self.splits.val), false)?;
         let test = if work.test {
@@ -435,6 +464,7 @@ impl Trainer {
         } else {
             Totals::default()
         };
+        metrics.eval_seconds.inc_by(evaluating.elapsed().as_secs_f64());
         loaded.model = model;
         let checksum = weights_checksum(&loaded.model.valid());
         self.model = Some(loaded);
