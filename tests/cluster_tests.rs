@@ -387,6 +387,108 @@ fn a_worker_killed_mid_collective_fails_the_others_fast() {
 }
 
 #[test]
+fn a_worker_killed_mid_training_leaves_a_smaller_ring_that_finishes_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let out = dir.path().join("run");
+    // 96 images, batch 4 per worker on 3 workers: a global batch of 12, 8 steps an epoch,
+    // 24 in the run, whatever the ring's size. Weights are compared after every step.
+    let (coordinator, address) = coordinator(
+        &token,
+        &[
+            "--workers",
+            "3",
+            "--data",
+            "synthetic",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--head-epochs",
+            "2",
+            "--finetune-epochs",
+            "1",
+            "--limit-train",
+            "96",
+            "--limit-val",
+            "30",
+            "--limit-test",
+            "30",
+            "--checksum-every",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let mut workers: Vec<Proc> = (0..3)
+        .map(|i| {
+            let extra: &[&str] = if i == 1 {
+                &["--cpu", "--metrics-listen", "127.0.0.1:0"]
+            } else {
+                &["--cpu"]
+            };
+            worker(&token, &address, &["join"], extra)
+        })
+        .collect();
+    let metrics = logged_address(&workers[1].wait_for("metrics listening", Duration::from_secs(60)));
+    // Kill the victim in the middle of the first epoch, while it computes or all-reduces.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let steps = scrape(&metrics).and_then(|b| sample(&b, "effnet_worker_steps_total"));
+        if steps.is_some_and(|s| s >= 3.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress:\n{}", workers[1].stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut victim = workers.remove(1);
+    victim.kill();
+    for w in workers {
+        let run = w.finish(Duration::from_secs(300)).success();
+        assert!(run.stderr.contains("the ring broke"), "{}", run.stderr);
+    }
+    let coordinator = coordinator.finish(Duration::from_secs(30)).success();
+    assert!(
+        coordinator.stderr.contains("ring re-formed from the survivors"),
+        "{}",
+        coordinator.stderr
+    );
+    let history: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("history.json")).unwrap()).unwrap();
+    let epochs = history.as_array().unwrap();
+    assert_eq!(epochs.len(), 3, "{history}");
+    // The plan's optimizer steps, no more and no fewer: the redone step replaced the lost one.
+    for epoch in epochs {
+        assert_eq!(epoch["steps"], 8, "{epoch}");
+    }
+    // Unbroken epochs trained on every image once; the broken one lost the dead rank's sums.
+    assert_eq!(epochs[1]["train_images"], 96, "{history}");
+    assert_eq!(epochs[2]["train_images"], 96, "{history}");
+    let broken = epochs[0]["train_images"].as_u64().unwrap();
+    assert!((48..96).contains(&broken), "{history}");
+    // The last checkpoint was taken after all 24 steps, and the test set was evaluated whole.
+    let store = checkpoint::CheckpointStore::open(out.join("checkpoints").to_str().unwrap()).unwrap();
+    let good = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(store.latest_good())
+        .unwrap()
+        .expect("a committed checkpoint");
+    assert_eq!(good.manifest.step, 24, "{:?}", good.manifest);
+    let tested: u64 = epochs[2]["test_confusion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(tested, 30);
+}
+
+#[test]
 fn mutual_tls_cluster_runs_and_plaintext_is_refused() {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 

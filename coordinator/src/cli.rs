@@ -46,6 +46,11 @@ pub struct StartArgs {
     /// With --local: the worker binary (default: next to this one, else on PATH).
     #[arg(long, value_name = "PATH", requires = "local")]
     pub worker_bin: Option<PathBuf>,
+    /// Elastic training: when workers are lost mid-run the ring is re-formed from the
+    /// survivors and training goes on while at least this many remain (the global batch
+    /// stays the same). Default 1; set it to the worker count to stop on any loss instead.
+    #[arg(long, default_value_t = 1, env = "CLUSTER_MIN_WORKERS", value_name = "N")]
+    pub min_workers: usize,
     /// Seconds without a heartbeat after which a worker is presumed dead.
     #[arg(long, default_value_t = 30.0, env = "CLUSTER_HEARTBEAT_TIMEOUT")]
     pub heartbeat_timeout: f64,

@@ -32,6 +32,8 @@ use service::{CoordinatorService, Shared};
 pub struct ServeOptions {
     /// Workers to wait for.
     pub workers: usize,
+    /// Fewest workers training continues with after losing some.
+    pub min_workers: usize,
     /// The cluster's join token.
     pub token: Token,
     /// TLS files (none: plaintext).
@@ -62,7 +64,9 @@ pub async fn serve(
 ) -> Result<Outcome, Error> {
     let address = listener.local_addr().ok();
     let run_id = prepared.run.run_id.clone();
-    let shared = Shared::new(prepared.run);
+    let mut run = prepared.run;
+    run.min_workers = options.min_workers;
+    let shared = Shared::new(run);
     let service = InterceptedService::new(
         CoordinatorServer::new(CoordinatorService::new(shared.clone(), prepared.store))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

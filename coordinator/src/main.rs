@@ -122,8 +122,15 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
         .map_err(|e| anyhow!(e))?;
         tracing::info!(workers = n, worker_bin = %binary.display(), out = %config.out, "local workers started");
     }
+    if args.min_workers == 0 || args.min_workers > workers {
+        bail!(
+            "--min-workers must be between 1 and the worker count ({workers}), got {}",
+            args.min_workers
+        );
+    }
     let options = ServeOptions {
         workers,
+        min_workers: args.min_workers,
         token,
         tls: args.security.tls(),
         heartbeat_timeout: Duration::from_secs_f64(args.heartbeat_timeout),

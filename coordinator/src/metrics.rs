@@ -125,6 +125,13 @@ pub fn render(run: &Run) -> String {
     }
     counter(
         &mut registry,
+        "ring_reforms",
+        "Times the ring was re-formed from the survivors after losing workers",
+        None,
+        f64::from(run.ring_reforms),
+    );
+    counter(
+        &mut registry,
         "run_restarts",
         "Times this run was restarted from a checkpoint",
         None,

@@ -151,6 +151,14 @@ pub struct EpochSummary {
     pub images_per_second: f64,
 }
 
+/// Training sums of an epoch from rings that broke before finishing it.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Carried {
+    loss_sum: f64,
+    correct: u64,
+    count: u64,
+}
+
 /// A committed checkpoint, as status shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checkpointed {
@@ -224,7 +232,22 @@ pub struct Run {
     pub current: usize,
     /// Steps taken before the current unit.
     pub steps_done: u64,
-    reports: BTreeMap<u32, ReportResult>,
+    /// Reports of the current generation for the current unit, by worker id.
+    reports: BTreeMap<String, ReportResult>,
+    /// Fewest ranks the run continues with after losing workers (below it, it fails).
+    pub min_workers: usize,
+    /// Examples per optimizer step over all ranks, whatever the ring's size.
+    pub global_batch: u32,
+    /// A ranked worker left during the current unit: the ring must be re-formed.
+    ring_lost_member: bool,
+    /// Where the current generation started the current unit (global step).
+    unit_generation_step: u64,
+    /// Training sums of the current unit from earlier generations.
+    carried: Carried,
+    /// Times the ring was re-formed after losing a worker.
+    pub ring_reforms: u32,
+    /// When the current unit started.
+    unit_started: Instant,
     /// Finished epochs.
     pub history: Vec<EpochSummary>,
     /// Benchmark results (rank 0's measurements).
@@ -251,6 +274,7 @@ impl Run {
     /// A run of `config` waiting for `expected` workers.
     pub fn new(run_id: String, config: RunConfig, expected: usize) -> Self {
         let plan = plan(&config);
+        let global_batch = config.batch_size * expected as u32;
         Self {
             run_id,
             config,
@@ -262,6 +286,13 @@ impl Run {
             current: 0,
             steps_done: 0,
             reports: BTreeMap::new(),
+            min_workers: expected,
+            global_batch,
+            ring_lost_member: false,
+            unit_generation_step: 0,
+            carried: Carried::default(),
+            ring_reforms: 0,
+            unit_started: Instant::now(),
             history: Vec::new(),
             bench: None,
             last_checkpoint: None,
@@ -365,6 +396,15 @@ impl Run {
 
     fn start_unit(&mut self) {
         self.reports.clear();
+        self.carried = Carried::default();
+        self.unit_started = Instant::now();
+        self.unit_generation_step = self.steps_done;
+        self.assign_unit();
+    }
+
+    /// Send the current unit to every ranked worker, continuing from
+    /// `unit_generation_step` (the unit's first step, unless a ring broke during it).
+    fn assign_unit(&mut self) {
         let Some(unit) = self.plan.get(self.current).cloned() else {
             self.finish(None);
             return;
@@ -381,19 +421,22 @@ impl Run {
                 } else {
                     Stage::Finetune
                 };
+                let done_in_epoch = self.unit_generation_step - self.steps_done;
                 tracing::info!(
                     phase = phase.label(),
                     epoch,
-                    first_step = self.steps_done,
+                    first_step = self.unit_generation_step,
+                    generation = self.generation,
                     "epoch started"
                 );
                 Work::Epoch(EpochWork {
                     phase: phase as i32,
                     epoch,
-                    first_step: self.steps_done,
-                    consumed: 0,
+                    first_step: self.unit_generation_step,
+                    consumed: done_in_epoch * u64::from(self.global_batch),
                     test,
                     checkpoint,
+                    global_batch: self.global_batch,
                 })
             }
             Unit::Bench => {
@@ -467,7 +510,12 @@ impl Run {
     /// A worker's heartbeat, with the weight checksums it took since the last one. When
     /// every rank has sent its checksum of a step, they are compared: ranks that disagree
     /// stop the run at once, rather than at the end of the epoch.
-    pub fn heartbeat(&mut self, worker_id: &str, step: u64, checksums: &[(u64, u64)]) -> Result<(), Refusal> {
+    pub fn heartbeat(
+        &mut self,
+        worker_id: &str,
+        step: u64,
+        checksums: &[(u64, u64, u64)],
+    ) -> Result<(), Refusal> {
         let worker = self
             .workers
             .get_mut(worker_id)
@@ -491,7 +539,11 @@ impl Run {
             return Ok(());
         };
         let ranks = self.workers.values().filter(|w| w.rank.is_some()).count();
-        for &(at, checksum) in checksums {
+        for &(at, checksum, generation) in checksums {
+            // A step of a ring that broke may be redone by the next one.
+            if generation != self.generation {
+                continue;
+            }
             let seen = self.checksums.entry(at).or_default();
             seen.insert(rank, checksum);
             if seen.len() < ranks {
@@ -518,12 +570,13 @@ impl Run {
     }
 
     /// A worker's results for the current unit; when every rank has reported, the unit is
-    /// aggregated and the next one starts.
+    /// aggregated and the next one starts, or, when the ring broke, the unit goes on over a
+    /// new ring of the survivors.
     pub fn report(&mut self, report: v1::WorkReport) -> Result<(), Refusal> {
         if self.finished() {
             return Err(Refusal::Finished(self.stage.label()));
         }
-        let rank = self.rank_of(&report.worker_id)?;
+        self.rank_of(&report.worker_id)?;
         if report.generation != self.generation {
             return Err(Refusal::Stale {
                 got: report.generation,
@@ -537,6 +590,8 @@ impl Run {
         match (&unit, &result) {
             (Some(Unit::Epoch { phase, epoch, .. }), ReportResult::Epoch(r))
                 if r.phase == *phase as i32 && r.epoch == *epoch => {}
+            (Some(Unit::Epoch { phase, epoch, .. }), ReportResult::Broken(r))
+                if r.phase == *phase as i32 && r.epoch == *epoch => {}
             (Some(Unit::Bench), ReportResult::Bench(_)) => {}
             _ => {
                 return Err(Refusal::BadRequest(format!(
@@ -544,10 +599,39 @@ impl Run {
                 )));
             }
         }
-        self.reports.insert(rank, result);
-        if self.reports.len() < self.workers.values().filter(|w| w.rank.is_some()).count() {
-            return Ok(());
+        if let ReportResult::Broken(b) = &result {
+            tracing::warn!(worker = %report.worker_id, generation = report.generation,
+                completed_steps = b.completed_steps, reason = %b.reason, "worker lost its ring");
         }
+        self.reports.insert(report.worker_id, result);
+        self.advance();
+        Ok(())
+    }
+
+    /// Once every ranked worker has reported the current unit: finish it, or re-form the
+    /// ring when it broke.
+    fn advance(&mut self) {
+        if self.finished() || self.awaiting_checkpoint.is_some() {
+            return;
+        }
+        let ranked: Vec<&String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.rank.is_some())
+            .map(|(id, _)| id)
+            .collect();
+        if ranked.iter().any(|id| !self.reports.contains_key(*id)) {
+            return;
+        }
+        let broken = self
+            .reports
+            .values()
+            .any(|r| matches!(r, ReportResult::Broken(_)));
+        if broken || self.ring_lost_member {
+            self.reform_ring();
+            return;
+        }
+        let unit = self.plan.get(self.current).cloned();
         let reports = std::mem::take(&mut self.reports);
         match unit {
             Some(Unit::Epoch { phase, epoch, .. }) => {
@@ -555,7 +639,7 @@ impl Run {
                     .values()
                     .filter_map(|r| match r {
                         ReportResult::Epoch(e) => Some(e),
-                        ReportResult::Bench(_) => None,
+                        _ => None,
                     })
                     .collect();
                 let checksums: Vec<u64> = results.iter().map(|r| r.weights_checksum).collect();
@@ -563,7 +647,7 @@ impl Run {
                     let listed: Vec<String> = reports
                         .keys()
                         .zip(&checksums)
-                        .map(|(rank, c)| format!("rank {rank}: {c:016x}"))
+                        .map(|(id, c)| format!("{id}: {c:016x}"))
                         .collect();
                     self.finish(Some(format!(
                         "ranks diverged after {} epoch {epoch}: weight checksums differ ({}); \
@@ -571,9 +655,31 @@ impl Run {
                         phase.label(),
                         listed.join(", ")
                     )));
-                    return Ok(());
+                    return;
                 }
-                let summary = summarize(phase, epoch, &results);
+                let mut summary = summarize(phase, epoch, &results);
+                // Add what rings that broke during the epoch trained.
+                let carried = std::mem::take(&mut self.carried);
+                let earlier_steps = self.unit_generation_step - self.steps_done;
+                summary.steps += earlier_steps;
+                let count = summary.train_images + carried.count;
+                if carried.count > 0 {
+                    summary.train_loss =
+                        (summary.train_loss * summary.train_images as f64 + carried.loss_sum) / count as f64;
+                    summary.train_accuracy = (summary.train_accuracy * summary.train_images as f64
+                        + carried.correct as f64)
+                        / count as f64;
+                }
+                summary.train_images = count;
+                if earlier_steps > 0 || carried.count > 0 {
+                    // The epoch spans rings: its time is the coordinator's wall clock.
+                    summary.seconds = self.unit_started.elapsed().as_secs_f64();
+                }
+                summary.images_per_second = if summary.seconds > 0.0 {
+                    count as f64 / summary.seconds
+                } else {
+                    0.0
+                };
                 tracing::info!(phase = %summary.phase, epoch, train_loss = summary.train_loss,
                     train_accuracy = summary.train_accuracy, val_accuracy = ?summary.val_accuracy,
                     test_accuracy = ?summary.test_accuracy, seconds = summary.seconds, "epoch finished");
@@ -582,20 +688,89 @@ impl Run {
                 if matches!(unit, Some(Unit::Epoch { checkpoint: true, .. })) {
                     tracing::info!(phase = phase.label(), epoch, "waiting for rank 0's checkpoint");
                     self.awaiting_checkpoint = Some((phase, epoch));
-                    return Ok(());
+                    return;
                 }
             }
             Some(Unit::Bench) => {
-                self.bench = reports.get(&0).and_then(|r| match r {
+                let rank0 = self
+                    .workers
+                    .iter()
+                    .find(|(_, w)| w.rank == Some(0))
+                    .map(|(id, _)| id.clone());
+                self.bench = rank0.and_then(|id| reports.get(&id)).and_then(|r| match r {
                     ReportResult::Bench(b) => Some(b.clone()),
-                    ReportResult::Epoch(_) => None,
+                    _ => None,
                 });
             }
             None => {}
         }
         self.current += 1;
         self.start_unit();
-        Ok(())
+    }
+
+    /// The ring of the current unit broke and every survivor has said how far it got:
+    /// continue the unit over a new ring of the survivors from the last step all of them
+    /// completed (a survivor one step ahead rolls back; at most one step is redone).
+    fn reform_ring(&mut self) {
+        let reports = std::mem::take(&mut self.reports);
+        self.ring_lost_member = false;
+        let survivors: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.rank.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        let completed_by = |id: &String| -> Option<u64> {
+            match reports.get(id)? {
+                ReportResult::Broken(b) => Some(b.completed_steps),
+                ReportResult::Epoch(e) => Some(self.unit_generation_step + e.steps),
+                ReportResult::Bench(_) => None,
+            }
+        };
+        let Some(restart) = survivors.iter().filter_map(completed_by).min() else {
+            self.finish(Some(
+                "the ring broke and no worker reported how far it got".into(),
+            ));
+            return;
+        };
+        // The survivors' training sums count (a departed rank's are lost with it); a step
+        // that is rolled back is taken out, as it will be trained again.
+        for report in reports.values() {
+            match report {
+                ReportResult::Broken(b) => {
+                    let rolled_back = b.completed_steps > restart;
+                    self.carried.loss_sum +=
+                        b.train_loss_sum - if rolled_back { b.last_loss_sum } else { 0.0 };
+                    self.carried.correct += b.train_correct - if rolled_back { b.last_correct } else { 0 };
+                    self.carried.count += b.train_count - if rolled_back { b.last_count } else { 0 };
+                }
+                ReportResult::Epoch(e) => {
+                    // A rank that finished the epoch and now rolls back a step keeps that
+                    // step's sums: its report does not separate them (a small overcount).
+                    self.carried.loss_sum += e.train_loss_sum;
+                    self.carried.correct += e.train_correct;
+                    self.carried.count += e.train_count;
+                }
+                ReportResult::Bench(_) => {}
+            }
+        }
+        if survivors.len() < self.min_workers.max(1) {
+            self.finish(Some(format!(
+                "the ring broke and {} workers are left, fewer than --min-workers {}",
+                survivors.len(),
+                self.min_workers
+            )));
+            return;
+        }
+        // Survivors keep their order, so rank 0 stays rank 0 when it survives.
+        self.renumber();
+        tracing::info!(
+            generation = self.generation,
+            restart_step = restart,
+            "the unit goes on from its last common step"
+        );
+        self.unit_generation_step = restart;
+        self.assign_unit();
     }
 
     /// Rank 0 uploaded a checkpoint: check that it is the one the run waits for, and say
@@ -698,9 +873,10 @@ impl Run {
         Ok(run)
     }
 
-    /// A worker's order stream closed. Before the run starts it simply leaves; during the
-    /// run it fails the run (elastic recovery re-forms the ring instead, see the elastic
-    /// issue) so that no survivor waits for it.
+    /// A worker's order stream closed. Before the run starts it simply leaves. During
+    /// training the ring is re-formed from the survivors (once each has said how far it got)
+    /// while at least `min_workers` remain; otherwise, and during a benchmark, the run fails
+    /// so that no survivor waits for it.
     pub fn depart(&mut self, worker_id: &str) {
         let Some(worker) = self.workers.remove(worker_id) else {
             return;
@@ -708,17 +884,79 @@ impl Run {
         if self.finished() {
             return;
         }
-        match worker.rank {
-            None => tracing::info!(worker = %worker_id, "worker left before the run started"),
-            Some(rank) => self.finish(Some(format!(
-                "worker {worker_id} ({}, rank {rank}) disconnected during {}",
+        let Some(rank) = worker.rank else {
+            tracing::info!(worker = %worker_id, "worker left before the run started");
+            return;
+        };
+        let left = self.workers.values().filter(|w| w.rank.is_some()).count();
+        let training = matches!(self.stage, Stage::Head | Stage::Finetune);
+        if !training || left < self.min_workers.max(1) {
+            let why = if training {
+                format!("; {left} left, fewer than --min-workers {}", self.min_workers)
+            } else {
+                String::new()
+            };
+            self.finish(Some(format!(
+                "worker {worker_id} ({}, rank {rank}) disconnected during {}{why}",
                 worker.name,
                 self.stage.label()
-            ))),
+            )));
+            return;
         }
+        tracing::warn!(worker = %worker_id, name = %worker.name, rank, left, generation = self.generation,
+            "worker lost; re-forming the ring from the survivors");
+        if let Some((phase, epoch)) = self.awaiting_checkpoint {
+            // The epoch is complete on every survivor; only its checkpoint is pending.
+            if rank == 0 {
+                tracing::warn!(
+                    phase = phase.label(),
+                    epoch,
+                    "rank 0 left before committing the checkpoint; \
+                    going on without it (the previous committed checkpoint stays LATEST)"
+                );
+                self.awaiting_checkpoint = None;
+                self.current += 1;
+                self.renumber_and_start();
+            } else {
+                // Rank 0 still commits; the next unit starts on the new ring.
+                self.renumber();
+            }
+            return;
+        }
+        self.ring_lost_member = true;
+        self.advance();
     }
 
-    /// Fail the run if a ranked worker has been silent for longer than `limit`.
+    /// A new generation of the surviving ranks, in their old order.
+    fn renumber(&mut self) {
+        let mut order: Vec<(u32, String)> = self
+            .workers
+            .iter()
+            .filter_map(|(id, w)| Some((w.rank?, id.clone())))
+            .collect();
+        order.sort();
+        for (rank, (_, id)) in order.iter().enumerate() {
+            if let Some(w) = self.workers.get_mut(id) {
+                w.rank = Some(rank as u32);
+            }
+        }
+        self.generation += 1;
+        self.ring_reforms += 1;
+        self.checksums.clear();
+        tracing::warn!(
+            generation = self.generation,
+            world = order.len(),
+            "ring re-formed from the survivors"
+        );
+    }
+
+    fn renumber_and_start(&mut self) {
+        self.renumber();
+        self.start_unit();
+    }
+
+    /// Remove a ranked worker that has been silent for longer than `limit` (it is presumed
+    /// dead or hung; its order stream is closed, so it stops if it is still running).
     pub fn check_liveness(&mut self, limit: Duration) {
         if self.finished() || self.stage == Stage::Waiting {
             return;
@@ -727,13 +965,20 @@ impl Run {
             .workers
             .iter()
             .find(|(_, w)| w.rank.is_some() && w.last_seen.elapsed() > limit)
-            .map(|(id, w)| (id.clone(), w.name.clone(), w.rank, w.last_seen.elapsed()));
-        if let Some((id, name, rank, elapsed)) = silent {
-            self.finish(Some(format!(
-                "worker {id} ({name}, rank {}) sent no heartbeat for {:.0} s; presumed dead",
-                rank.unwrap_or_default(),
-                elapsed.as_secs_f64()
-            )));
+            .map(|(id, w)| (id.clone(), w.last_seen.elapsed()));
+        if let Some((id, elapsed)) = silent {
+            tracing::warn!(worker = %id, silent_seconds = elapsed.as_secs_f64(), "no heartbeat; presumed dead");
+            if let Some(w) = self.workers.get(&id) {
+                let _ = w.orders.send(Ok(Order {
+                    order: Some(order::Order::Finish(Finish {
+                        error: format!(
+                            "this worker sent no heartbeat for {:.0} s and was removed from the run",
+                            elapsed.as_secs_f64()
+                        ),
+                    })),
+                }));
+            }
+            self.depart(&id);
         }
     }
 
@@ -893,12 +1138,12 @@ mod tests {
     fn agreeing_step_checksums_keep_the_run_going_and_differing_ones_stop_it() {
         let (mut run, ids) = run_with_two_workers();
         assert_eq!(run.stage, Stage::Head);
-        run.heartbeat(&ids[0], 100, &[(100, 7)]).unwrap();
-        run.heartbeat(&ids[1], 100, &[(100, 7)]).unwrap();
+        run.heartbeat(&ids[0], 100, &[(100, 7, 1)]).unwrap();
+        run.heartbeat(&ids[1], 100, &[(100, 7, 1)]).unwrap();
         assert_eq!(run.stage, Stage::Head);
-        run.heartbeat(&ids[0], 200, &[(200, 8)]).unwrap();
+        run.heartbeat(&ids[0], 200, &[(200, 8, 1)]).unwrap();
         assert_eq!(run.stage, Stage::Head, "waits for the other rank");
-        run.heartbeat(&ids[1], 200, &[(200, 9)]).unwrap();
+        run.heartbeat(&ids[1], 200, &[(200, 9, 1)]).unwrap();
         assert_eq!(run.stage, Stage::Failed);
         let error = run.error.unwrap();
         assert!(error.contains("ranks diverged at step 200"), "{error}");

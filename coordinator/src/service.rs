@@ -119,10 +119,10 @@ impl Coordinator for CoordinatorService {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
         let request = request.into_inner();
-        let checksums: Vec<(u64, u64)> = request
+        let checksums: Vec<(u64, u64, u64)> = request
             .checksums
             .iter()
-            .map(|c| (c.step, c.weights_checksum))
+            .map(|c| (c.step, c.weights_checksum, c.generation))
             .collect();
         self.shared
             .update(|run| run.heartbeat(&request.worker_id, request.step, &checksums))

@@ -110,6 +110,93 @@ impl SamplerConfig {
     }
 }
 
+/// One rank's share of one optimizer step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepShare {
+    /// The sample indices this rank trains on in the step.
+    pub indices: Vec<usize>,
+    /// Samples in the step over all ranks (padding included): this rank's gradient weighs
+    /// `indices.len() / step_total`.
+    pub step_total: usize,
+}
+
+impl SamplerConfig {
+    /// The rest of the epoch from `state` in steps of `global` positions (the global batch),
+    /// and rank `rank`'s strided share of each, for a ring of `world`.
+    ///
+    /// The global batch does not depend on `world`, so a ring that shrinks mid-epoch takes
+    /// the same steps over the same samples (only who computes which sample changes). When
+    /// `world` divides `global` this is exactly [`shard`](Self::shard) cut into batches of
+    /// `global / world`. The last step is padded (wrapping to the start of the epoch) to a
+    /// multiple of `world`, or with `drop_last` the tail that cannot give every rank a
+    /// sample is dropped.
+    ///
+    /// # Panics
+    /// When `world` or `global` is 0 or `rank >= world` (programming errors).
+    pub fn global_steps(
+        &self,
+        state: SamplerState,
+        global: usize,
+        world: usize,
+        rank: usize,
+    ) -> Vec<StepShare> {
+        assert!(
+            world > 0 && global > 0 && rank < world,
+            "rank {rank} of world {world}, batch {global}"
+        );
+        let order = self.epoch_order(state.epoch);
+        let rest = &order[state.consumed.min(order.len())..];
+        let remaining = if self.drop_last {
+            rest.len() / world * world
+        } else {
+            rest.len()
+        };
+        let mut steps = Vec::new();
+        let mut start = 0;
+        while start < remaining {
+            let real = global.min(remaining - start);
+            if self.drop_last && real < world {
+                break;
+            }
+            let total = if real < global {
+                real.div_ceil(world) * world
+            } else {
+                real
+            };
+            let indices = (rank..total)
+                .step_by(world)
+                .map(|j| {
+                    let pos = start + j;
+                    if pos < rest.len() {
+                        rest[pos]
+                    } else {
+                        order[(pos - rest.len()) % order.len()]
+                    }
+                })
+                .collect();
+            steps.push(StepShare {
+                indices,
+                step_total: total,
+            });
+            start += real;
+        }
+        steps
+    }
+
+    /// Optimizer steps of global batch `global` in a whole epoch (the same for any ring
+    /// without `drop_last`).
+    pub fn global_steps_per_epoch(&self, global: usize, world: usize) -> usize {
+        let usable = if self.drop_last {
+            self.len / world * world
+        } else {
+            self.len
+        };
+        let full = usable / global.max(1);
+        let tail = usable % global.max(1);
+        full + usize::from(tail > 0 && !(self.drop_last && tail < world))
+    }
+}
+
 /// SplitMix64 (Steele, Lea and Flood, 2014): tiny, fast, and fixed forever, so a seed gives
 /// the same order in every version of this crate and every process.
 #[derive(Debug, Clone)]
@@ -172,6 +259,77 @@ mod tests {
         assert_eq!(c.shard(s, 3, 2), [2, 5, 8, 1]);
         let d = SamplerConfig { drop_last: true, ..c };
         assert_eq!(d.shard(s, 3, 2), [2, 5, 8]);
+    }
+
+    #[test]
+    fn global_steps_equal_shard_batches_when_the_world_divides_the_batch() {
+        for (len, world, batch, consumed) in [(100, 2, 8, 0), (101, 3, 4, 0), (77, 4, 5, 40), (10, 3, 1, 3)] {
+            let c = cfg(len, false);
+            let state = SamplerState { epoch: 2, consumed };
+            for rank in 0..world {
+                let old: Vec<Vec<usize>> = c
+                    .shard(state, world, rank)
+                    .chunks(batch)
+                    .map(<[usize]>::to_vec)
+                    .collect();
+                let new: Vec<Vec<usize>> = c
+                    .global_steps(state, batch * world, world, rank)
+                    .into_iter()
+                    .map(|s| s.indices)
+                    .collect();
+                assert_eq!(old, new, "len {len} world {world} batch {batch} rank {rank}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_smaller_ring_takes_the_same_steps_over_the_same_samples() {
+        let c = cfg(50, false);
+        let state = SamplerState {
+            epoch: 1,
+            consumed: 12,
+        };
+        let steps_of = |world: usize| -> Vec<Vec<usize>> {
+            let shares: Vec<Vec<StepShare>> =
+                (0..world).map(|r| c.global_steps(state, 12, world, r)).collect();
+            (0..shares[0].len())
+                .map(|i| {
+                    let mut step: Vec<usize> = shares.iter().flat_map(|s| s[i].indices.clone()).collect();
+                    step.sort_unstable();
+                    for s in &shares {
+                        assert_eq!(s[i].step_total, shares[0][i].step_total);
+                    }
+                    step
+                })
+                .collect()
+        };
+        // 38 positions left: steps of 12, 12, 12 and a tail of 2.
+        let three = steps_of(3);
+        let two = steps_of(2);
+        assert_eq!(three.len(), 4);
+        assert_eq!(three[..3], two[..3]);
+        assert!(three.iter().take(3).all(|s| s.len() == 12));
+        // The tail pads to a multiple of the ring: 3 for three ranks, 2 for two.
+        assert_eq!((three[3].len(), two[3].len()), (3, 2));
+        // 12 over 5 ranks: shares of 3, 3, 2, 2, 2.
+        let five: Vec<usize> = (0..5)
+            .map(|r| c.global_steps(state, 12, 5, r)[0].indices.len())
+            .collect();
+        assert_eq!(five, [3, 3, 2, 2, 2]);
+        assert_eq!(c.global_steps_per_epoch(12, 3), 5);
+        assert_eq!(
+            c.global_steps(
+                SamplerState {
+                    epoch: 1,
+                    consumed: 0
+                },
+                12,
+                3,
+                0
+            )
+            .len(),
+            5
+        );
     }
 
     #[test]

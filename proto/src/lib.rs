@@ -13,7 +13,7 @@ pub mod v1 {
 }
 
 /// Version of the protocol spoken on the wire. Nodes refuse peers that speak another one.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Metadata key carrying [`PROTOCOL_VERSION`] on every call.
 pub const PROTOCOL_HEADER: &str = "x-cluster-protocol";

@@ -30,7 +30,7 @@ use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::metrics::WorkerMetrics;
-use crate::train::{Beat, RingIo, Trainer};
+use crate::train::{Beat, EpochOutcome, RingIo, Trainer};
 
 type Client = CoordinatorClient<InterceptedService<Channel, ClientAuth>>;
 
@@ -198,9 +198,10 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
                     checksums: beat
                         .drain()
                         .into_iter()
-                        .map(|(step, weights_checksum)| StepChecksum {
+                        .map(|(step, weights_checksum, generation)| StepChecksum {
                             step,
                             weights_checksum,
+                            generation,
                         })
                         .collect(),
                 };
@@ -306,8 +307,8 @@ impl State {
             ..Ring::new(world, rank, assignment.generation)
         };
         if self.links.as_ref().map(|(g, _)| *g) != Some(assignment.generation) {
-            // A new ring: a trainer built for another world size must re-shard, so it is
-            // rebuilt (its weights come from the new rank 0).
+            // A new ring (first, or re-formed after a failure): the trainer, if any, keeps
+            // its state and re-shards the rest of the epoch for the new world size.
             self.links = None;
             let next = &assignment.peers[(rank + 1) % world];
             let endpoint =
@@ -404,9 +405,24 @@ impl State {
                 .await
                 .map_err(|e| cluster(format!("the training thread failed: {e}")))?;
                 let (links, result) = joined;
-                self.links = Some((generation, links));
                 let (trainer, result) = result?;
-                let result = result?;
+                let result = match result? {
+                    EpochOutcome::Done(result) => result,
+                    EpochOutcome::Broken(broken) => {
+                        // Closing this ring's links fails the neighbours still in it at once;
+                        // the coordinator sends the next ring when every survivor reported.
+                        drop(links);
+                        self.trainer = Some(trainer);
+                        return report(
+                            client,
+                            worker_id,
+                            assignment.generation,
+                            work_report::Result::Broken(broken),
+                        )
+                        .await;
+                    }
+                };
+                self.links = Some((generation, links));
                 let at_step = epoch.first_step + result.steps;
                 let trainer = self.trainer.insert(trainer);
                 report(

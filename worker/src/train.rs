@@ -51,6 +51,27 @@ pub struct Trainer {
     model: Option<LoadedModel>,
     phase: Option<Phase>,
     optimizer: Option<burn::optim::ModuleOptimizer>,
+    /// Global steps this trainer has completed (unknown until its first epoch).
+    completed: Option<u64>,
+    /// The state before the last completed step of an unfinished epoch.
+    undo: Option<Undo>,
+}
+
+/// A rank's state one step back, for the ring that follows a failure.
+struct Undo {
+    /// Steps completed in that state.
+    completed: u64,
+    model: Classifier,
+    optimizer: burn::optim::ModuleOptimizer,
+}
+
+/// How an epoch ended on this rank.
+#[derive(Debug)]
+pub enum EpochOutcome {
+    /// Every step taken, evaluated.
+    Done(EpochResult),
+    /// The ring broke; the rank keeps its state for the next ring.
+    Broken(v1::RingBroken),
 }
 
 /// The ring links a rank trains over, and how to drive them from a blocking thread.
@@ -150,15 +171,15 @@ pub fn weights_checksum<M: Module>(module: &M) -> u64 {
 pub struct Beat {
     /// Global steps taken.
     pub step: AtomicU64,
-    /// (step, checksum of the trainable weights) not yet sent.
-    pub checksums: std::sync::Mutex<Vec<(u64, u64)>>,
+    /// (step, checksum of the trainable weights, ring generation) not yet sent.
+    pub checksums: std::sync::Mutex<Vec<(u64, u64, u64)>>,
     /// Step, data, all-reduce and checkpoint metrics.
     pub metrics: WorkerMetrics,
 }
 
 impl Beat {
     /// Take the checksums not yet sent.
-    pub fn drain(&self) -> Vec<(u64, u64)> {
+    pub fn drain(&self) -> Vec<(u64, u64, u64)> {
         self.checksums
             .lock()
             .map(|mut v| std::mem::take(&mut *v))
@@ -228,6 +249,8 @@ impl Trainer {
             model: Some(loaded),
             phase: None,
             optimizer: None,
+            completed: None,
+            undo: None,
         })
     }
 
@@ -287,6 +310,8 @@ impl Trainer {
             model: Some(loaded),
             phase: None,
             optimizer: None,
+            completed: None,
+            undo: None,
         })
     }
 
@@ -314,15 +339,20 @@ impl Trainer {
         &self.splits
     }
 
-    /// Train one epoch, then evaluate this rank's validation (and, when asked, test) shard.
-    /// `beat` gets the step after every optimizer step and a checksum every
-    /// `checksum_every` steps, for heartbeats.
+    /// Train the epoch of `work` (from its step on), then evaluate this rank's validation
+    /// (and, when asked, test) shard. `beat` gets the step after every optimizer step and a
+    /// checksum every `checksum_every` steps, for heartbeats.
+    ///
+    /// When the ring breaks (a peer died, or a later ring fenced this one off) the epoch
+    /// stops without error: the model and optimizer stay in memory as they were after the
+    /// last completed step, with the state one step before that kept, so that the next ring
+    /// can start from a step every survivor has (see [`EpochOutcome::Broken`]).
     pub fn epoch<N: Link, P: Link>(
         &mut self,
         work: &EpochWork,
         io: &mut RingIo<'_, N, P>,
         beat: &Beat,
-    ) -> Result<EpochResult> {
+    ) -> Result<EpochOutcome> {
         let started = Instant::now();
         io.seconds = 0.0;
         let phase = match v1::Phase::try_from(work.phase) {
@@ -330,6 +360,7 @@ impl Trainer {
             Ok(v1::Phase::Finetune) => Phase::FineTune,
             _ => return Err(cluster(format!("unknown phase {} in the assignment", work.phase))),
         };
+        self.roll_back_to(work.first_step)?;
         let mut loaded = self
             .model
             .take()
@@ -350,9 +381,10 @@ impl Trainer {
         };
         // Dropout and stochastic depth draw from the backend's generator: seeding it per
         // epoch and rank makes an epoch's randomness independent of what ran before, so a run
-        // resumed from a checkpoint takes exactly the steps an uninterrupted one would.
+        // resumed from a checkpoint takes exactly the steps an uninterrupted one would. (A
+        // ring re-formed mid-epoch draws afresh from where it starts.)
         self.device
-            .seed(epoch_seed(self.config.seed, global_epoch, io.ring.rank));
+            .seed(epoch_seed(self.config.seed, global_epoch, io.ring.rank).wrapping_add(work.consumed));
         let sampler = SamplerConfig {
             len: self.splits.train.len(),
             seed: self.config.seed,
@@ -363,10 +395,18 @@ impl Trainer {
             epoch: global_epoch,
             consumed: work.consumed as usize,
         };
-        let shard: Vec<usize> = sampler
-            .shard(state, io.ring.world, io.ring.rank)
+        let global_batch = match work.global_batch {
+            0 => self.config.batch_size as usize * io.ring.world,
+            n => n as usize,
+        };
+        let steps_plan = sampler.global_steps(state, global_batch, io.ring.world, io.ring.rank);
+        let weights: Vec<(usize, usize)> = steps_plan
+            .iter()
+            .map(|s| (s.indices.len(), s.step_total))
+            .collect();
+        let batch_list: Vec<Vec<usize>> = steps_plan
             .into_iter()
-            .map(|i| self.splits.train[i])
+            .map(|s| s.indices.into_iter().map(|i| self.splits.train[i]).collect())
             .collect();
         let augment = if self.config.augment {
             Augment::tutorial()
@@ -380,8 +420,9 @@ impl Trainer {
             .ok_or_else(|| cluster("no optimizer for this phase"))?;
         let mut model = loaded.model;
         let mut train = Totals::default();
+        let mut last = Totals::default();
         let mut steps = 0u64;
-        let batch_list = batches(&shard, self.config.batch_size as usize);
+        let mut broken: Option<String> = None;
         let mut prefetch = Prefetcher::spawn(self.dataset.clone(), batch_list, PREFETCH)
             .map_err(|e| cluster(format!("data loader: {e}")))?;
         let metrics = &beat.metrics;
@@ -413,28 +454,52 @@ impl Trainer {
             let loss = loss_fn.forward(logits.clone(), labels.clone());
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             let mut flat = flatten(&model, &grads);
+            let (share, total) = weights[steps as usize];
+            if share * io.ring.world != total {
+                // Unequal shares (a ring that does not divide the global batch): weigh each
+                // rank's mean gradient by its share, so the average is the global batch's mean.
+                let scale = (share * io.ring.world) as f32 / total as f32;
+                flat.iter_mut().for_each(|v| *v *= scale);
+            }
             let global_step = work.first_step + steps;
             let reducing = io.seconds;
-            io.all_reduce(global_step, &mut flat, true)?;
+            if let Err(e) = io.all_reduce(global_step, &mut flat, true) {
+                broken = Some(format!("step {global_step}: {e}"));
+                break;
+            }
             metrics.allreduce_seconds.observe(io.seconds - reducing);
             metrics
                 .allreduce_bytes
                 .inc_by(collective::bytes_sent(&io.ring, flat.len()));
             let grads = unflatten(&model, &grads, &flat);
+            // Burn's tensors share storage until written, so keeping the previous step costs
+            // one copy of the weights and moments, not a deep copy per step.
+            self.undo = Some(Undo {
+                completed: global_step,
+                model: model.clone(),
+                optimizer: optimizer.clone(),
+            });
             model = optimizer.step(lr, model, grads);
             steps += 1;
+            self.completed = Some(global_step + 1);
             beat.step.store(global_step + 1, Ordering::Relaxed);
             let every = u64::from(self.config.checksum_every);
             if every > 0 && (global_step + 1).is_multiple_of(every) {
                 let checksum = parameters_checksum(&model);
                 if let Ok(mut pending) = beat.checksums.lock() {
-                    pending.push((global_step + 1, checksum));
+                    pending.push((global_step + 1, checksum, io.ring.generation));
                 }
             }
             let n = batch.samples.len() as u64;
             let loss_value = scalar(loss)?;
-            train.loss_sum += f64::from(loss_value) * n as f64;
-            train.correct += correct(logits.detach(), labels)?;
+            last = Totals {
+                loss_sum: f64::from(loss_value) * n as f64,
+                correct: correct(logits.detach(), labels)?,
+                count: n,
+                confusion: Vec::new(),
+            };
+            train.loss_sum += last.loss_sum;
+            train.correct += last.correct;
             train.count += n;
             // Reading the loss above waited for the device, so this is the step's real time.
             metrics.step_seconds.observe(step_started.elapsed().as_secs_f64());
@@ -447,7 +512,40 @@ impl Trainer {
         }
         // A BatchNorm that trains (the tutorial head's, in phase 1) has seen only this rank's
         // batches: take rank 0's statistics, as PyTorch DDP broadcasts its buffers.
-        let model = broadcast_running_stats(model, io, u64::MAX - 1 - global_epoch)?;
+        let stats = match broken {
+            Some(_) => None,
+            None => match running_stats_from_rank0(&model, io, u64::MAX - 1 - global_epoch) {
+                Ok(stats) => Some(stats),
+                Err(e) => {
+                    broken = Some(format!("sharing BatchNorm statistics: {e}"));
+                    None
+                }
+            },
+        };
+        if let Some(reason) = broken {
+            drop(prefetch);
+            loaded.model = model;
+            self.model = Some(loaded);
+            let completed = self.completed.unwrap_or(work.first_step);
+            tracing::warn!(generation = io.ring.generation, completed_steps = completed, reason = %reason,
+                "the ring broke; keeping this rank's state for the next ring");
+            return Ok(EpochOutcome::Broken(v1::RingBroken {
+                phase: work.phase,
+                epoch: work.epoch,
+                completed_steps: completed,
+                train_loss_sum: train.loss_sum,
+                train_correct: train.correct,
+                train_count: train.count,
+                last_loss_sum: last.loss_sum,
+                last_correct: last.correct,
+                last_count: last.count,
+                reason,
+            }));
+        }
+        let model = match stats {
+            Some(stats) => write_running_stats(model, stats)?,
+            None => model,
+        };
         let rank_slice = |items: &[usize]| -> Vec<usize> {
             items
                 .iter()
@@ -468,7 +566,7 @@ impl Trainer {
         loaded.model = model;
         let checksum = weights_checksum(&loaded.model.valid());
         self.model = Some(loaded);
-        Ok(EpochResult {
+        Ok(EpochOutcome::Done(EpochResult {
             phase: work.phase,
             epoch: work.epoch,
             steps,
@@ -490,7 +588,36 @@ impl Trainer {
             } else {
                 Vec::new()
             },
-        })
+        }))
+    }
+
+    /// Make this rank's state the one after `first_step` steps: nothing to do when it is
+    /// there; one step back when it completed a step the next ring redoes (other survivors
+    /// never finished it).
+    fn roll_back_to(&mut self, first_step: u64) -> Result<()> {
+        let Some(completed) = self.completed else {
+            return Ok(());
+        };
+        if completed == first_step {
+            return Ok(());
+        }
+        match self.undo.take() {
+            Some(undo) if undo.completed == first_step && completed == first_step + 1 => {
+                let loaded = self
+                    .model
+                    .as_mut()
+                    .ok_or_else(|| cluster("the model was lost by an earlier error"))?;
+                loaded.model = undo.model;
+                self.optimizer = Some(undo.optimizer);
+                self.completed = Some(first_step);
+                tracing::info!(step = first_step, "rolled back one step to rejoin the ring");
+                Ok(())
+            }
+            _ => Err(cluster(format!(
+                "the ring restarts at step {first_step}, but this worker completed {completed} steps \
+                 and can only go back one"
+            ))),
+        }
     }
 
     /// Loss and accuracy of `model` (inference mode) on `items`.
@@ -646,14 +773,14 @@ fn broadcast<N: Link, P: Link>(
     Ok(model)
 }
 
-/// Set every BatchNorm running statistic to rank 0's.
-fn broadcast_running_stats<N: Link, P: Link>(
-    model: Classifier,
+/// Rank 0's BatchNorm running statistics (empty on a ring of one).
+fn running_stats_from_rank0<N: Link, P: Link>(
+    model: &Classifier,
     io: &mut RingIo<'_, N, P>,
     step: u64,
-) -> Result<Classifier> {
+) -> Result<Vec<(String, RawTensor)>> {
     if io.ring.world == 1 {
-        return Ok(model);
+        return Ok(Vec::new());
     }
     // `valid()` applies the statistics updates buffered during the epoch.
     let mut stats: Vec<(String, RawTensor)> = collect_tensors(&model.valid())
@@ -661,6 +788,14 @@ fn broadcast_running_stats<N: Link, P: Link>(
         .filter(|(n, _)| is_running_stat(n))
         .collect();
     from_rank0(&mut stats, io, step)?;
+    Ok(stats)
+}
+
+/// Set the BatchNorm running statistics of `model` to `stats`.
+fn write_running_stats(model: Classifier, stats: Vec<(String, RawTensor)>) -> Result<Classifier> {
+    if stats.is_empty() {
+        return Ok(model);
+    }
     let mut writer = StatsWriter {
         values: stats.into_iter().collect(),
         path: ModulePath::default(),
