@@ -489,6 +489,98 @@ fn a_worker_killed_mid_training_leaves_a_smaller_ring_that_finishes_the_plan() {
 }
 
 #[test]
+fn a_worker_that_joins_mid_run_gets_the_state_and_ends_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let out = dir.path().join("run");
+    // Two workers with batch 4: a global batch of 8, 12 steps an epoch, 36 in the run.
+    let (coordinator, address) = coordinator(
+        &token,
+        &[
+            "--workers",
+            "2",
+            "--max-workers",
+            "3",
+            "--data",
+            "synthetic",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--head-epochs",
+            "2",
+            "--finetune-epochs",
+            "1",
+            "--limit-train",
+            "96",
+            "--limit-val",
+            "30",
+            "--limit-test",
+            "30",
+            "--checksum-every",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let mut first = worker(
+        &token,
+        &address,
+        &["join"],
+        &["--cpu", "--metrics-listen", "127.0.0.1:0"],
+    );
+    let second = worker(&token, &address, &["join"], &["--cpu"]);
+    let metrics = logged_address(&first.wait_for("metrics listening", Duration::from_secs(60)));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !scrape(&metrics)
+        .and_then(|b| sample(&b, "effnet_worker_steps_total"))
+        .is_some_and(|s| s >= 3.0)
+    {
+        assert!(Instant::now() < deadline, "no progress:\n{}", first.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let late = worker(&token, &address, &["join"], &["--cpu"]);
+    let late = late.finish(Duration::from_secs(300)).success();
+    assert!(
+        late.stderr.contains("training state shared from rank 0"),
+        "{}",
+        late.stderr
+    );
+    first.finish(Duration::from_secs(60)).success();
+    second.finish(Duration::from_secs(60)).success();
+    let coordinator = coordinator.finish(Duration::from_secs(30)).success();
+    assert!(
+        coordinator
+            .stderr
+            .contains("asking the ring to stop after this step"),
+        "{}",
+        coordinator.stderr
+    );
+    // Steps and images as planned: the global batch did not change when the ring grew.
+    let history: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("history.json")).unwrap()).unwrap();
+    let epochs = history.as_array().unwrap();
+    assert_eq!(epochs.len(), 3, "{history}");
+    for epoch in epochs {
+        assert_eq!(epoch["steps"], 12, "{epoch}");
+        assert_eq!(epoch["train_images"], 96, "{epoch}");
+    }
+    // Weights were compared on all three ranks after every step of the new ring (a
+    // difference stops the run), and the final checkpoint is at the plan's last step.
+    let store = checkpoint::CheckpointStore::open(out.join("checkpoints").to_str().unwrap()).unwrap();
+    let good = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(store.latest_good())
+        .unwrap()
+        .expect("a committed checkpoint");
+    assert_eq!(good.manifest.step, 36, "{:?}", good.manifest);
+}
+
+#[test]
 fn mutual_tls_cluster_runs_and_plaintext_is_refused() {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 

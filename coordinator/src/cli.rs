@@ -48,9 +48,14 @@ pub struct StartArgs {
     pub worker_bin: Option<PathBuf>,
     /// Elastic training: when workers are lost mid-run the ring is re-formed from the
     /// survivors and training goes on while at least this many remain (the global batch
-    /// stays the same). Default 1; set it to the worker count to stop on any loss instead.
+    /// stays the same); with fewer, the run pauses until workers join.
     #[arg(long, default_value_t = 1, env = "CLUSTER_MIN_WORKERS", value_name = "N")]
     pub min_workers: usize,
+    /// Workers that join after the run started are admitted, up to this many in all, at
+    /// the next step boundary; they get the training state from rank 0 (default: the
+    /// worker count).
+    #[arg(long, env = "CLUSTER_MAX_WORKERS", value_name = "N")]
+    pub max_workers: Option<usize>,
     /// Seconds without a heartbeat after which a worker is presumed dead.
     #[arg(long, default_value_t = 30.0, env = "CLUSTER_HEARTBEAT_TIMEOUT")]
     pub heartbeat_timeout: f64,

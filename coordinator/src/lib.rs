@@ -34,6 +34,8 @@ pub struct ServeOptions {
     pub workers: usize,
     /// Fewest workers training continues with after losing some.
     pub min_workers: usize,
+    /// Most workers in the ring (workers joining mid-run are admitted up to it).
+    pub max_workers: usize,
     /// The cluster's join token.
     pub token: Token,
     /// TLS files (none: plaintext).
@@ -66,6 +68,7 @@ pub async fn serve(
     let run_id = prepared.run.run_id.clone();
     let mut run = prepared.run;
     run.min_workers = options.min_workers;
+    run.max_workers = options.max_workers;
     let shared = Shared::new(run);
     let service = InterceptedService::new(
         CoordinatorServer::new(CoordinatorService::new(shared.clone(), prepared.store))

@@ -128,9 +128,14 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
             args.min_workers
         );
     }
+    let max_workers = args.max_workers.unwrap_or(workers);
+    if max_workers < workers {
+        bail!("--max-workers {max_workers} is below the worker count ({workers})");
+    }
     let options = ServeOptions {
         workers,
         min_workers: args.min_workers,
+        max_workers,
         token,
         tls: args.security.tls(),
         heartbeat_timeout: Duration::from_secs_f64(args.heartbeat_timeout),
@@ -254,13 +259,17 @@ async fn status(args: StatusArgs) -> Result<()> {
         let value = serde_json::json!({"run_id": reply.run_id, "state": reply.state, "generation": reply.generation,
             "epoch": reply.epoch, "step": reply.step, "workers": workers, "history": history,
             "val_accuracy": reply.val_accuracy, "eta_seconds": reply.eta_seconds,
-            "last_checkpoint": reply.last_checkpoint, "error": reply.error});
+            "last_checkpoint": reply.last_checkpoint, "error": reply.error,
+            "paused": (!reply.paused.is_empty()).then_some(&reply.paused)});
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         println!(
             "run {}: {} (ring generation {}, epoch {}, step {})",
             reply.run_id, reply.state, reply.generation, reply.epoch, reply.step
         );
+        if !reply.paused.is_empty() {
+            println!("  paused: {}", reply.paused);
+        }
         if let Some(acc) = reply.val_accuracy {
             println!("  validation accuracy {:.2}%", acc * 100.0);
         }

@@ -110,6 +110,9 @@ pub struct Worker {
     pub step: u64,
     /// Recent steps per second (smoothed over heartbeats), once measured.
     pub steps_per_second: Option<f64>,
+    /// Holds the run's training state (false for a worker admitted mid-run until a ring
+    /// has shared it).
+    pub has_state: bool,
     rate_mark: (u64, Instant),
     orders: UnboundedSender<Result<Order, Status>>,
 }
@@ -248,6 +251,16 @@ pub struct Run {
     pub ring_reforms: u32,
     /// When the current unit started.
     unit_started: Instant,
+    /// Most workers in the ring: workers that join mid-run are admitted up to it.
+    pub max_workers: usize,
+    /// Why the run waits for workers before going on, when it does.
+    pub paused: Option<String>,
+    /// The step the paused unit goes on from.
+    paused_at: Option<u64>,
+    /// The generation already asked to stop for new workers.
+    regroup_asked: u64,
+    /// The last restart step and how many rings in a row restarted there.
+    restarts_at: (u64, u32),
     /// Finished epochs.
     pub history: Vec<EpochSummary>,
     /// Benchmark results (rank 0's measurements).
@@ -293,6 +306,11 @@ impl Run {
             carried: Carried::default(),
             ring_reforms: 0,
             unit_started: Instant::now(),
+            max_workers: expected,
+            paused: None,
+            paused_at: None,
+            regroup_asked: 0,
+            restarts_at: (u64::MAX, 0),
             history: Vec::new(),
             bench: None,
             last_checkpoint: None,
@@ -318,11 +336,13 @@ impl Run {
         request: v1::JoinRequest,
         orders: UnboundedSender<Result<Order, Status>>,
     ) -> Result<String, Refusal> {
-        if self.stage != Stage::Waiting {
+        let training = matches!(self.stage, Stage::Head | Stage::Finetune);
+        if self.stage != Stage::Waiting && !training {
             return Err(Refusal::Started(self.stage.label()));
         }
-        if self.workers.len() >= self.expected {
-            return Err(Refusal::Full(self.expected));
+        let limit = if training { self.max_workers } else { self.expected };
+        if self.workers.len() >= limit {
+            return Err(Refusal::Full(limit));
         }
         if request.advertise.is_empty() {
             return Err(Refusal::BadRequest("advertise address is empty".into()));
@@ -360,11 +380,14 @@ impl Run {
                 last_seen: Instant::now(),
                 step: 0,
                 steps_per_second: None,
+                has_state: self.stage == Stage::Waiting,
                 rate_mark: (0, Instant::now()),
                 orders,
             },
         );
-        if self.workers.len() == self.expected {
+        if training {
+            self.admit_waiting();
+        } else if self.workers.len() == self.expected {
             self.form_ring();
         }
         Ok(id)
@@ -398,8 +421,10 @@ impl Run {
         self.reports.clear();
         self.carried = Carried::default();
         self.unit_started = Instant::now();
-        self.unit_generation_step = self.steps_done;
-        self.assign_unit();
+        self.paused_at = Some(self.steps_done);
+        // Workers admitted since the last ring join at this unit boundary.
+        let new_ring = self.workers.values().any(|w| w.rank.is_none());
+        self.go_on_if_enough(new_ring);
     }
 
     /// Send the current unit to every ranked worker, continuing from
@@ -437,6 +462,7 @@ impl Run {
                     test,
                     checkpoint,
                     global_batch: self.global_batch,
+                    sync: self.workers.values().any(|w| w.rank.is_some() && !w.has_state),
                 })
             }
             Unit::Bench => {
@@ -708,28 +734,37 @@ impl Run {
         self.start_unit();
     }
 
-    /// The ring of the current unit broke and every survivor has said how far it got:
-    /// continue the unit over a new ring of the survivors from the last step all of them
-    /// completed (a survivor one step ahead rolls back; at most one step is redone).
+    /// The ring of the current unit broke (or stopped to admit workers) and every member
+    /// has said how far it got: continue the unit over a new ring from the last step all
+    /// members with state completed (a member one step ahead rolls back; at most one step is
+    /// redone). With too few workers the run pauses until more join.
     fn reform_ring(&mut self) {
         let reports = std::mem::take(&mut self.reports);
         self.ring_lost_member = false;
-        let survivors: Vec<String> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.rank.is_some())
-            .map(|(id, _)| id.clone())
-            .collect();
+        for (id, report) in &reports {
+            let has_state = match report {
+                ReportResult::Broken(b) => b.has_state,
+                _ => true,
+            };
+            if let Some(w) = self.workers.get_mut(id) {
+                w.has_state = has_state;
+            }
+        }
         let completed_by = |id: &String| -> Option<u64> {
+            if !self.workers.get(id)?.has_state {
+                return None;
+            }
             match reports.get(id)? {
                 ReportResult::Broken(b) => Some(b.completed_steps),
                 ReportResult::Epoch(e) => Some(self.unit_generation_step + e.steps),
                 ReportResult::Bench(_) => None,
             }
         };
-        let Some(restart) = survivors.iter().filter_map(completed_by).min() else {
+        let Some(restart) = self.workers.keys().filter_map(completed_by).min() else {
             self.finish(Some(
-                "the ring broke and no worker reported how far it got".into(),
+                "every worker holding the training state is gone; restart the coordinator to resume \
+                 from the last checkpoint"
+                    .into(),
             ));
             return;
         };
@@ -754,23 +789,77 @@ impl Run {
                 ReportResult::Bench(_) => {}
             }
         }
-        if survivors.len() < self.min_workers.max(1) {
+        let (at, times) = self.restarts_at;
+        self.restarts_at = (restart, if at == restart { times + 1 } else { 1 });
+        if self.restarts_at.1 > 5 {
             self.finish(Some(format!(
-                "the ring broke and {} workers are left, fewer than --min-workers {}",
-                survivors.len(),
-                self.min_workers
+                "the ring broke 5 times in a row at step {restart} without progress; see the workers' logs"
             )));
             return;
         }
-        // Survivors keep their order, so rank 0 stays rank 0 when it survives.
-        self.renumber();
-        tracing::info!(
-            generation = self.generation,
-            restart_step = restart,
-            "the unit goes on from its last common step"
-        );
+        self.paused_at = Some(restart);
+        self.go_on_if_enough(true);
+    }
+
+    /// Continue the unit at `paused_at` when enough workers are there (over a new ring
+    /// when `new_ring`, or when it has new members), or say why it waits.
+    fn go_on_if_enough(&mut self, new_ring: bool) {
+        let Some(restart) = self.paused_at else {
+            return;
+        };
+        let members = self.workers.len();
+        if members < self.min_workers.max(1) {
+            let reason = format!(
+                "{members} workers, fewer than --min-workers {}; waiting for more to join",
+                self.min_workers
+            );
+            if self.paused.as_deref() != Some(reason.as_str()) {
+                tracing::warn!(
+                    workers = members,
+                    min_workers = self.min_workers,
+                    "run paused: too few workers"
+                );
+            }
+            self.paused = Some(reason);
+            return;
+        }
+        let resumed = self.paused.take().is_some();
+        self.paused_at = None;
+        if new_ring || resumed || self.workers.values().any(|w| w.rank.is_none()) {
+            // Members keep their order (rank 0 stays rank 0 when it survives); new ones follow.
+            self.renumber();
+            tracing::info!(
+                generation = self.generation,
+                restart_step = restart,
+                "the unit goes on from its last common step"
+            );
+        }
         self.unit_generation_step = restart;
         self.assign_unit();
+    }
+
+    /// Workers joined mid-run: take them in at the next step boundary (ask the ring to stop
+    /// after its current step), at the next unit, or now when the run is paused.
+    fn admit_waiting(&mut self) {
+        if self.paused.is_some() {
+            self.go_on_if_enough(true);
+            return;
+        }
+        if self.awaiting_checkpoint.is_some() || self.regroup_asked == self.generation {
+            return;
+        }
+        self.regroup_asked = self.generation;
+        tracing::info!(
+            generation = self.generation,
+            "workers waiting to join; asking the ring to stop after this step"
+        );
+        for w in self.workers.values().filter(|w| w.rank.is_some()) {
+            let _ = w.orders.send(Ok(Order {
+                order: Some(order::Order::Regroup(v1::Regroup {
+                    generation: self.generation,
+                })),
+            }));
+        }
     }
 
     /// Rank 0 uploaded a checkpoint: check that it is the one the run waits for, and say
@@ -874,9 +963,9 @@ impl Run {
     }
 
     /// A worker's order stream closed. Before the run starts it simply leaves. During
-    /// training the ring is re-formed from the survivors (once each has said how far it got)
-    /// while at least `min_workers` remain; otherwise, and during a benchmark, the run fails
-    /// so that no survivor waits for it.
+    /// training the ring is re-formed from the survivors (once each has said how far it got);
+    /// with fewer than `min_workers` left the run pauses until more join. During a benchmark
+    /// the run fails, so that no survivor waits for it.
     pub fn depart(&mut self, worker_id: &str) {
         let Some(worker) = self.workers.remove(worker_id) else {
             return;
@@ -885,19 +974,16 @@ impl Run {
             return;
         }
         let Some(rank) = worker.rank else {
-            tracing::info!(worker = %worker_id, "worker left before the run started");
+            tracing::info!(worker = %worker_id, "worker left before it was given a rank");
+            if self.paused.is_some() {
+                self.go_on_if_enough(true);
+            }
             return;
         };
-        let left = self.workers.values().filter(|w| w.rank.is_some()).count();
-        let training = matches!(self.stage, Stage::Head | Stage::Finetune);
-        if !training || left < self.min_workers.max(1) {
-            let why = if training {
-                format!("; {left} left, fewer than --min-workers {}", self.min_workers)
-            } else {
-                String::new()
-            };
+        let left = self.workers.len();
+        if !matches!(self.stage, Stage::Head | Stage::Finetune) {
             self.finish(Some(format!(
-                "worker {worker_id} ({}, rank {rank}) disconnected during {}{why}",
+                "worker {worker_id} ({}, rank {rank}) disconnected during {}",
                 worker.name,
                 self.stage.label()
             )));
@@ -905,6 +991,11 @@ impl Run {
         }
         tracing::warn!(worker = %worker_id, name = %worker.name, rank, left, generation = self.generation,
             "worker lost; re-forming the ring from the survivors");
+        if self.paused.is_some() {
+            // Nothing runs; the pause goes on (or ends) with the remaining members.
+            self.go_on_if_enough(true);
+            return;
+        }
         if let Some((phase, epoch)) = self.awaiting_checkpoint {
             // The epoch is complete on every survivor; only its checkpoint is pending.
             if rank == 0 {
@@ -916,9 +1007,10 @@ impl Run {
                 );
                 self.awaiting_checkpoint = None;
                 self.current += 1;
-                self.renumber_and_start();
+                self.renumber();
+                self.start_unit();
             } else {
-                // Rank 0 still commits; the next unit starts on the new ring.
+                // Rank 0 still commits; the next unit starts on a new ring.
                 self.renumber();
             }
             return;
@@ -929,13 +1021,14 @@ impl Run {
 
     /// A new generation of the surviving ranks, in their old order.
     fn renumber(&mut self) {
-        let mut order: Vec<(u32, String)> = self
+        // Stateful members first, in their old order, so rank 0 can share the state.
+        let mut order: Vec<(bool, u32, String)> = self
             .workers
             .iter()
-            .filter_map(|(id, w)| Some((w.rank?, id.clone())))
+            .map(|(id, w)| (!w.has_state, w.rank.unwrap_or(u32::MAX), id.clone()))
             .collect();
         order.sort();
-        for (rank, (_, id)) in order.iter().enumerate() {
+        for (rank, (_, _, id)) in order.iter().enumerate() {
             if let Some(w) = self.workers.get_mut(id) {
                 w.rank = Some(rank as u32);
             }
@@ -948,11 +1041,6 @@ impl Run {
             world = order.len(),
             "ring re-formed from the survivors"
         );
-    }
-
-    fn renumber_and_start(&mut self) {
-        self.renumber();
-        self.start_unit();
     }
 
     /// Remove a ranked worker that has been silent for longer than `limit` (it is presumed
@@ -1026,9 +1114,14 @@ impl Run {
             Some(Unit::Epoch { epoch, .. }) => *epoch,
             _ => 0,
         };
+        let ranked = self.workers.values().filter(|w| w.rank.is_some()).count();
         v1::StatusReply {
             run_id: self.run_id.clone(),
-            state: self.stage.label().into(),
+            state: if self.paused.is_some() && !self.finished() {
+                "paused".into()
+            } else {
+                self.stage.label().into()
+            },
             generation: self.generation,
             epoch,
             workers: self
@@ -1043,7 +1136,9 @@ impl Run {
                     step: w.step,
                     seconds_since_heartbeat: w.last_seen.elapsed().as_secs_f64(),
                     steps_per_second: w.steps_per_second.unwrap_or(0.0),
-                    images_per_second: w.steps_per_second.unwrap_or(0.0) * f64::from(self.config.batch_size),
+                    // Each rank takes its share of the global batch.
+                    images_per_second: w.steps_per_second.unwrap_or(0.0) * f64::from(self.global_batch)
+                        / ranked.max(1) as f64,
                 })
                 .collect(),
             history_json: serde_json::to_string(&self.history).unwrap_or_default(),
@@ -1056,6 +1151,7 @@ impl Run {
             step: self.ring_step(),
             val_accuracy: self.history.iter().rev().find_map(|h| h.val_accuracy),
             eta_seconds: self.eta_seconds(),
+            paused: self.paused.clone().unwrap_or_default(),
         }
     }
 }

@@ -236,7 +236,7 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
             Some(order::Order::Finish(finish)) => {
                 break Err(cluster(format!("the run was stopped: {}", finish.error)));
             }
-            Some(order::Order::Welcome(_)) | None => continue,
+            Some(order::Order::Welcome(_)) | Some(order::Order::Regroup(_)) | None => continue,
             Some(order::Order::Assignment(assignment)) => {
                 let work = state.execute(assignment, &worker_id, &step, &mut client);
                 tokio::pin!(work);
@@ -248,6 +248,10 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
                         order = orders.recv() => match order {
                             Some(Ok(Order { order: Some(order::Order::Finish(finish)) })) if !finish.error.is_empty() => {
                                 break Err(cluster(format!("the run was stopped: {}", finish.error)));
+                            }
+                            Some(Ok(Order { order: Some(order::Order::Regroup(regroup)) })) => {
+                                tracing::info!(generation = regroup.generation, "asked to stop after this step for new workers");
+                                step.regroup.store(regroup.generation, Ordering::Relaxed);
                             }
                             Some(Ok(order)) => pending.push_back(order),
                             Some(Err(e)) => break Err(cluster(e)),
@@ -374,6 +378,10 @@ impl State {
                     let result = (|| {
                         let mut trainer = match (trainer, resume) {
                             (Some(t), _) => t,
+                            // Joined mid-run: the state comes from rank 0 below.
+                            (None, _) if epoch_work.sync => {
+                                Trainer::awaiting_state(&config_for_thread, device, &io.handle)?
+                            }
                             (None, Some(name)) => {
                                 let store = CheckpointStore::open(&config_for_thread.checkpoint_url())?;
                                 let trainer =
@@ -383,8 +391,22 @@ impl State {
                             }
                             (None, None) => Trainer::new(&config_for_thread, device, &mut io)?,
                         };
+                        if epoch_work.sync
+                            && let Err(e) = trainer.sync_from_rank0(&mut io, epoch_work.first_step)
+                        {
+                            tracing::warn!(error = %e, "the ring broke while sharing the training state");
+                            let broken = cluster_proto::v1::RingBroken {
+                                phase: epoch_work.phase,
+                                epoch: epoch_work.epoch,
+                                completed_steps: trainer.completed().unwrap_or(epoch_work.first_step),
+                                reason: format!("sharing the training state: {e}"),
+                                has_state: trainer.has_state(),
+                                ..Default::default()
+                            };
+                            return Ok::<_, Error>((trainer, Ok(EpochOutcome::Broken(broken))));
+                        }
                         let mut result = trainer.epoch(&epoch_work, &mut io, &thread_step);
-                        if result.is_ok() && epoch_work.test && rank == 0 {
+                        if matches!(result, Ok(EpochOutcome::Done(_))) && epoch_work.test && rank == 0 {
                             // The tutorial's picture of the result: rank 0 draws it, as it
                             // writes checkpoints.
                             let out = PathBuf::from(&config_for_thread.out);

@@ -43,68 +43,160 @@ pub async fn upload(
     model: &LoadedModel,
     optimizer: &ModuleOptimizer,
 ) -> Result<Vec<ObjectEntry>> {
-    let weights = modelfile::to_bytes(Path::new(&store.describe(&format!("{name}/{WEIGHTS}"))), model)?;
-    let mut entries = vec![store.upload(name, WEIGHTS, &weights).await?];
-    drop(weights);
-    let optim = optimizer
-        .into_bytes()
-        .map_err(|e| Error::Cluster(format!("cannot encode the optimizer state: {e:?}")))?;
-    entries.push(store.upload(name, OPTIMIZER, &optim).await?);
-    drop(optim);
-    let ids = serde_json::to_vec(&param_ids(&model.model))
-        .map_err(|e| Error::Cluster(format!("cannot encode parameter ids: {e}")))?;
-    entries.push(store.upload(name, PARAM_IDS, &ids).await?);
-    Ok(entries)
+    let parts = Parts::of(
+        model,
+        optimizer,
+        Path::new(&store.describe(&format!("{name}/{WEIGHTS}"))),
+    )?;
+    Ok(vec![
+        store.upload(name, WEIGHTS, &parts.weights).await?,
+        store.upload(name, OPTIMIZER, &parts.optimizer).await?,
+        store.upload(name, PARAM_IDS, &parts.ids).await?,
+    ])
 }
 
 /// Load checkpoint `name` for training: every object verified against the manifest.
 pub async fn restore(store: &CheckpointStore, name: &str, device: &Device) -> Result<(Manifest, Restored)> {
     let manifest = store.manifest(name).await?;
-    let phase = match manifest.phase.as_str() {
-        "head" => Phase::Head,
-        "finetune" => Phase::FineTune,
-        other => {
-            return Err(Error::Cluster(format!(
-                "checkpoint {} names phase '{other}'; expected head or finetune",
-                store.describe(name)
-            )));
-        }
-    };
+    let phase = phase_named(&manifest.phase).ok_or_else(|| {
+        Error::Cluster(format!(
+            "checkpoint {} names phase '{}'; expected head or finetune",
+            store.describe(name),
+            manifest.phase
+        ))
+    })?;
     let weights = store.read(&manifest, WEIGHTS).await?;
-    let mut model = modelfile::from_bytes(
-        None,
-        Path::new(&store.describe(&format!("{name}/{WEIGHTS}"))),
-        &weights,
+    let ids = store.read(&manifest, PARAM_IDS).await?;
+    let optimizer = store.read(&manifest, OPTIMIZER).await?;
+    let restored = from_parts(
+        &Parts {
+            weights: weights.to_vec(),
+            optimizer: optimizer.to_vec(),
+            ids: ids.to_vec(),
+        },
+        phase,
         device,
+        &|object| store.describe(&format!("{name}/{object}")),
     )?;
-    drop(weights);
-    let ids_bytes = store.read(&manifest, PARAM_IDS).await?;
-    let ids: BTreeMap<String, u64> = serde_json::from_slice(&ids_bytes).map_err(|e| {
+    Ok((manifest, restored))
+}
+
+/// The phase a checkpoint or a state transfer names.
+fn phase_named(name: &str) -> Option<Phase> {
+    match name {
+        "head" => Some(Phase::Head),
+        "finetune" => Some(Phase::FineTune),
+        _ => None,
+    }
+}
+
+/// A rank's training state as bytes: what a checkpoint stores, and what a ring sends to the
+/// workers that join it mid-run.
+pub struct Parts {
+    /// Our model file.
+    pub weights: Vec<u8>,
+    /// Burn's optimizer record (burnpack).
+    pub optimizer: Vec<u8>,
+    /// Parameter path -> id (JSON).
+    pub ids: Vec<u8>,
+}
+
+impl Parts {
+    /// The state of `model` and `optimizer`; `source` names the model file in errors.
+    pub fn of(model: &LoadedModel, optimizer: &ModuleOptimizer, source: &Path) -> Result<Self> {
+        Ok(Self {
+            weights: modelfile::to_bytes(source, model)?,
+            optimizer: optimizer
+                .into_bytes()
+                .map_err(|e| Error::Cluster(format!("cannot encode the optimizer state: {e:?}")))?
+                .to_vec(),
+            ids: serde_json::to_vec(&param_ids(&model.model))
+                .map_err(|e| Error::Cluster(format!("cannot encode parameter ids: {e}")))?,
+        })
+    }
+
+    /// One buffer: the phase, three lengths (little-endian u64) and the three parts.
+    pub fn pack(&self, phase: Phase) -> Vec<u8> {
+        let mut out = Vec::with_capacity(25 + self.weights.len() + self.optimizer.len() + self.ids.len());
+        out.push(match phase {
+            Phase::Head => 1,
+            Phase::FineTune => 2,
+        });
+        for part in [&self.weights, &self.optimizer, &self.ids] {
+            out.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        }
+        for part in [&self.weights, &self.optimizer, &self.ids] {
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    /// The inverse of [`pack`](Self::pack).
+    pub fn unpack(bytes: &[u8]) -> Result<(Phase, Self)> {
+        let bad = |what: &str| {
+            Error::Cluster(format!(
+                "malformed state transfer ({} bytes): {what}",
+                bytes.len()
+            ))
+        };
+        let phase = match bytes.first() {
+            Some(1) => Phase::Head,
+            Some(2) => Phase::FineTune,
+            _ => return Err(bad("unknown phase byte")),
+        };
+        let mut lengths = [0usize; 3];
+        for (i, len) in lengths.iter_mut().enumerate() {
+            let at = 1 + 8 * i;
+            let raw: [u8; 8] = bytes
+                .get(at..at + 8)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| bad("truncated header"))?;
+            *len = usize::try_from(u64::from_le_bytes(raw)).map_err(|_| bad("length overflow"))?;
+        }
+        let mut at = 25;
+        let mut take = |len: usize| -> Result<Vec<u8>> {
+            let part = bytes
+                .get(at..at + len)
+                .ok_or_else(|| bad("truncated body"))?
+                .to_vec();
+            at += len;
+            Ok(part)
+        };
+        let parts = Parts {
+            weights: take(lengths[0])?,
+            optimizer: take(lengths[1])?,
+            ids: take(lengths[2])?,
+        };
+        Ok((phase, parts))
+    }
+}
+
+/// Rebuild a rank's training state from `parts` (taken in `phase`); `describe` names each
+/// part in errors.
+pub fn from_parts(
+    parts: &Parts,
+    phase: Phase,
+    device: &Device,
+    describe: &dyn Fn(&str) -> String,
+) -> Result<Restored> {
+    let mut model = modelfile::from_bytes(None, Path::new(&describe(WEIGHTS)), &parts.weights, device)?;
+    let ids: BTreeMap<String, u64> = serde_json::from_slice(&parts.ids).map_err(|e| {
         Error::Cluster(format!(
             "{}: not a map of parameter ids: {e}",
-            store.describe(&format!("{name}/{PARAM_IDS}"))
+            describe(PARAM_IDS)
         ))
     })?;
     model.model = crate::phase::prepare(model.model, phase);
     model.model = with_param_ids(model.model, &ids)?;
-    let optim_bytes = store.read(&manifest, OPTIMIZER).await?;
     let optimizer = burn::optim::AdamConfig::new()
         .init()
-        .from_bytes(burn::tensor::Bytes::from_bytes_vec(optim_bytes.to_vec()))
-        .map_err(|e| {
-            Error::Cluster(format!(
-                "{}: not an optimizer record: {e:?}",
-                store.describe(&format!("{name}/{OPTIMIZER}"))
-            ))
-        })?;
-    Ok((
-        manifest,
-        Restored {
-            model,
-            phase,
-            optimizer,
-        },
-    ))
+        .from_bytes(burn::tensor::Bytes::from_bytes_vec(parts.optimizer.clone()))
+        .map_err(|e| Error::Cluster(format!("{}: not an optimizer record: {e:?}", describe(OPTIMIZER))))?;
+    Ok(Restored {
+        model,
+        phase,
+        optimizer,
+    })
 }
 
 /// The weights of the newest good checkpoint under `url`: its name (for messages) and bytes.

@@ -33,6 +33,7 @@ use crate::metrics::WorkerMetrics;
 use crate::model::Classifier;
 use crate::modelfile::{self, ClassLabel, LoadedModel, WeightsSource};
 use crate::phase::{self, Phase};
+use crate::resume::Parts;
 use crate::weights::{ModulePath, RawTensor, WeightsFile, apply_weights, collect_tensors};
 
 /// Batches read ahead of the training step.
@@ -175,6 +176,11 @@ pub struct Beat {
     pub checksums: std::sync::Mutex<Vec<(u64, u64, u64)>>,
     /// Step, data, all-reduce and checkpoint metrics.
     pub metrics: WorkerMetrics,
+    /// The ring generation the coordinator asked to stop after its current step (workers
+    /// are waiting to join); 0 for none.
+    pub regroup: AtomicU64,
+    /// Stop training at the next step: the coordinator is gone.
+    pub abort: std::sync::atomic::AtomicBool,
 }
 
 impl Beat {
@@ -431,6 +437,10 @@ impl Trainer {
             Phase::FineTune => 2,
         });
         loop {
+            if beat.abort.load(Ordering::Relaxed) {
+                broken = Some("the coordinator was lost".into());
+                break;
+            }
             let waiting = Instant::now();
             let Some(batch) = prefetch.next() else { break };
             let step_started = Instant::now();
@@ -462,11 +472,16 @@ impl Trainer {
                 flat.iter_mut().for_each(|v| *v *= scale);
             }
             let global_step = work.first_step + steps;
+            // One more value rides on the gradients: whether any rank was asked to stop for a
+            // regroup. Every rank sees the same sum, so all stop after the same step.
+            let asked = beat.regroup.load(Ordering::Relaxed) == io.ring.generation;
+            flat.push(if asked { 1.0 } else { 0.0 });
             let reducing = io.seconds;
             if let Err(e) = io.all_reduce(global_step, &mut flat, true) {
                 broken = Some(format!("step {global_step}: {e}"));
                 break;
             }
+            let regroup = flat.pop().is_some_and(|v| v > 0.0);
             metrics.allreduce_seconds.observe(io.seconds - reducing);
             metrics
                 .allreduce_bytes
@@ -509,6 +524,10 @@ impl Trainer {
             metrics
                 .images_per_second
                 .set(train.count as f64 / started.elapsed().as_secs_f64().max(1e-9));
+            if regroup {
+                broken = Some(format!("stopped after step {global_step} to admit new workers"));
+                break;
+            }
         }
         // A BatchNorm that trains (the tutorial head's, in phase 1) has seen only this rank's
         // batches: take rank 0's statistics, as PyTorch DDP broadcasts its buffers.
@@ -540,6 +559,7 @@ impl Trainer {
                 last_correct: last.correct,
                 last_count: last.count,
                 reason,
+                has_state: true,
             }));
         }
         let model = match stats {
@@ -589,6 +609,83 @@ impl Trainer {
                 Vec::new()
             },
         }))
+    }
+
+    /// A trainer over `config`'s data that has no model yet: it takes the run's state from
+    /// rank 0 of its first ring ([`sync_from_rank0`](Self::sync_from_rank0)).
+    pub fn awaiting_state(config: &RunConfig, device: Device, handle: &Handle) -> Result<Self> {
+        let (dataset, splits) = open_dataset(config, handle)?;
+        Ok(Self {
+            config: config.clone(),
+            device,
+            dataset,
+            splits,
+            model: None,
+            phase: None,
+            optimizer: None,
+            completed: None,
+            undo: None,
+        })
+    }
+
+    /// Global steps this trainer has completed, once it has trained or taken state.
+    pub fn completed(&self) -> Option<u64> {
+        self.completed
+    }
+
+    /// Whether this trainer holds the run's model and optimizer state.
+    pub fn has_state(&self) -> bool {
+        self.model.is_some() && self.optimizer.is_some() && self.phase.is_some()
+    }
+
+    /// Make every rank's model, phase and optimizer state rank 0's, as they are after
+    /// `first_step` steps (a ring that admitted new workers). Rank 0 sends them through the
+    /// ring as its checkpoint would store them; the others rebuild from those bytes.
+    pub fn sync_from_rank0<N: Link, P: Link>(
+        &mut self,
+        io: &mut RingIo<'_, N, P>,
+        first_step: u64,
+    ) -> Result<()> {
+        if io.ring.rank == 0 {
+            self.roll_back_to(first_step)?;
+        }
+        let packed = if io.ring.rank == 0 {
+            let (Some(model), Some(optimizer), Some(phase)) = (&self.model, &self.optimizer, self.phase)
+            else {
+                return Err(cluster("rank 0 has no training state to send to the new workers"));
+            };
+            Some(Parts::of(model, optimizer, std::path::Path::new("<state for new workers>"))?.pack(phase))
+        } else {
+            None
+        };
+        let started = Instant::now();
+        let tag = (1 << 63) | (first_step << 1);
+        let bytes = bytes_from_rank0(io, tag, packed)?;
+        if io.ring.rank != 0 {
+            let (phase, parts) = Parts::unpack(&bytes)?;
+            let restored = crate::resume::from_parts(&parts, phase, &self.device, &|part| {
+                format!("<{part} from rank 0>")
+            })?;
+            if restored.model.classes.len() != self.dataset.classes.len() {
+                return Err(cluster(format!(
+                    "rank 0's model predicts {} classes, this worker's dataset has {}",
+                    restored.model.classes.len(),
+                    self.dataset.classes.len()
+                )));
+            }
+            self.model = Some(restored.model);
+            self.phase = Some(restored.phase);
+            self.optimizer = Some(restored.optimizer);
+        }
+        self.completed = Some(first_step);
+        self.undo = None;
+        tracing::info!(
+            bytes = bytes.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            step = first_step,
+            "training state shared from rank 0"
+        );
+        Ok(())
     }
 
     /// Make this rank's state the one after `first_step` steps: nothing to do when it is
@@ -738,7 +835,11 @@ fn from_rank0<N: Link, P: Link>(
     } else {
         vec![0.0; tensors.iter().map(|(_, t)| t.data.len()).sum()]
     };
-    io.all_reduce(step, &mut flat, false)?;
+    // Rank 0's values arrive as they are, never rounded to bf16.
+    let bf16 = std::mem::replace(&mut io.ring.bf16, false);
+    let reduced = io.all_reduce(step, &mut flat, false);
+    io.ring.bf16 = bf16;
+    reduced?;
     let mut offset = 0;
     for (_, tensor) in tensors {
         let len = tensor.data.len();
@@ -746,6 +847,43 @@ fn from_rank0<N: Link, P: Link>(
         offset += len;
     }
     Ok(())
+}
+
+/// Rank 0's `bytes` on every rank, through the ring: a length, then the bytes two to a
+/// float (whole numbers below 2^16 survive the sum with the other ranks' zeros exactly).
+fn bytes_from_rank0<N: Link, P: Link>(
+    io: &mut RingIo<'_, N, P>,
+    tag: u64,
+    bytes: Option<Vec<u8>>,
+) -> Result<Vec<u8>> {
+    // bf16 on the wire would round the values; these must arrive exactly.
+    let bf16 = std::mem::replace(&mut io.ring.bf16, false);
+    let result = (|| {
+        let len = bytes.as_ref().map_or(0, Vec::len) as u64;
+        let mut header: Vec<f32> = (0..4).map(|i| ((len >> (16 * i)) & 0xffff) as f32).collect();
+        io.all_reduce(tag, &mut header, false)?;
+        let len = header
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (*v as u64) << (16 * i))
+            .sum::<u64>() as usize;
+        let mut values: Vec<f32> = match &bytes {
+            Some(b) => b
+                .chunks(2)
+                .map(|c| f32::from(u16::from_le_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+                .collect(),
+            None => vec![0.0; len.div_ceil(2)],
+        };
+        io.all_reduce(tag + 1, &mut values, false)?;
+        let mut out = Vec::with_capacity(len + 1);
+        for v in values {
+            out.extend_from_slice(&(v as u16).to_le_bytes());
+        }
+        out.truncate(len);
+        Ok(out)
+    })();
+    io.ring.bf16 = bf16;
+    result
 }
 
 /// Make every rank's weights equal to rank 0's.
