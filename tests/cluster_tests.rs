@@ -581,6 +581,264 @@ fn a_worker_that_joins_mid_run_gets_the_state_and_ends_identical() {
 }
 
 #[test]
+fn a_restarted_coordinator_resumes_the_run_with_the_same_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let out = dir.path().join("run");
+    // The restarted coordinator must be where the workers look for it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = [
+        "--log-format",
+        "json",
+        "start",
+        "--listen",
+        &listen,
+        "--token-file",
+        token.to_str().unwrap(),
+        "--workers",
+        "2",
+        "--data",
+        "synthetic",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--head-epochs",
+        "2",
+        "--finetune-epochs",
+        "1",
+        "--limit-train",
+        "64",
+        "--limit-val",
+        "20",
+        "--limit-test",
+        "20",
+        "--checkpoint-every",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let mut first = spawn("coordinator", args, &[]);
+    first.wait_for("coordinator listening", Duration::from_secs(30));
+    let workers: Vec<Proc> = (0..2)
+        .map(|_| {
+            worker(
+                &token,
+                &listen,
+                &["join"],
+                &["--cpu", "--coordinator-timeout", "120"],
+            )
+        })
+        .collect();
+    first.wait_for("checkpoint committed", Duration::from_secs(300));
+    first.kill();
+    let mut second = spawn("coordinator", args, &[]);
+    second.wait_for("resuming from checkpoint", Duration::from_secs(30));
+    for w in workers {
+        let run = w.finish(Duration::from_secs(300)).success();
+        assert!(
+            run.stderr
+                .contains("lost the coordinator; trying to reach it again"),
+            "{}",
+            run.stderr
+        );
+        assert!(run.stderr.contains("resumed from checkpoint"), "{}", run.stderr);
+    }
+    second.finish(Duration::from_secs(30)).success();
+    let history: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("history.json")).unwrap()).unwrap();
+    let epochs = history.as_array().unwrap();
+    assert_eq!(epochs.len(), 3, "{history}");
+    for epoch in epochs {
+        assert_eq!(epoch["steps"], 8, "{epoch}");
+    }
+    let store = checkpoint::CheckpointStore::open(out.join("checkpoints").to_str().unwrap()).unwrap();
+    let good = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(store.latest_good())
+        .unwrap()
+        .expect("a committed checkpoint");
+    assert_eq!(good.manifest.step, 24, "{:?}", good.manifest);
+}
+
+#[test]
+fn a_worker_whose_coordinator_never_returns_exits_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let (mut coordinator, address) = coordinator(&token, &["--workers", "2"]);
+    let mut worker = worker(
+        &token,
+        &address,
+        &["join"],
+        &["--cpu", "--coordinator-timeout", "2"],
+    );
+    worker.wait_for("joined", Duration::from_secs(60));
+    coordinator.kill();
+    let run = worker.finish(Duration::from_secs(60)).failure();
+    assert!(
+        run.stderr
+            .contains("lost the coordinator; trying to reach it again"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains(&format!("cannot reach the coordinator at {address} within 2 s")),
+        "{}",
+        run.stderr
+    );
+}
+
+/// `coordinator status --json` of the coordinator at `address`, or `None` once it is gone.
+fn status_json(token: &Path, address: &str) -> Option<serde_json::Value> {
+    let run = cluster_tests::spawn(
+        "coordinator",
+        [
+            "status",
+            "--coordinator",
+            address,
+            "--json",
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .finish(Duration::from_secs(30));
+    (run.code == Some(0)).then(|| run.json())
+}
+
+/// Repeated random kills, each followed by a replacement worker: the run still takes exactly
+/// its planned steps. `EFFNET_CHAOS_KILLS` (3), `EFFNET_CHAOS_SEED` (7) and
+/// `EFFNET_CHAOS_EPOCHS` (head epochs, 2) make the longer form (see the README).
+#[test]
+fn chaos_random_kills_and_replacements_still_finish_the_plan() {
+    let env = |name: &str, default: u64| -> u64 {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let kills = env("EFFNET_CHAOS_KILLS", 3);
+    let mut seed = env("EFFNET_CHAOS_SEED", 7);
+    let head_epochs = env("EFFNET_CHAOS_EPOCHS", 2);
+    let mut random = move |n: u64| {
+        // SplitMix64: a fixed sequence per seed.
+        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % n
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let out = dir.path().join("run");
+    let head = head_epochs.to_string();
+    // 96 images, global batch 12: 8 steps an epoch on any ring.
+    let (coordinator, address) = coordinator(
+        &token,
+        &[
+            "--workers",
+            "3",
+            "--min-workers",
+            "1",
+            "--data",
+            "synthetic",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--head-epochs",
+            &head,
+            "--finetune-epochs",
+            "1",
+            "--limit-train",
+            "96",
+            "--limit-val",
+            "24",
+            "--limit-test",
+            "24",
+            "--checksum-every",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let mut alive: Vec<Proc> = (0..3)
+        .map(|_| worker(&token, &address, &["join"], &["--cpu"]))
+        .collect();
+    let mut finished = Vec::new();
+    let mut last_kill_step = 0;
+    let mut done = 0;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while done < kills {
+        assert!(Instant::now() < deadline, "the chaos did not end");
+        let Some(status) = status_json(&token, &address) else {
+            break;
+        };
+        let ranked = status["workers"]
+            .as_array()
+            .map_or(0, |w| w.iter().filter(|w| !w["rank"].is_null()).count());
+        let step = status["step"].as_u64().unwrap_or(0);
+        if status["state"] == "done" {
+            break;
+        }
+        // Strike again once the ring is whole and has trained past the last strike.
+        if ranked == 3 && step >= last_kill_step + 2 + random(3) {
+            let victim = random(alive.len() as u64) as usize;
+            let mut proc = alive.remove(victim);
+            proc.kill();
+            finished.push(proc);
+            last_kill_step = step;
+            done += 1;
+            alive.push(worker(&token, &address, &["join"], &["--cpu"]));
+        }
+        std::thread::sleep(Duration::from_millis(100 + random(300)));
+    }
+    for w in alive {
+        w.finish(Duration::from_secs(300)).success();
+    }
+    let coordinator = coordinator.finish(Duration::from_secs(30)).success();
+    let reforms = coordinator
+        .stderr
+        .matches("ring re-formed from the survivors")
+        .count() as u64;
+    assert!(
+        reforms >= done,
+        "{done} kills, {reforms} new rings:\n{}",
+        coordinator.stderr
+    );
+    assert!(done >= 1, "no kill landed before the run ended");
+    eprintln!("chaos: {done} kills, {reforms} rings re-formed");
+    let history: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("history.json")).unwrap()).unwrap();
+    let epochs = history.as_array().unwrap();
+    assert_eq!(epochs.len() as u64, head_epochs + 1, "{history}");
+    for epoch in epochs {
+        assert_eq!(epoch["steps"], 8, "{epoch}");
+    }
+    let store = checkpoint::CheckpointStore::open(out.join("checkpoints").to_str().unwrap()).unwrap();
+    let good = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(store.latest_good())
+        .unwrap()
+        .expect("a committed checkpoint");
+    assert_eq!(good.manifest.step, 8 * (head_epochs + 1), "{:?}", good.manifest);
+}
+
+#[test]
 fn mutual_tls_cluster_runs_and_plaintext_is_refused() {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 

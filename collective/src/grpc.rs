@@ -69,6 +69,14 @@ impl PeerService {
         InboundLink { rx }
     }
 
+    /// Forget the expected stream (its link ends): a new coordinator numbers rings afresh.
+    pub fn reset(&self) {
+        if let Ok(mut expected) = self.inbox.expected.lock() {
+            *expected = None;
+        }
+        self.inbox.changed.notify_waiters();
+    }
+
     /// The tonic service, behind `auth` and the cluster's message limits.
     pub fn into_server(self, auth: ServerAuth) -> InterceptedService<PeerServer<Self>, ServerAuth> {
         InterceptedService::new(
@@ -349,7 +357,7 @@ pub async fn connect_with_retry(endpoint: &Endpoint, total: Duration) -> Result<
             Ok(channel) => return Ok(channel),
             Err(e) => {
                 let now = tokio::time::Instant::now();
-                if now + backoff > deadline {
+                if now >= deadline {
                     let source = std::error::Error::source(&e)
                         .map(|s| format!(": {s}"))
                         .unwrap_or_default();
@@ -359,7 +367,8 @@ pub async fn connect_with_retry(endpoint: &Endpoint, total: Duration) -> Result<
                     ));
                 }
                 tracing::debug!(uri = %endpoint.uri(), error = %e, "connect failed; retrying");
-                tokio::time::sleep(backoff).await;
+                // The last wait ends at the deadline, so the whole time is tried.
+                tokio::time::sleep(backoff.min(deadline - now)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }

@@ -957,6 +957,9 @@ impl Run {
         run.steps_done = state.step;
         run.history = state.history;
         run.restarts = state.restarts + 1;
+        // Ring generations stay unique across coordinators, so a worker still holding a ring
+        // of the previous one can never be mistaken for a member of this one's.
+        run.generation = u64::from(run.restarts) << 32;
         run.resume_from = Some(checkpoint.name.clone());
         run.last_checkpoint = Some(checkpoint);
         Ok(run)

@@ -52,6 +52,10 @@ pub struct ClusterArgs {
     /// Seconds to keep retrying the first connection to the coordinator.
     #[arg(long, default_value_t = 60.0)]
     pub connect_timeout: f64,
+    /// Seconds to keep trying to reach the coordinator again after losing it (a restarted
+    /// coordinator resumes the run from its last checkpoint); then the worker exits.
+    #[arg(long, default_value_t = 300.0, env = "CLUSTER_COORDINATOR_TIMEOUT")]
+    pub coordinator_timeout: f64,
     #[command(flatten)]
     pub security: SecurityArgs,
 }

@@ -54,6 +54,8 @@ pub struct JoinOptions {
     pub name: String,
     /// How long to keep retrying the first connection to the coordinator.
     pub connect_timeout: Duration,
+    /// How long to keep trying to reach the coordinator again after losing it.
+    pub coordinator_timeout: Duration,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -136,17 +138,76 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
     let client_tls = options.tls.client().map_err(|e| cluster(e.to_string()))?;
     let endpoint =
         net::endpoint(&options.coordinator, client_tls.clone()).map_err(|e| cluster(e.to_string()))?;
-    let channel = connect_with_retry(&endpoint, options.connect_timeout)
+    let mut state = State {
+        peer,
+        auth: ClientAuth::new(&options.token),
+        client_tls,
+        links: None,
+        trainer: None,
+        device,
+        outcome: JoinOutcome::default(),
+    };
+    let mut wait = options.connect_timeout;
+    let result = loop {
+        match session(
+            &options,
+            &endpoint,
+            &advertise,
+            &device_name,
+            wait,
+            &step,
+            &mut state,
+        )
         .await
-        .map_err(|e| cluster(format!("coordinator: {e}")))?;
-    let auth = ClientAuth::new(&options.token);
-    let mut client: Client = CoordinatorClient::with_interceptor(channel, auth.clone())
+        {
+            Err(Error::CoordinatorLost(why)) => {
+                // Whatever this worker was doing belongs to the lost coordinator's run: stop
+                // it, and let the restarted coordinator say where the run goes on (its last
+                // committed checkpoint).
+                step.session.fetch_add(1, Ordering::Relaxed);
+                state.peer.reset();
+                state.links = None;
+                state.trainer = None;
+                tracing::warn!(reason = %why, retry_seconds = options.coordinator_timeout.as_secs_f64(),
+                    "lost the coordinator; trying to reach it again");
+                wait = options.coordinator_timeout;
+            }
+            other => break other,
+        }
+    };
+    server.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
+    result.map(|()| state.outcome)
+}
+
+/// One connection to the coordinator: join, then carry out its orders until the run ends
+/// (`Ok`), fails, or the coordinator is lost ([`Error::CoordinatorLost`]).
+async fn session(
+    options: &JoinOptions,
+    endpoint: &tonic::transport::Endpoint,
+    advertise: &str,
+    device_name: &str,
+    wait: Duration,
+    step: &Arc<Beat>,
+    state: &mut State,
+) -> Result<()> {
+    let channel = connect_with_retry(endpoint, wait).await.map_err(|e| {
+        cluster(format!(
+            "cannot reach the coordinator at {} within {:.0} s (--connect-timeout, or \
+             --coordinator-timeout after losing it): {e}",
+            options.coordinator,
+            wait.as_secs_f64()
+        ))
+    })?;
+    let mut client: Client = CoordinatorClient::with_interceptor(channel, state.auth.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let request = JoinRequest {
         name: options.name.clone(),
-        advertise: advertise.clone(),
-        device: device_name,
+        advertise: advertise.to_string(),
+        device: device_name.to_string(),
     };
     let mut stream = client
         .join(request)
@@ -159,7 +220,7 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
         })?
         .into_inner();
     let (order_tx, mut orders) = mpsc::unbounded_channel::<std::result::Result<Order, String>>();
-    tokio::spawn(async move {
+    let reader = tokio::spawn(async move {
         loop {
             let item = match stream.message().await {
                 Ok(Some(order)) => Ok(order),
@@ -181,7 +242,7 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
                 expected = welcome.expected_workers, "joined; waiting for the run to start");
             welcome.worker_id
         }
-        Some(Err(e)) => return Err(cluster(e)),
+        Some(Err(e)) => return Err(Error::CoordinatorLost(e)),
         _ => return Err(cluster("the coordinator did not welcome this worker")),
     };
 
@@ -212,23 +273,18 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
         })
     };
 
-    let mut state = State {
-        peer,
-        auth,
-        client_tls,
-        links: None,
-        trainer: None,
-        device,
-        outcome: JoinOutcome::default(),
-    };
     let mut pending: VecDeque<Order> = VecDeque::new();
     let result = loop {
         let order = match pending.pop_front() {
             Some(order) => order,
             None => match orders.recv().await {
                 Some(Ok(order)) => order,
-                Some(Err(e)) => break Err(cluster(e)),
-                None => break Err(cluster("the coordinator closed the connection")),
+                Some(Err(e)) => break Err(Error::CoordinatorLost(e)),
+                None => {
+                    break Err(Error::CoordinatorLost(
+                        "the coordinator closed the connection".into(),
+                    ));
+                }
             },
         };
         match order.order {
@@ -238,7 +294,7 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
             }
             Some(order::Order::Welcome(_)) | Some(order::Order::Regroup(_)) | None => continue,
             Some(order::Order::Assignment(assignment)) => {
-                let work = state.execute(assignment, &worker_id, &step, &mut client);
+                let work = state.execute(assignment, &worker_id, step, &mut client);
                 tokio::pin!(work);
                 // Watch the coordinator while working: when another worker dies it says so,
                 // and waiting for this unit to finish would wait for a dead ring.
@@ -254,8 +310,8 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
                                 step.regroup.store(regroup.generation, Ordering::Relaxed);
                             }
                             Some(Ok(order)) => pending.push_back(order),
-                            Some(Err(e)) => break Err(cluster(e)),
-                            None => break Err(cluster("the coordinator closed the connection")),
+                            Some(Err(e)) => break Err(Error::CoordinatorLost(e)),
+                            None => break Err(Error::CoordinatorLost("the coordinator closed the connection".into())),
                         },
                     }
                 };
@@ -266,11 +322,8 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
         }
     };
     heartbeat.abort();
-    server.abort();
-    if let Some(metrics) = metrics {
-        metrics.abort();
-    }
-    result.map(|()| state.outcome)
+    reader.abort();
+    result
 }
 
 struct State {
@@ -475,6 +528,16 @@ impl State {
     }
 }
 
+/// A failed call to the coordinator: lost when it did not answer, refused otherwise.
+fn rpc_error(status: &tonic::Status, refused: &str) -> Error {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
+            Error::CoordinatorLost(status.message().to_string())
+        }
+        _ => cluster(format!("{refused}: {}", status.message())),
+    }
+}
+
 async fn report(
     client: &mut Client,
     worker_id: &str,
@@ -488,7 +551,7 @@ async fn report(
             result: Some(result),
         })
         .await
-        .map_err(|s| cluster(format!("the coordinator refused the report: {}", s.message())))?;
+        .map_err(|s| rpc_error(&s, "the coordinator refused the report"))?;
     Ok(())
 }
 
@@ -533,6 +596,6 @@ async fn checkpoint(
                 .collect(),
         })
         .await
-        .map_err(|s| cluster(format!("the coordinator refused the checkpoint: {}", s.message())))?;
+        .map_err(|s| rpc_error(&s, "the coordinator refused the checkpoint"))?;
     Ok(())
 }

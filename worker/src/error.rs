@@ -105,6 +105,9 @@ pub enum Error {
     /// Talking to the coordinator or the other workers failed, or the run was stopped.
     #[error("{0}")]
     Cluster(String),
+    /// The connection to the coordinator broke (it may come back: workers reconnect).
+    #[error("lost the coordinator: {0}")]
+    CoordinatorLost(String),
 
     /// Writing or reading a checkpoint failed.
     #[error(transparent)]

@@ -280,6 +280,9 @@ fn join_options(cluster: &ClusterArgs, device_name: &str) -> Result<JoinOptions>
     if !(cluster.connect_timeout.is_finite() && cluster.connect_timeout > 0.0) {
         bail!("--connect-timeout must be a positive number of seconds");
     }
+    if !(cluster.coordinator_timeout.is_finite() && cluster.coordinator_timeout > 0.0) {
+        bail!("--coordinator-timeout must be a positive number of seconds");
+    }
     Ok(JoinOptions {
         coordinator: cluster.coordinator.clone(),
         token: cluster.security.token()?,
@@ -290,6 +293,7 @@ fn join_options(cluster: &ClusterArgs, device_name: &str) -> Result<JoinOptions>
             .clone()
             .unwrap_or_else(|| format!("{}/{device_name}", host_name())),
         connect_timeout: std::time::Duration::from_secs_f64(cluster.connect_timeout),
+        coordinator_timeout: std::time::Duration::from_secs_f64(cluster.coordinator_timeout),
         metrics_listen: None,
     })
 }
@@ -385,6 +389,8 @@ fn run_bench_allreduce(args: BenchAllreduceArgs) -> Result<()> {
                 advertise: args.advertise.clone(),
                 name: None,
                 connect_timeout: 60.0,
+                // A benchmark is not resumed: a lost coordinator ends it soon.
+                coordinator_timeout: 10.0,
                 security: args.security.clone(),
             };
             let options = join_options(&cluster, "cpu")?;

@@ -179,8 +179,9 @@ pub struct Beat {
     /// The ring generation the coordinator asked to stop after its current step (workers
     /// are waiting to join); 0 for none.
     pub regroup: AtomicU64,
-    /// Stop training at the next step: the coordinator is gone.
-    pub abort: std::sync::atomic::AtomicBool,
+    /// Bumped when the coordinator is lost: training started under an earlier value stops
+    /// at its next step.
+    pub session: AtomicU64,
 }
 
 impl Beat {
@@ -436,8 +437,9 @@ impl Trainer {
             Phase::Head => 1,
             Phase::FineTune => 2,
         });
+        let session = beat.session.load(Ordering::Relaxed);
         loop {
-            if beat.abort.load(Ordering::Relaxed) {
+            if beat.session.load(Ordering::Relaxed) != session {
                 broken = Some("the coordinator was lost".into());
                 break;
             }
