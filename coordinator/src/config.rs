@@ -30,6 +30,10 @@ pub struct RunArgs {
     /// Images per step on each worker.
     #[arg(long, env = "CLUSTER_BATCH_SIZE")]
     pub batch_size: Option<u32>,
+    /// Images per optimizer step over all workers (default: --batch-size times the worker
+    /// count); kept when workers are lost or added.
+    #[arg(long, env = "CLUSTER_GLOBAL_BATCH")]
+    pub global_batch: Option<u32>,
     /// Head trained in phase 1: `linear` or `tutorial`.
     #[arg(long, env = "CLUSTER_HEAD")]
     pub head: Option<String>,
@@ -132,6 +136,7 @@ impl RunArgs {
             data,
             image_size,
             batch_size,
+            global_batch,
             head,
             dropout,
             head_epochs,

@@ -132,6 +132,13 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
     if max_workers < workers {
         bail!("--max-workers {max_workers} is below the worker count ({workers})");
     }
+    if config.global_batch > 0 && (config.global_batch as usize) < max_workers {
+        bail!(
+            "--global-batch {} is smaller than the largest ring ({max_workers} workers); every worker needs \
+             at least one image per step",
+            config.global_batch
+        );
+    }
     let options = ServeOptions {
         workers,
         min_workers: args.min_workers,

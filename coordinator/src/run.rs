@@ -287,7 +287,10 @@ impl Run {
     /// A run of `config` waiting for `expected` workers.
     pub fn new(run_id: String, config: RunConfig, expected: usize) -> Self {
         let plan = plan(&config);
-        let global_batch = config.batch_size * expected as u32;
+        let global_batch = match config.global_batch {
+            0 => config.batch_size * expected as u32,
+            n => n,
+        };
         Self {
             run_id,
             config,
@@ -1231,6 +1234,172 @@ mod tests {
             ids.push(run.join(request, tx).unwrap());
         }
         (run, ids)
+    }
+
+    type Orders = tokio::sync::mpsc::UnboundedReceiver<Result<Order, Status>>;
+
+    /// A training run of `n` workers (batch 4 each, 4 head epochs) whose order streams the
+    /// test reads.
+    fn elastic_run(n: usize, min_workers: usize) -> (Run, Vec<String>, Vec<Orders>) {
+        let config = RunConfig {
+            batch_size: 4,
+            head_epochs: 4,
+            finetune_epochs: 0,
+            ..RunConfig::default()
+        };
+        let mut run = Run::new("r".into(), config, n);
+        run.min_workers = min_workers;
+        run.max_workers = n + 1;
+        let mut ids = Vec::new();
+        let mut streams = Vec::new();
+        for i in 0..n {
+            let (id, rx) = join_worker(&mut run, i).unwrap();
+            ids.push(id);
+            streams.push(rx);
+        }
+        (run, ids, streams)
+    }
+
+    fn join_worker(run: &mut Run, i: usize) -> Result<(String, Orders), Refusal> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let request = v1::JoinRequest {
+            name: format!("w{i}"),
+            advertise: format!("127.0.0.1:{}", 2000 + i),
+            device: "cpu".into(),
+        };
+        Ok((run.join(request, tx)?, rx))
+    }
+
+    /// The orders queued on a stream so far.
+    fn drain(rx: &mut Orders) -> Vec<order::Order> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .filter_map(|o| o.ok()?.order)
+            .collect()
+    }
+
+    fn last_assignment(rx: &mut Orders) -> Assignment {
+        drain(rx)
+            .into_iter()
+            .filter_map(|o| match o {
+                order::Order::Assignment(a) => Some(a),
+                _ => None,
+            })
+            .next_back()
+            .expect("an assignment")
+    }
+
+    fn broken(worker: &str, generation: u64, completed: u64, count: u64) -> v1::WorkReport {
+        v1::WorkReport {
+            worker_id: worker.to_string(),
+            generation,
+            result: Some(ReportResult::Broken(v1::RingBroken {
+                phase: Phase::Head as i32,
+                epoch: 0,
+                completed_steps: completed,
+                train_loss_sum: 2.0 * count as f64,
+                train_correct: count / 2,
+                train_count: count,
+                last_loss_sum: 8.0,
+                last_correct: 2,
+                last_count: 4,
+                reason: "test".into(),
+                has_state: true,
+            })),
+        }
+    }
+
+    #[test]
+    fn a_lost_worker_leaves_a_ring_of_the_survivors_from_their_last_common_step() {
+        let (mut run, ids, mut streams) = elastic_run(3, 1);
+        let first = last_assignment(&mut streams[0]);
+        let Some(Work::Epoch(work)) = first.work else {
+            panic!()
+        };
+        assert_eq!((work.global_batch, work.first_step, work.sync), (12, 0, false));
+        run.depart(&ids[2]);
+        assert_eq!(
+            run.generation, 1,
+            "waits for the survivors to say how far they got"
+        );
+        // Rank 1 finished step 5 (6 completed) before the ring broke; rank 0 did not.
+        run.report(broken(&ids[0], 1, 5, 20)).unwrap();
+        run.report(broken(&ids[1], 1, 6, 24)).unwrap();
+        assert_eq!(run.generation, 2);
+        assert_eq!(run.ring_reforms, 1);
+        for rx in &mut streams[..2] {
+            let a = last_assignment(rx);
+            let Some(Work::Epoch(work)) = a.work else { panic!() };
+            assert_eq!((a.generation, a.world), (2, 2));
+            // The rest of the epoch from step 5: 5 global batches of 12 consumed.
+            assert_eq!((work.first_step, work.consumed, work.global_batch), (5, 60, 12));
+            assert!(!work.sync, "every member holds the state");
+        }
+        // A report of the broken ring is fenced off.
+        let stale = run.report(epoch_report(&ids[0], Phase::Head, 0, 3)).unwrap_err();
+        assert!(
+            matches!(stale, Refusal::Stale { got: 1, current: 2 }),
+            "{stale:?}"
+        );
+        // Steps count from the epoch's start; rank 1's rolled-back step is not counted twice.
+        for id in &ids[..2] {
+            let mut r = epoch_report(id, Phase::Head, 0, 3);
+            r.generation = 2;
+            run.report(r).unwrap();
+        }
+        let epoch = run.history.last().unwrap();
+        assert_eq!(epoch.steps, 8);
+        assert_eq!(run.steps_done, 8);
+        assert_eq!(epoch.train_images, 20 + (24 - 4) + 2 * 8);
+        let text = crate::metrics::render(&run);
+        assert!(text.contains("\neffnet_ring_reforms_total 1.0\n"), "{text}");
+    }
+
+    #[test]
+    fn below_min_workers_the_run_pauses_until_a_worker_joins_and_takes_the_state() {
+        let (mut run, ids, mut streams) = elastic_run(2, 2);
+        run.depart(&ids[1]);
+        run.report(broken(&ids[0], 1, 3, 12)).unwrap();
+        assert_eq!(run.status().state, "paused");
+        assert!(
+            run.status().paused.contains("fewer than --min-workers 2"),
+            "{:?}",
+            run.status()
+        );
+        assert_eq!(run.generation, 1);
+        let (late, mut late_rx) = join_worker(&mut run, 5).unwrap();
+        assert_eq!(run.status().state, "head");
+        assert_eq!(run.generation, 2);
+        let survivor = last_assignment(&mut streams[0]);
+        let newcomer = last_assignment(&mut late_rx);
+        assert_eq!((survivor.rank, newcomer.rank), (0, 1), "rank 0 holds the state");
+        let Some(Work::Epoch(work)) = newcomer.work else {
+            panic!()
+        };
+        assert!(work.sync, "the new worker takes the state from rank 0");
+        assert_eq!(work.first_step, 3);
+        assert!(!run.workers[&late].has_state);
+    }
+
+    #[test]
+    fn a_worker_joining_mid_run_asks_the_ring_to_stop_after_a_step() {
+        let (mut run, ids, mut streams) = elastic_run(2, 1);
+        drain(&mut streams[0]);
+        let (late, mut late_rx) = join_worker(&mut run, 7).unwrap();
+        for rx in &mut streams {
+            let regroup = drain(rx)
+                .into_iter()
+                .any(|o| matches!(o, order::Order::Regroup(v1::Regroup { generation: 1 })));
+            assert!(regroup);
+        }
+        // One more than --max-workers (3) is refused.
+        assert!(matches!(join_worker(&mut run, 8), Err(Refusal::Full(3))));
+        run.report(broken(&ids[0], 1, 4, 16)).unwrap();
+        run.report(broken(&ids[1], 1, 4, 16)).unwrap();
+        assert_eq!(run.generation, 2);
+        let a = last_assignment(&mut late_rx);
+        let Some(Work::Epoch(work)) = a.work else { panic!() };
+        assert_eq!((a.rank, a.world, work.first_step, work.sync), (2, 3, 4, true));
+        assert_eq!(run.workers[&late].rank, Some(2));
     }
 
     #[test]

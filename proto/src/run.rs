@@ -32,6 +32,9 @@ pub struct RunConfig {
     pub image_size: u32,
     /// Images per step on each worker.
     pub batch_size: u32,
+    /// Images per optimizer step over all workers; 0 means `batch_size` times the worker
+    /// count. It stays the same when the ring shrinks or grows (each rank takes its share).
+    pub global_batch: u32,
     /// Classifier head trained in phase 1: `linear` (pool, dropout, dense) or `tutorial`
     /// (conv 7x7 with 7 filters, BatchNorm, pool, dropout, dense 512 ReLU, dense).
     pub head: String,
@@ -99,6 +102,7 @@ impl Default for RunConfig {
             data: "cifar10".into(),
             image_size: 224,
             batch_size: 32,
+            global_batch: 0,
             head: "linear".into(),
             dropout: 0.2,
             stochastic_depth: None,

@@ -295,3 +295,34 @@ pub fn with_param_ids<M: Module>(module: M, ids: &BTreeMap<String, u64>) -> Resu
     }
     Ok(module)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_state_unpacks_to_the_same_parts_and_damage_is_reported() {
+        let parts = Parts {
+            weights: vec![1, 2, 3],
+            optimizer: vec![],
+            ids: b"{}".to_vec(),
+        };
+        let packed = parts.pack(Phase::FineTune);
+        let (phase, back) = Parts::unpack(&packed).unwrap();
+        assert_eq!(phase, Phase::FineTune);
+        assert_eq!(
+            (back.weights, back.optimizer, back.ids),
+            (parts.weights, parts.optimizer, parts.ids)
+        );
+        let err = Parts::unpack(&packed[..packed.len() - 1])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("truncated body") && err.contains("29 bytes"),
+            "{err}"
+        );
+        let err = Parts::unpack(&[9]).err().unwrap().to_string();
+        assert!(err.contains("unknown phase"), "{err}");
+    }
+}

@@ -1017,3 +1017,47 @@ fn correct(logits: Tensor<2>, labels: Tensor<1, Int>) -> Result<u64> {
         .map_err(|e| cluster(format!("{e:?}")))?;
     Ok(value.first().copied().unwrap_or(0) as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_reach_every_rank_exactly_even_with_bf16_on_the_wire() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        // Odd length, every byte value, and patterns that are not valid floats.
+        let payload: Vec<u8> = (0..100_001u32).map(|i| (i * 7 % 256) as u8).collect();
+        let threads: Vec<_> = collective::local::ring(3, 4)
+            .into_iter()
+            .enumerate()
+            .map(|(rank, (mut next, mut prev))| {
+                let handle = runtime.handle().clone();
+                let payload = payload.clone();
+                std::thread::spawn(move || {
+                    let mut io = RingIo {
+                        ring: Ring {
+                            bf16: true,
+                            ..Ring::new(3, rank, 1)
+                        },
+                        next: &mut next,
+                        prev: &mut prev,
+                        handle,
+                        seconds: 0.0,
+                    };
+                    let sent = (rank == 0).then_some(payload);
+                    let got = bytes_from_rank0(&mut io, 1 << 63, sent).unwrap();
+                    (got, io.ring.bf16)
+                })
+            })
+            .collect();
+        for t in threads {
+            let (got, bf16) = t.join().unwrap();
+            assert_eq!(got, payload);
+            assert!(bf16, "the ring's bf16 setting is restored");
+        }
+    }
+}
