@@ -146,9 +146,24 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
         trainer: None,
         device,
         outcome: JoinOutcome::default(),
+        welcomed: false,
     };
-    let mut wait = options.connect_timeout;
+    // Time to reach the coordinator: from the start, then from the moment it was lost (a
+    // coordinator that is restarting may refuse or drop a few attempts first).
+    let mut budget = (options.connect_timeout, "--connect-timeout");
+    let mut deadline = tokio::time::Instant::now() + budget.0;
+    let mut last_error = String::new();
     let result = loop {
+        let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if wait.is_zero() {
+            break Err(cluster(format!(
+                "cannot reach the coordinator at {} within {:.0} s ({}); is it running? last error: {last_error}",
+                options.coordinator,
+                budget.0.as_secs_f64(),
+                budget.1
+            )));
+        }
+        state.welcomed = false;
         match session(
             &options,
             &endpoint,
@@ -161,6 +176,7 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
         .await
         {
             Err(Error::CoordinatorLost(why)) => {
+                last_error.clone_from(&why);
                 // Whatever this worker was doing belongs to the lost coordinator's run: stop
                 // it, and let the restarted coordinator say where the run goes on (its last
                 // committed checkpoint).
@@ -168,9 +184,15 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
                 state.peer.reset();
                 state.links = None;
                 state.trainer = None;
-                tracing::warn!(reason = %why, retry_seconds = options.coordinator_timeout.as_secs_f64(),
-                    "lost the coordinator; trying to reach it again");
-                wait = options.coordinator_timeout;
+                if state.welcomed {
+                    budget = (options.coordinator_timeout, "--coordinator-timeout");
+                    deadline = tokio::time::Instant::now() + budget.0;
+                    tracing::warn!(reason = %why, retry_seconds = options.coordinator_timeout.as_secs_f64(),
+                        "lost the coordinator; trying to reach it again");
+                } else {
+                    tracing::debug!(reason = %why, "the coordinator is not ready; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
             other => break other,
         }
@@ -193,14 +215,10 @@ async fn session(
     step: &Arc<Beat>,
     state: &mut State,
 ) -> Result<()> {
-    let channel = connect_with_retry(endpoint, wait).await.map_err(|e| {
-        cluster(format!(
-            "cannot reach the coordinator at {} within {:.0} s (--connect-timeout, or \
-             --coordinator-timeout after losing it): {e}",
-            options.coordinator,
-            wait.as_secs_f64()
-        ))
-    })?;
+    // Connection failures go back to the caller, which keeps trying until its deadline.
+    let channel = connect_with_retry(endpoint, wait)
+        .await
+        .map_err(Error::CoordinatorLost)?;
     let mut client: Client = CoordinatorClient::with_interceptor(channel, state.auth.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -212,12 +230,7 @@ async fn session(
     let mut stream = client
         .join(request)
         .await
-        .map_err(|s| {
-            cluster(format!(
-                "the coordinator refused to admit this worker: {}",
-                s.message()
-            ))
-        })?
+        .map_err(|s| rpc_error(&s, "the coordinator refused to admit this worker"))?
         .into_inner();
     let (order_tx, mut orders) = mpsc::unbounded_channel::<std::result::Result<Order, String>>();
     let reader = tokio::spawn(async move {
@@ -238,6 +251,7 @@ async fn session(
         Some(Ok(Order {
             order: Some(order::Order::Welcome(welcome)),
         })) => {
+            state.welcomed = true;
             tracing::info!(worker = %welcome.worker_id, run = %welcome.run_id, advertise = %advertise,
                 expected = welcome.expected_workers, "joined; waiting for the run to start");
             welcome.worker_id
@@ -327,6 +341,8 @@ async fn session(
 }
 
 struct State {
+    /// The current session got as far as the coordinator's welcome.
+    welcomed: bool,
     peer: PeerService,
     auth: ClientAuth,
     client_tls: Option<tonic::transport::ClientTlsConfig>,
