@@ -909,6 +909,80 @@ fn local_mode_runs_the_whole_cluster_from_one_command() {
     assert_eq!((grid.width(), grid.height()), (5 * 192, 4 * 162));
 }
 
+/// Process ids of `pid`'s children (those of every thread).
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+#[test]
+fn local_mode_restarts_a_killed_worker_and_the_run_finishes_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut args: Vec<String> = [
+        "--log-format",
+        "json",
+        "start",
+        "--local",
+        "2",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    args.extend(small_run(&out, 4, 2, 64));
+    let mut run = spawn("coordinator", &args, &[]);
+    let workers = run.wait_for_lines(
+        &["metrics listening", "\"target\":\"worker::cluster\""],
+        2,
+        Duration::from_secs(60),
+    );
+    let metrics = logged_address(&workers[0]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !scrape(&metrics)
+        .and_then(|b| sample(&b, "effnet_worker_steps_total"))
+        .is_some_and(|s| s >= 2.0)
+    {
+        assert!(Instant::now() < deadline, "no progress:\n{}", run.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let children = children_of(run.id());
+    assert_eq!(children.len(), 2, "{children:?}");
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &children[1].to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let run = run.finish(Duration::from_secs(300)).success();
+    assert!(
+        run.stderr.contains("local worker exited; starting it again"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("ring re-formed from the survivors"),
+        "{}",
+        run.stderr
+    );
+    let epochs = history(&out);
+    assert_eq!(epochs.len(), 3);
+    for epoch in &epochs {
+        // 64 images, global batch 8: 8 steps on any ring.
+        assert_eq!(epoch["steps"], 8, "{epoch}");
+    }
+    assert_eq!(latest_manifest(&out).step, 24);
+}
+
 #[test]
 fn local_mode_stops_when_a_worker_cannot_start() {
     let dir = tempfile::tempdir().unwrap();

@@ -43,6 +43,10 @@ pub struct StartArgs {
     /// With --local: GPUs for the workers, one per worker in order (CPU when absent).
     #[arg(long, value_delimiter = ',', value_name = "0,1,...", requires = "local")]
     pub gpus: Vec<usize>,
+    /// With --local: how many times each local worker is started again after it fails (it
+    /// rejoins the running ring); the next failure stops the run.
+    #[arg(long, default_value_t = 3, value_name = "N", requires = "local")]
+    pub max_restarts: u32,
     /// With --local: the worker binary (default: next to this one, else on PATH).
     #[arg(long, value_name = "PATH", requires = "local")]
     pub worker_bin: Option<PathBuf>,

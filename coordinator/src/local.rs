@@ -55,62 +55,90 @@ pub fn worker_metrics_address(coordinator: SocketAddr, index: usize) -> SocketAd
     SocketAddr::new(coordinator.ip(), port)
 }
 
-/// Start `n` workers joining `address`, serving metrics next to `metrics` when it is set.
-/// The token travels in the environment, never on a command line (which other users can
-/// read); workers die with the coordinator.
-pub fn spawn_workers(
-    binary: &Path,
-    n: usize,
-    gpus: &[usize],
-    address: &str,
-    token: &Token,
-    log_format: &str,
-    metrics: Option<SocketAddr>,
-) -> Result<Vec<Child>, String> {
-    (0..n)
-        .map(|i| {
-            let mut command = Command::new(binary);
-            command
-                .arg("--log-format")
-                .arg(log_format)
-                .arg("join")
-                .arg("--coordinator")
-                .arg(address)
-                .arg("--name")
-                .arg(format!("local-{i}"))
-                .args(device_args(i, gpus));
-            if let Some(base) = metrics {
-                command
-                    .arg("--metrics-listen")
-                    .arg(worker_metrics_address(base, i).to_string());
-            }
-            // One address for every local worker would make all but one fail to bind.
-            command
-                .env("CLUSTER_TOKEN", token.expose())
-                .env_remove("CLUSTER_ADVERTISE")
-                .env_remove("WORKER_METRICS_LISTEN")
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| format!("cannot start worker {i} ({}): {e}", binary.display()))
-        })
-        .collect()
+/// How this coordinator starts its local workers.
+#[derive(Debug, Clone)]
+pub struct LocalWorkers {
+    /// The worker binary.
+    pub binary: PathBuf,
+    /// GPUs, one per worker in order (CPU for the rest).
+    pub gpus: Vec<usize>,
+    /// The coordinator's address.
+    pub address: String,
+    /// The join token.
+    pub token: Token,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// The coordinator's metrics address: worker i serves its own next to it.
+    pub metrics: Option<SocketAddr>,
 }
 
-/// Watch local workers: the first one to exit with a failure while the run is going on
-/// resolves with why (a worker that never joins would otherwise keep the run waiting). When
-/// dropped, the workers are killed.
-pub async fn first_failure(mut children: Vec<Child>) -> String {
+impl LocalWorkers {
+    /// Start local worker `i`. The token travels in the environment, never on a command
+    /// line (which other users can read); the worker dies with the coordinator.
+    pub fn spawn(&self, i: usize) -> Result<Child, String> {
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("--log-format")
+            .arg(&self.log_format)
+            .arg("join")
+            .arg("--coordinator")
+            .arg(&self.address)
+            .arg("--name")
+            .arg(format!("local-{i}"))
+            .args(device_args(i, &self.gpus));
+        if let Some(base) = self.metrics {
+            command
+                .arg("--metrics-listen")
+                .arg(worker_metrics_address(base, i).to_string());
+        }
+        // One address for every local worker would make all but one fail to bind.
+        command
+            .env("CLUSTER_TOKEN", self.token.expose())
+            .env_remove("CLUSTER_ADVERTISE")
+            .env_remove("WORKER_METRICS_LISTEN")
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start worker {i} ({}): {e}", self.binary.display()))
+    }
+
+    /// Start workers `0..n`.
+    pub fn spawn_all(&self, n: usize) -> Result<Vec<Child>, String> {
+        (0..n).map(|i| self.spawn(i)).collect()
+    }
+}
+
+/// Watch local workers. One that exits with a failure is started again, up to `restarts`
+/// times each (as torchrun's `--max-restarts`); the new process joins the running ring as a
+/// new member (elastic training) or the run's start. The next failure resolves with why, and
+/// stops the run rather than waiting for a worker that never comes. When dropped, the workers
+/// are killed.
+pub async fn supervise(workers: LocalWorkers, mut children: Vec<Child>, restarts: u32) -> String {
     let mut done = vec![false; children.len()];
+    let mut restarted = vec![0u32; children.len()];
     loop {
-        for (i, child) in children.iter_mut().enumerate() {
+        for i in 0..children.len() {
             if done[i] {
                 continue;
             }
-            if let Ok(Some(status)) = child.try_wait() {
+            let Ok(Some(status)) = children[i].try_wait() else {
+                continue;
+            };
+            if status.success() {
                 done[i] = true;
-                if !status.success() {
-                    return format!("local worker {i} exited ({status}); its log is above");
-                }
+                continue;
+            }
+            if restarted[i] >= restarts {
+                return format!(
+                    "local worker {i} exited ({status}) after {} restarts; its log is above",
+                    restarted[i]
+                );
+            }
+            restarted[i] += 1;
+            tracing::warn!(worker = i, %status, restart = restarted[i], max_restarts = restarts,
+                "local worker exited; starting it again");
+            match workers.spawn(i) {
+                Ok(child) => children[i] = child,
+                Err(e) => return e,
             }
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;

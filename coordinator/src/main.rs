@@ -103,25 +103,6 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let mut children = Vec::new();
-    if let Some(n) = args.local {
-        if args.security.tls().enabled() {
-            bail!("--local runs every process on this machine over loopback; drop the --tls-* options");
-        }
-        let binary = coordinator::local::worker_binary(args.worker_bin.as_deref()).map_err(|e| anyhow!(e))?;
-        let address = listener.local_addr().context("listener address")?.to_string();
-        children = coordinator::local::spawn_workers(
-            &binary,
-            n,
-            &args.gpus,
-            &address,
-            &token,
-            log_format,
-            args.metrics_listen,
-        )
-        .map_err(|e| anyhow!(e))?;
-        tracing::info!(workers = n, worker_bin = %binary.display(), out = %config.out, "local workers started");
-    }
     if args.min_workers == 0 || args.min_workers > workers {
         bail!(
             "--min-workers must be between 1 and the worker count ({workers}), got {}",
@@ -139,6 +120,26 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
             config.global_batch
         );
     }
+    let mut children = Vec::new();
+    let mut supervisor = None;
+    if let Some(n) = args.local {
+        if args.security.tls().enabled() {
+            bail!("--local runs every process on this machine over loopback; drop the --tls-* options");
+        }
+        let binary = coordinator::local::worker_binary(args.worker_bin.as_deref()).map_err(|e| anyhow!(e))?;
+        let address = listener.local_addr().context("listener address")?.to_string();
+        let local = coordinator::local::LocalWorkers {
+            binary: binary.clone(),
+            gpus: args.gpus.clone(),
+            address,
+            token: token.clone(),
+            log_format: log_format.to_string(),
+            metrics: args.metrics_listen,
+        };
+        children = local.spawn_all(n).map_err(|e| anyhow!(e))?;
+        supervisor = Some(local);
+        tracing::info!(workers = n, worker_bin = %binary.display(), out = %config.out, "local workers started");
+    }
     let options = ServeOptions {
         workers,
         min_workers: args.min_workers,
@@ -151,11 +152,11 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
         progress: log_format == "text" && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let job = config.job;
-    let local = !children.is_empty();
     let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel::<String>(1);
+    let restarts = args.max_restarts;
     let watcher = tokio::spawn(async move {
-        if local {
-            let reason = coordinator::local::first_failure(children).await;
+        if let Some(workers) = supervisor {
+            let reason = coordinator::local::supervise(workers, children, restarts).await;
             let _ = failed_tx.send(reason).await;
         }
     });
