@@ -513,6 +513,40 @@ fn a_worker_killed_mid_training_leaves_a_smaller_ring_that_finishes_the_plan() {
 }
 
 #[test]
+fn a_worker_killed_as_the_ring_forms_leaves_the_others_to_start_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let out = dir.path().join("run");
+    let mut args = vec!["--workers".to_string(), "3".into()];
+    args.extend(small_run(&out, 4, 1, 48));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (coordinator, address) = coordinator(&token, &args);
+    let mut workers: Vec<Proc> = (0..3)
+        .map(|_| worker(&token, &address, &["join"], &["--cpu"]))
+        .collect();
+    // As soon as the ring is up, while the first weights go round (or just after).
+    for w in &mut workers {
+        w.wait_for("ring links open", Duration::from_secs(60));
+    }
+    workers[2].kill();
+    workers.pop();
+    for w in workers {
+        w.finish(Duration::from_secs(300)).success();
+    }
+    let coordinator = coordinator.finish(Duration::from_secs(30)).success();
+    assert!(
+        coordinator.stderr.contains("ring re-formed from the survivors"),
+        "{}",
+        coordinator.stderr
+    );
+    // 48 images, global batch 12: 4 steps an epoch, 8 in the run.
+    for epoch in &history(&out) {
+        assert_eq!(epoch["steps"], 4, "{epoch}");
+    }
+    assert_eq!(latest_manifest(&out).step, 8);
+}
+
+#[test]
 fn a_worker_that_joins_mid_run_gets_the_state_and_ends_identical() {
     let dir = tempfile::tempdir().unwrap();
     let token = token_file(dir.path(), TOKEN);

@@ -261,6 +261,8 @@ pub struct Run {
     regroup_asked: u64,
     /// The last restart step and how many rings in a row restarted there.
     restarts_at: (u64, u32),
+    /// Steps done when this coordinator started the run (0, or the resumed checkpoint's).
+    start_step: u64,
     /// Finished epochs.
     pub history: Vec<EpochSummary>,
     /// Benchmark results (rank 0's measurements).
@@ -314,6 +316,7 @@ impl Run {
             paused_at: None,
             regroup_asked: 0,
             restarts_at: (u64::MAX, 0),
+            start_step: 0,
             history: Vec::new(),
             bench: None,
             last_checkpoint: None,
@@ -763,7 +766,21 @@ impl Run {
                 ReportResult::Bench(_) => None,
             }
         };
-        let Some(restart) = self.workers.keys().filter_map(completed_by).min() else {
+        let restart = self.workers.keys().filter_map(completed_by).min();
+        // Nobody holds state, but nobody has trained since the run (re)started either (a
+        // worker died while the first weights were shared): start the unit over, building or
+        // loading the model afresh.
+        let fresh = self.steps_done == self.start_step && self.unit_generation_step == self.start_step;
+        let restart = match restart {
+            None if fresh && !self.workers.is_empty() => {
+                for w in self.workers.values_mut() {
+                    w.has_state = true;
+                }
+                Some(self.start_step)
+            }
+            other => other,
+        };
+        let Some(restart) = restart else {
             self.finish(Some(
                 "every worker holding the training state is gone; restart the coordinator to resume \
                  from the last checkpoint"
@@ -958,6 +975,7 @@ impl Run {
             .ok_or_else(|| format!("{} epoch {} is not part of this run's plan", state.phase, state.epoch))?;
         run.current = position + 1;
         run.steps_done = state.step;
+        run.start_step = state.step;
         run.history = state.history;
         run.restarts = state.restarts + 1;
         // Ring generations stay unique across coordinators, so a worker still holding a ring
@@ -1352,6 +1370,44 @@ mod tests {
         assert_eq!(epoch.train_images, 20 + (24 - 4) + 2 * 8);
         let text = crate::metrics::render(&run);
         assert!(text.contains("\neffnet_ring_reforms_total 1.0\n"), "{text}");
+    }
+
+    #[test]
+    fn a_worker_lost_while_the_first_weights_are_shared_restarts_the_unit_afresh() {
+        let (mut run, ids, mut streams) = elastic_run(3, 1);
+        run.depart(&ids[2]);
+        for id in &ids[..2] {
+            let mut r = broken(id, 1, 0, 0);
+            if let Some(ReportResult::Broken(b)) = r.result.as_mut() {
+                b.has_state = false;
+            }
+            run.report(r).unwrap();
+        }
+        assert_eq!(run.stage, Stage::Head, "{:?}", run.error);
+        let a = last_assignment(&mut streams[0]);
+        let Some(Work::Epoch(work)) = a.work else { panic!() };
+        assert_eq!(
+            (a.generation, a.world, work.first_step, work.sync),
+            (2, 2, 0, false)
+        );
+        // Once a step has been taken, stateless survivors cannot start over.
+        let (mut later, ids, _streams) = elastic_run(2, 1);
+        later.steps_done = 4;
+        later.unit_generation_step = 4;
+        later.depart(&ids[1]);
+        let mut r = broken(&ids[0], 1, 4, 0);
+        if let Some(ReportResult::Broken(b)) = r.result.as_mut() {
+            b.has_state = false;
+        }
+        later.report(r).unwrap();
+        assert_eq!(later.stage, Stage::Failed);
+        assert!(
+            later
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("restart the coordinator")
+        );
     }
 
     #[test]

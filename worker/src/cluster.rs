@@ -393,8 +393,38 @@ impl State {
                 self.auth.clone(),
                 Duration::from_secs(30),
             )
-            .await
-            .map_err(|e| cluster(format!("cannot reach rank {} at {next}: {e}", (rank + 1) % world)))?;
+            .await;
+            let links = match (links, &assignment.work) {
+                (Ok(links), _) => links,
+                // A member died before the ring was up: like any broken ring during training,
+                // say so and wait for the next one.
+                (Err(e), Some(Work::Epoch(epoch))) => {
+                    let reason = format!("cannot reach rank {} at {next}: {e}", (rank + 1) % world);
+                    tracing::warn!(reason = %reason, "the ring broke before it formed");
+                    let trainer = self.trainer.as_ref();
+                    let broken = cluster_proto::v1::RingBroken {
+                        phase: epoch.phase,
+                        epoch: epoch.epoch,
+                        completed_steps: trainer.and_then(Trainer::completed).unwrap_or(epoch.first_step),
+                        reason,
+                        has_state: trainer.is_some_and(Trainer::has_state),
+                        ..Default::default()
+                    };
+                    return report(
+                        client,
+                        worker_id,
+                        assignment.generation,
+                        work_report::Result::Broken(broken),
+                    )
+                    .await;
+                }
+                (Err(e), _) => {
+                    return Err(cluster(format!(
+                        "cannot reach rank {} at {next}: {e}",
+                        (rank + 1) % world
+                    )));
+                }
+            };
             tracing::info!(generation = assignment.generation, rank, world, next = %next, "ring links open");
             self.links = Some((assignment.generation, links));
         }
@@ -458,7 +488,24 @@ impl State {
                                 thread_step.metrics.restores.inc();
                                 trainer
                             }
-                            (None, None) => Trainer::new(&config_for_thread, device, &mut io)?,
+                            (None, None) => match Trainer::new(&config_for_thread, device, &mut io) {
+                                Ok(trainer) => trainer,
+                                // A peer died during the first weight broadcast: nobody has
+                                // trained yet, so the next ring simply starts over.
+                                Err(Error::Ring(e)) => {
+                                    tracing::warn!(error = %e, "the ring broke while sharing the initial weights");
+                                    let broken = cluster_proto::v1::RingBroken {
+                                        phase: epoch_work.phase,
+                                        epoch: epoch_work.epoch,
+                                        completed_steps: epoch_work.first_step,
+                                        reason: format!("sharing the initial weights: {e}"),
+                                        has_state: false,
+                                        ..Default::default()
+                                    };
+                                    return Ok::<_, Error>((None, Ok(EpochOutcome::Broken(broken))));
+                                }
+                                Err(e) => return Err(e),
+                            },
                         };
                         if epoch_work.sync
                             && let Err(e) = trainer.sync_from_rank0(&mut io, epoch_work.first_step)
@@ -472,7 +519,7 @@ impl State {
                                 has_state: trainer.has_state(),
                                 ..Default::default()
                             };
-                            return Ok::<_, Error>((trainer, Ok(EpochOutcome::Broken(broken))));
+                            return Ok::<_, Error>((Some(trainer), Ok(EpochOutcome::Broken(broken))));
                         }
                         let mut result = trainer.epoch(&epoch_work, &mut io, &thread_step);
                         if matches!(result, Ok(EpochOutcome::Done(_))) && epoch_work.test && rank == 0 {
@@ -489,7 +536,7 @@ impl State {
                                 result = Err(e);
                             }
                         }
-                        Ok::<_, Error>((trainer, result))
+                        Ok::<_, Error>((Some(trainer), result))
                     })();
                     (links, result)
                 })
@@ -503,7 +550,7 @@ impl State {
                         // Closing this ring's links fails the neighbours still in it at once;
                         // the coordinator sends the next ring when every survivor reported.
                         drop(links);
-                        self.trainer = Some(trainer);
+                        self.trainer = trainer;
                         return report(
                             client,
                             worker_id,
@@ -515,7 +562,9 @@ impl State {
                 };
                 self.links = Some((generation, links));
                 let at_step = epoch.first_step + result.steps;
-                let trainer = self.trainer.insert(trainer);
+                let trainer = self
+                    .trainer
+                    .insert(trainer.ok_or_else(|| cluster("the epoch ended without a trainer"))?);
                 report(
                     client,
                     worker_id,

@@ -105,6 +105,10 @@ pub enum Error {
     /// Talking to the coordinator or the other workers failed, or the run was stopped.
     #[error("{0}")]
     Cluster(String),
+    /// A collective over the ring failed: a peer died, hung or was fenced off.
+    #[error("{0}")]
+    Ring(String),
+
     /// The connection to the coordinator broke (it may come back: workers reconnect).
     #[error("lost the coordinator: {0}")]
     CoordinatorLost(String),

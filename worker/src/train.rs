@@ -96,7 +96,7 @@ impl<N: Link, P: Link> RingIo<'_, N, P> {
             .handle
             .block_on(all_reduce(&self.ring, step, buf, average, self.next, self.prev));
         self.seconds += started.elapsed().as_secs_f64();
-        result.map_err(|e| cluster(e.to_string()))
+        result.map_err(|e| Error::Ring(e.to_string()))
     }
 }
 
