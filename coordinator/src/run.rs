@@ -452,7 +452,7 @@ impl Run {
                 } else {
                     Stage::Finetune
                 };
-                let done_in_epoch = self.unit_generation_step - self.steps_done;
+                let done_in_epoch = self.unit_generation_step.saturating_sub(self.steps_done);
                 tracing::info!(
                     phase = phase.label(),
                     epoch,
@@ -631,6 +631,14 @@ impl Run {
                 )));
             }
         }
+        if let ReportResult::Broken(b) = &result
+            && b.completed_steps < self.unit_generation_step
+        {
+            return Err(Refusal::BadRequest(format!(
+                "broken-ring report at step {}, but this ring started at step {}",
+                b.completed_steps, self.unit_generation_step
+            )));
+        }
         if let ReportResult::Broken(b) = &result {
             tracing::warn!(worker = %report.worker_id, generation = report.generation,
                 completed_steps = b.completed_steps, reason = %b.reason, "worker lost its ring");
@@ -692,7 +700,7 @@ impl Run {
                 let mut summary = summarize(phase, epoch, &results);
                 // Add what rings that broke during the epoch trained.
                 let carried = std::mem::take(&mut self.carried);
-                let earlier_steps = self.unit_generation_step - self.steps_done;
+                let earlier_steps = self.unit_generation_step.saturating_sub(self.steps_done);
                 summary.steps += earlier_steps;
                 let count = summary.train_images + carried.count;
                 if carried.count > 0 {
@@ -796,8 +804,12 @@ impl Run {
                     let rolled_back = b.completed_steps > restart;
                     self.carried.loss_sum +=
                         b.train_loss_sum - if rolled_back { b.last_loss_sum } else { 0.0 };
-                    self.carried.correct += b.train_correct - if rolled_back { b.last_correct } else { 0 };
-                    self.carried.count += b.train_count - if rolled_back { b.last_count } else { 0 };
+                    self.carried.correct +=
+                        b.train_correct
+                            .saturating_sub(if rolled_back { b.last_correct } else { 0 });
+                    self.carried.count +=
+                        b.train_count
+                            .saturating_sub(if rolled_back { b.last_count } else { 0 });
                 }
                 ReportResult::Epoch(e) => {
                     // A rank that finished the epoch and now rolls back a step keeps that
