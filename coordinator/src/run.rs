@@ -154,12 +154,16 @@ pub struct EpochSummary {
     pub images_per_second: f64,
 }
 
-/// Training sums of an epoch from rings that broke before finishing it.
+/// What rings that broke during an epoch trained of it.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Carried {
     loss_sum: f64,
     correct: u64,
     count: u64,
+    /// Steps of the epoch taken before the last ring started.
+    steps: u64,
+    /// The epoch's wall time when it spans rings (the coordinator's clock).
+    seconds: Option<f64>,
 }
 
 /// A committed checkpoint, as status shows it.
@@ -253,10 +257,8 @@ pub struct Run {
     unit_started: Instant,
     /// Most workers in the ring: workers that join mid-run are admitted up to it.
     pub max_workers: usize,
-    /// Why the run waits for workers before going on, when it does.
-    pub paused: Option<String>,
-    /// The step the paused unit goes on from.
-    paused_at: Option<u64>,
+    /// A unit waiting to be assigned (for enough workers, when paused), from this step.
+    pending_step: Option<u64>,
     /// The generation already asked to stop for new workers.
     regroup_asked: u64,
     /// The last restart step and how many rings in a row restarted there.
@@ -312,8 +314,7 @@ impl Run {
             ring_reforms: 0,
             unit_started: Instant::now(),
             max_workers: expected,
-            paused: None,
-            paused_at: None,
+            pending_step: None,
             regroup_asked: 0,
             restarts_at: (u64::MAX, 0),
             start_step: 0,
@@ -401,10 +402,7 @@ impl Run {
 
     /// Ranks in join order; the ring follows the ranks.
     fn form_ring(&mut self) {
-        self.generation += 1;
-        for (rank, worker) in self.workers.values_mut().enumerate() {
-            worker.rank = Some(rank as u32);
-        }
+        self.rank_members();
         tracing::info!(
             generation = self.generation,
             world = self.workers.len(),
@@ -427,7 +425,7 @@ impl Run {
         self.reports.clear();
         self.carried = Carried::default();
         self.unit_started = Instant::now();
-        self.paused_at = Some(self.steps_done);
+        self.pending_step = Some(self.steps_done);
         // Workers admitted since the last ring join at this unit boundary.
         let new_ring = self.workers.values().any(|w| w.rank.is_none());
         self.go_on_if_enough(new_ring);
@@ -697,29 +695,12 @@ impl Run {
                     )));
                     return;
                 }
-                let mut summary = summarize(phase, epoch, &results);
-                // Add what rings that broke during the epoch trained.
-                let carried = std::mem::take(&mut self.carried);
-                let earlier_steps = self.unit_generation_step.saturating_sub(self.steps_done);
-                summary.steps += earlier_steps;
-                let count = summary.train_images + carried.count;
-                if carried.count > 0 {
-                    summary.train_loss =
-                        (summary.train_loss * summary.train_images as f64 + carried.loss_sum) / count as f64;
-                    summary.train_accuracy = (summary.train_accuracy * summary.train_images as f64
-                        + carried.correct as f64)
-                        / count as f64;
+                let mut carried = std::mem::take(&mut self.carried);
+                carried.steps = self.unit_generation_step.saturating_sub(self.steps_done);
+                if carried.steps > 0 || carried.count > 0 {
+                    carried.seconds = Some(self.unit_started.elapsed().as_secs_f64());
                 }
-                summary.train_images = count;
-                if earlier_steps > 0 || carried.count > 0 {
-                    // The epoch spans rings: its time is the coordinator's wall clock.
-                    summary.seconds = self.unit_started.elapsed().as_secs_f64();
-                }
-                summary.images_per_second = if summary.seconds > 0.0 {
-                    count as f64 / summary.seconds
-                } else {
-                    0.0
-                };
+                let summary = summarize(phase, epoch, &results, &carried);
                 tracing::info!(phase = %summary.phase, epoch, train_loss = summary.train_loss,
                     train_accuracy = summary.train_accuracy, val_accuracy = ?summary.val_accuracy,
                     test_accuracy = ?summary.test_accuracy, seconds = summary.seconds, "epoch finished");
@@ -829,35 +810,33 @@ impl Run {
             )));
             return;
         }
-        self.paused_at = Some(restart);
+        self.pending_step = Some(restart);
         self.go_on_if_enough(true);
     }
 
-    /// Continue the unit at `paused_at` when enough workers are there (over a new ring
-    /// when `new_ring`, or when it has new members), or say why it waits.
-    fn go_on_if_enough(&mut self, new_ring: bool) {
-        let Some(restart) = self.paused_at else {
-            return;
-        };
+    /// Why the run waits for workers before going on, when it does.
+    pub fn paused(&self) -> Option<String> {
         let members = self.workers.len();
-        if members < self.min_workers.max(1) {
-            let reason = format!(
+        (self.pending_step.is_some() && !self.finished() && members < self.min_workers.max(1)).then(|| {
+            format!(
                 "{members} workers, fewer than --min-workers {}; waiting for more to join",
                 self.min_workers
-            );
-            if self.paused.as_deref() != Some(reason.as_str()) {
-                tracing::warn!(
-                    workers = members,
-                    min_workers = self.min_workers,
-                    "run paused: too few workers"
-                );
-            }
-            self.paused = Some(reason);
+            )
+        })
+    }
+
+    /// Assign the pending unit from `pending_step` when enough workers are there (over a new
+    /// ring when `new_ring`, or when it has new members), or pause.
+    fn go_on_if_enough(&mut self, new_ring: bool) {
+        let Some(restart) = self.pending_step else {
+            return;
+        };
+        if let Some(reason) = self.paused() {
+            tracing::warn!(reason = %reason, "run paused");
             return;
         }
-        let resumed = self.paused.take().is_some();
-        self.paused_at = None;
-        if new_ring || resumed || self.workers.values().any(|w| w.rank.is_none()) {
+        self.pending_step = None;
+        if new_ring || self.workers.values().any(|w| w.rank.is_none()) {
             // Members keep their order (rank 0 stays rank 0 when it survives); new ones follow.
             self.renumber();
             tracing::info!(
@@ -873,7 +852,7 @@ impl Run {
     /// Workers joined mid-run: take them in at the next step boundary (ask the ring to stop
     /// after its current step), at the next unit, or now when the run is paused.
     fn admit_waiting(&mut self) {
-        if self.paused.is_some() {
+        if self.pending_step.is_some() {
             self.go_on_if_enough(true);
             return;
         }
@@ -1011,7 +990,7 @@ impl Run {
         }
         let Some(rank) = worker.rank else {
             tracing::info!(worker = %worker_id, "worker left before it was given a rank");
-            if self.paused.is_some() {
+            if self.pending_step.is_some() {
                 self.go_on_if_enough(true);
             }
             return;
@@ -1027,7 +1006,7 @@ impl Run {
         }
         tracing::warn!(worker = %worker_id, name = %worker.name, rank, left, generation = self.generation,
             "worker lost; re-forming the ring from the survivors");
-        if self.paused.is_some() {
+        if self.pending_step.is_some() {
             // Nothing runs; the pause goes on (or ends) with the remaining members.
             self.go_on_if_enough(true);
             return;
@@ -1055,9 +1034,9 @@ impl Run {
         self.advance();
     }
 
-    /// A new generation of the surviving ranks, in their old order.
-    fn renumber(&mut self) {
-        // Stateful members first, in their old order, so rank 0 can share the state.
+    /// Rank every member in a new ring generation: members holding the state first, in
+    /// their old rank order (so rank 0 can share the state), then the others by id.
+    fn rank_members(&mut self) {
         let mut order: Vec<(bool, u32, String)> = self
             .workers
             .iter()
@@ -1070,11 +1049,16 @@ impl Run {
             }
         }
         self.generation += 1;
-        self.ring_reforms += 1;
         self.checksums.clear();
+    }
+
+    /// A new generation of the members after losing or gaining some.
+    fn renumber(&mut self) {
+        self.rank_members();
+        self.ring_reforms += 1;
         tracing::warn!(
             generation = self.generation,
-            world = order.len(),
+            world = self.workers.len(),
             "ring re-formed from the survivors"
         );
     }
@@ -1153,7 +1137,7 @@ impl Run {
         let ranked = self.workers.values().filter(|w| w.rank.is_some()).count();
         v1::StatusReply {
             run_id: self.run_id.clone(),
-            state: if self.paused.is_some() && !self.finished() {
+            state: if self.paused().is_some() {
                 "paused".into()
             } else {
                 self.stage.label().into()
@@ -1187,7 +1171,7 @@ impl Run {
             step: self.ring_step(),
             val_accuracy: self.history.iter().rev().find_map(|h| h.val_accuracy),
             eta_seconds: self.eta_seconds(),
-            paused: self.paused.clone().unwrap_or_default(),
+            paused: self.paused().unwrap_or_default(),
         }
     }
 }
@@ -1196,14 +1180,16 @@ fn ratio(num: f64, den: u64) -> Option<f64> {
     (den > 0).then(|| num / den as f64)
 }
 
-/// Sum exact counts over ranks.
-fn summarize(phase: Phase, epoch: u32, results: &[&EpochResult]) -> EpochSummary {
+/// Sum exact counts over ranks, and over the rings that broke during the epoch (`carried`).
+fn summarize(phase: Phase, epoch: u32, results: &[&EpochResult], carried: &Carried) -> EpochSummary {
     let sum_f = |f: fn(&EpochResult) -> f64| results.iter().map(|r| f(r)).sum::<f64>();
     let sum_u = |f: fn(&EpochResult) -> u64| results.iter().map(|r| f(r)).sum::<u64>();
-    let train_count = sum_u(|r| r.train_count);
+    let train_count = sum_u(|r| r.train_count) + carried.count;
     let val_count = sum_u(|r| r.val_count);
     let test_count = sum_u(|r| r.test_count);
-    let seconds = results.iter().map(|r| r.seconds).fold(0.0, f64::max);
+    let seconds = carried
+        .seconds
+        .unwrap_or_else(|| results.iter().map(|r| r.seconds).fold(0.0, f64::max));
     let confusion_len = results.iter().map(|r| r.test_confusion.len()).max().unwrap_or(0);
     let test_confusion = (confusion_len > 0).then(|| {
         let classes = (confusion_len as f64).sqrt().round() as usize;
@@ -1218,9 +1204,10 @@ fn summarize(phase: Phase, epoch: u32, results: &[&EpochResult]) -> EpochSummary
     EpochSummary {
         phase: phase.label().into(),
         epoch,
-        steps: results.iter().map(|r| r.steps).max().unwrap_or(0),
-        train_loss: ratio(sum_f(|r| r.train_loss_sum), train_count).unwrap_or(f64::NAN),
-        train_accuracy: ratio(sum_u(|r| r.train_correct) as f64, train_count).unwrap_or(f64::NAN),
+        steps: carried.steps + results.iter().map(|r| r.steps).max().unwrap_or(0),
+        train_loss: ratio(sum_f(|r| r.train_loss_sum) + carried.loss_sum, train_count).unwrap_or(f64::NAN),
+        train_accuracy: ratio((sum_u(|r| r.train_correct) + carried.correct) as f64, train_count)
+            .unwrap_or(f64::NAN),
         val_loss: ratio(sum_f(|r| r.val_loss_sum), val_count),
         val_accuracy: ratio(sum_u(|r| r.val_correct) as f64, val_count),
         test_loss: ratio(sum_f(|r| r.test_loss_sum), test_count),
