@@ -30,7 +30,7 @@ use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::metrics::WorkerMetrics;
-use crate::train::{Beat, EpochOutcome, RingIo, Trainer};
+use crate::train::{Beat, EpochOutcome, RingIo, Trainer, broken_before_steps};
 
 type Client = CoordinatorClient<InterceptedService<Channel, ClientAuth>>;
 
@@ -401,15 +401,7 @@ impl State {
                 (Err(e), Some(Work::Epoch(epoch))) => {
                     let reason = format!("cannot reach rank {} at {next}: {e}", (rank + 1) % world);
                     tracing::warn!(reason = %reason, "the ring broke before it formed");
-                    let trainer = self.trainer.as_ref();
-                    let broken = cluster_proto::v1::RingBroken {
-                        phase: epoch.phase,
-                        epoch: epoch.epoch,
-                        completed_steps: trainer.and_then(Trainer::completed).unwrap_or(epoch.first_step),
-                        reason,
-                        has_state: trainer.is_some_and(Trainer::has_state),
-                        ..Default::default()
-                    };
+                    let broken = broken_before_steps(epoch, self.trainer.as_ref(), reason);
                     return report(
                         client,
                         worker_id,
@@ -494,14 +486,8 @@ impl State {
                                 // trained yet, so the next ring simply starts over.
                                 Err(Error::Ring(e)) => {
                                     tracing::warn!(error = %e, "the ring broke while sharing the initial weights");
-                                    let broken = cluster_proto::v1::RingBroken {
-                                        phase: epoch_work.phase,
-                                        epoch: epoch_work.epoch,
-                                        completed_steps: epoch_work.first_step,
-                                        reason: format!("sharing the initial weights: {e}"),
-                                        has_state: false,
-                                        ..Default::default()
-                                    };
+                                    let reason = format!("sharing the initial weights: {e}");
+                                    let broken = broken_before_steps(&epoch_work, None, reason);
                                     return Ok::<_, Error>((None, Ok(EpochOutcome::Broken(broken))));
                                 }
                                 Err(e) => return Err(e),
@@ -511,14 +497,8 @@ impl State {
                             && let Err(e) = trainer.sync_from_rank0(&mut io, epoch_work.first_step)
                         {
                             tracing::warn!(error = %e, "the ring broke while sharing the training state");
-                            let broken = cluster_proto::v1::RingBroken {
-                                phase: epoch_work.phase,
-                                epoch: epoch_work.epoch,
-                                completed_steps: trainer.completed().unwrap_or(epoch_work.first_step),
-                                reason: format!("sharing the training state: {e}"),
-                                has_state: trainer.has_state(),
-                                ..Default::default()
-                            };
+                            let reason = format!("sharing the training state: {e}");
+                            let broken = broken_before_steps(&epoch_work, Some(&trainer), reason);
                             return Ok::<_, Error>((Some(trainer), Ok(EpochOutcome::Broken(broken))));
                         }
                         let mut result = trainer.epoch(&epoch_work, &mut io, &thread_step);

@@ -75,6 +75,19 @@ pub enum EpochOutcome {
     Broken(v1::RingBroken),
 }
 
+/// The report of a ring that broke before this rank trained a step of `work` (while it
+/// formed, or while weights or state were shared): how far `trainer`, if any, had got.
+pub fn broken_before_steps(work: &EpochWork, trainer: Option<&Trainer>, reason: String) -> v1::RingBroken {
+    v1::RingBroken {
+        phase: work.phase,
+        epoch: work.epoch,
+        completed_steps: trainer.and_then(Trainer::completed).unwrap_or(work.first_step),
+        reason,
+        has_state: trainer.is_some_and(Trainer::has_state),
+        ..Default::default()
+    }
+}
+
 /// The ring links a rank trains over, and how to drive them from a blocking thread.
 pub struct RingIo<'a, N: Link, P: Link> {
     /// Ring parameters.
@@ -489,8 +502,9 @@ impl Trainer {
                 .allreduce_bytes
                 .inc_by(collective::bytes_sent(&io.ring, flat.len()));
             let grads = unflatten(&model, &grads, &flat);
-            // Burn's tensors share storage until written, so keeping the previous step costs
-            // one copy of the weights and moments, not a deep copy per step.
+            // Burn's tensors share storage, so keeping the previous step copies nothing here;
+            // its cost is that the update below writes new buffers instead of updating the
+            // weights and moments in place (memory for one more copy of them).
             self.undo = Some(Undo {
                 completed: global_step,
                 model: model.clone(),
