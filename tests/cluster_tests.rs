@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cluster_tests::{Proc, logged_address, spawn};
+use cluster_tests::{Proc, history, logged_address, spawn};
 
 const TOKEN: &str = "test-token-0123456789abcdef";
 
@@ -57,16 +57,6 @@ fn worker_with_env(
     spawn("worker", all, env)
 }
 
-/// A run's epochs, from its `history.json`.
-fn history(out: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(out.join("history.json")).unwrap();
-    serde_json::from_str::<serde_json::Value>(&text)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
 /// The manifest of the newest good checkpoint under `out/checkpoints`.
 fn latest_manifest(out: &Path) -> checkpoint::Manifest {
     let store = checkpoint::CheckpointStore::open(out.join("checkpoints").to_str().unwrap()).unwrap();
@@ -80,39 +70,79 @@ fn latest_manifest(out: &Path) -> checkpoint::Manifest {
         .manifest
 }
 
-/// Run arguments of a small training run on generated data from random initialisation:
-/// 32 px images, `batch` per worker, `train` training images (24 validation, 24 test), the
-/// weights compared after every step, outputs in `out`.
-fn small_run(out: &Path, batch: u32, head_epochs: u64, train: u32) -> Vec<String> {
-    [
-        "--data",
-        "synthetic",
-        "--weights",
-        "none",
-        "--image-size",
-        "32",
-        "--finetune-epochs",
-        "1",
-        "--limit-val",
-        "24",
-        "--limit-test",
-        "24",
-        "--checksum-every",
-        "1",
-    ]
-    .into_iter()
-    .map(String::from)
-    .chain([
-        "--batch-size".into(),
-        batch.to_string(),
-        "--head-epochs".into(),
-        head_epochs.to_string(),
-        "--limit-train".into(),
-        train.to_string(),
-        "--out".into(),
-        out.to_str().unwrap().into(),
-    ])
-    .collect()
+/// `first`, then the run arguments of a small training run on generated data from random
+/// initialisation: 32 px images, `batch` per worker, `train` training images (24 validation,
+/// 24 test), the weights compared after every step, outputs in `out`.
+fn small_run(first: &[&str], out: &Path, batch: u32, head_epochs: u64, train: u32) -> Vec<String> {
+    first
+        .iter()
+        .copied()
+        .chain([
+            "--data",
+            "synthetic",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--finetune-epochs",
+            "1",
+            "--limit-val",
+            "24",
+            "--limit-test",
+            "24",
+            "--checksum-every",
+            "1",
+        ])
+        .map(String::from)
+        .chain([
+            "--batch-size".into(),
+            batch.to_string(),
+            "--head-epochs".into(),
+            head_epochs.to_string(),
+            "--limit-train".into(),
+            train.to_string(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ])
+        .collect()
+}
+
+/// A coordinator (as [`coordinator`]) of a [`small_run`] with `cluster` arguments first.
+fn small_coordinator(
+    token: &Path,
+    cluster: &[&str],
+    out: &Path,
+    batch: u32,
+    head_epochs: u64,
+    train: u32,
+) -> (Proc, String) {
+    let args = small_run(cluster, out, batch, head_epochs, train);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    coordinator(token, &args)
+}
+
+/// Wait until the worker serving metrics at `address` has taken `steps` optimizer steps;
+/// `log` says why when it never does.
+fn wait_for_steps(address: &str, steps: f64, log: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !scrape(address)
+        .and_then(|b| sample(&b, "effnet_worker_steps_total"))
+        .is_some_and(|s| s >= steps)
+    {
+        assert!(Instant::now() < deadline, "no progress:\n{}", log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Test images counted in an epoch's confusion matrix.
+fn tested(epoch: &serde_json::Value) -> u64 {
+    epoch["test_confusion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|v| v.as_u64().unwrap())
+        .sum()
 }
 
 /// Numbers of a table row like `|      1 MB |  3.20 |  0.321 |  0.321 |`.
@@ -238,14 +268,8 @@ fn two_workers_train_both_phases_in_lockstep() {
     }
     // The test set is evaluated once, at the end, split over the ranks and summed exactly.
     assert!(epochs[0]["test_accuracy"].is_null());
-    let confusion = epochs[1]["test_confusion"].as_array().unwrap();
-    assert_eq!(confusion.len(), 10);
-    let total: u64 = confusion
-        .iter()
-        .flat_map(|r| r.as_array().unwrap())
-        .map(|v| v.as_u64().unwrap())
-        .sum();
-    assert_eq!(total, 40);
+    assert_eq!(epochs[1]["test_confusion"].as_array().unwrap().len(), 10);
+    assert_eq!(tested(&epochs[1]), 40);
     // Rank 0 checkpointed at the end of each phase and the coordinator committed both.
     let root = out.join("checkpoints");
     let store = checkpoint::CheckpointStore::open(root.to_str().unwrap()).unwrap();
@@ -450,10 +474,7 @@ fn a_worker_killed_mid_training_leaves_a_smaller_ring_that_finishes_the_plan() {
     let out = dir.path().join("run");
     // 96 images, batch 4 per worker on 3 workers: a global batch of 12, 8 steps an epoch,
     // 24 in the run, whatever the ring's size. Weights are compared after every step.
-    let mut args = vec!["--workers".to_string(), "3".into()];
-    args.extend(small_run(&out, 4, 2, 96));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (coordinator, address) = coordinator(&token, &args);
+    let (coordinator, address) = small_coordinator(&token, &["--workers", "3"], &out, 4, 2, 96);
     let mut workers: Vec<Proc> = (0..3)
         .map(|i| {
             let extra: &[&str] = if i == 1 {
@@ -466,15 +487,7 @@ fn a_worker_killed_mid_training_leaves_a_smaller_ring_that_finishes_the_plan() {
         .collect();
     let metrics = logged_address(&workers[1].wait_for("metrics listening", Duration::from_secs(60)));
     // Kill the victim in the middle of the first epoch, while it computes or all-reduces.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let steps = scrape(&metrics).and_then(|b| sample(&b, "effnet_worker_steps_total"));
-        if steps.is_some_and(|s| s >= 3.0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no progress:\n{}", workers[1].stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_steps(&metrics, 3.0, || workers[1].stderr());
     let mut victim = workers.remove(1);
     victim.kill();
     for w in workers {
@@ -502,14 +515,7 @@ fn a_worker_killed_mid_training_leaves_a_smaller_ring_that_finishes_the_plan() {
     // The last checkpoint was taken after all 24 steps, and the test set was evaluated whole.
     let manifest = latest_manifest(&out);
     assert_eq!(manifest.step, 24, "{manifest:?}");
-    let tested: u64 = epochs[2]["test_confusion"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|r| r.as_array().unwrap())
-        .map(|v| v.as_u64().unwrap())
-        .sum();
-    assert_eq!(tested, 24);
+    assert_eq!(tested(&epochs[2]), 24);
 }
 
 #[test]
@@ -517,10 +523,7 @@ fn a_worker_killed_as_the_ring_forms_leaves_the_others_to_start_over() {
     let dir = tempfile::tempdir().unwrap();
     let token = token_file(dir.path(), TOKEN);
     let out = dir.path().join("run");
-    let mut args = vec!["--workers".to_string(), "3".into()];
-    args.extend(small_run(&out, 4, 1, 48));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (coordinator, address) = coordinator(&token, &args);
+    let (coordinator, address) = small_coordinator(&token, &["--workers", "3"], &out, 4, 1, 48);
     let mut workers: Vec<Proc> = (0..3)
         .map(|_| worker(&token, &address, &["join"], &["--cpu"]))
         .collect();
@@ -552,15 +555,8 @@ fn a_worker_that_joins_mid_run_gets_the_state_and_ends_identical() {
     let token = token_file(dir.path(), TOKEN);
     let out = dir.path().join("run");
     // Two workers with batch 4: a global batch of 8, 12 steps an epoch, 36 in the run.
-    let mut args = vec![
-        "--workers".to_string(),
-        "2".into(),
-        "--max-workers".into(),
-        "3".into(),
-    ];
-    args.extend(small_run(&out, 4, 2, 96));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (coordinator, address) = coordinator(&token, &args);
+    let cluster = ["--workers", "2", "--max-workers", "3"];
+    let (coordinator, address) = small_coordinator(&token, &cluster, &out, 4, 2, 96);
     let mut first = worker(
         &token,
         &address,
@@ -569,14 +565,7 @@ fn a_worker_that_joins_mid_run_gets_the_state_and_ends_identical() {
     );
     let second = worker(&token, &address, &["join"], &["--cpu"]);
     let metrics = logged_address(&first.wait_for("metrics listening", Duration::from_secs(60)));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !scrape(&metrics)
-        .and_then(|b| sample(&b, "effnet_worker_steps_total"))
-        .is_some_and(|s| s >= 3.0)
-    {
-        assert!(Instant::now() < deadline, "no progress:\n{}", first.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_steps(&metrics, 3.0, || first.stderr());
     let late = worker(&token, &address, &["join"], &["--cpu"]);
     let late = late.finish(Duration::from_secs(300)).success();
     assert!(
@@ -620,7 +609,7 @@ fn a_restarted_coordinator_resumes_the_run_with_the_same_workers() {
         .unwrap()
         .port();
     let listen = format!("127.0.0.1:{port}");
-    let mut args: Vec<String> = [
+    let cluster = [
         "--log-format",
         "json",
         "start",
@@ -632,11 +621,8 @@ fn a_restarted_coordinator_resumes_the_run_with_the_same_workers() {
         "2",
         "--checkpoint-every",
         "1",
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect();
-    args.extend(small_run(&out, 4, 2, 64));
+    ];
+    let args = small_run(&cluster, &out, 4, 2, 64);
     let mut first = spawn("coordinator", &args, &[]);
     first.wait_for("coordinator listening", Duration::from_secs(30));
     let workers: Vec<Proc> = (0..2)
@@ -746,15 +732,8 @@ fn chaos_random_kills_and_replacements_still_finish_the_plan() {
     let token = token_file(dir.path(), TOKEN);
     let out = dir.path().join("run");
     // 96 images, global batch 12: 8 steps an epoch on any ring.
-    let mut args = vec![
-        "--workers".to_string(),
-        "3".into(),
-        "--min-workers".into(),
-        "1".into(),
-    ];
-    args.extend(small_run(&out, 4, head_epochs, 96));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (coordinator, address) = coordinator(&token, &args);
+    let cluster = ["--workers", "3", "--min-workers", "1"];
+    let (coordinator, address) = small_coordinator(&token, &cluster, &out, 4, head_epochs, 96);
     let mut alive: Vec<Proc> = (0..3)
         .map(|_| worker(&token, &address, &["join"], &["--cpu"]))
         .collect();
@@ -962,7 +941,7 @@ fn children_of(pid: u32) -> Vec<u32> {
 fn local_mode_restarts_a_killed_worker_and_the_run_finishes_the_plan() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let mut args: Vec<String> = [
+    let cluster = [
         "--log-format",
         "json",
         "start",
@@ -970,11 +949,8 @@ fn local_mode_restarts_a_killed_worker_and_the_run_finishes_the_plan() {
         "2",
         "--metrics-listen",
         "127.0.0.1:0",
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect();
-    args.extend(small_run(&out, 4, 2, 64));
+    ];
+    let args = small_run(&cluster, &out, 4, 2, 64);
     let mut run = spawn("coordinator", &args, &[]);
     let workers = run.wait_for_lines(
         &["metrics listening", "\"target\":\"worker::cluster\""],
@@ -982,14 +958,7 @@ fn local_mode_restarts_a_killed_worker_and_the_run_finishes_the_plan() {
         Duration::from_secs(60),
     );
     let metrics = logged_address(&workers[0]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !scrape(&metrics)
-        .and_then(|b| sample(&b, "effnet_worker_steps_total"))
-        .is_some_and(|s| s >= 2.0)
-    {
-        assert!(Instant::now() < deadline, "no progress:\n{}", run.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_steps(&metrics, 2.0, || run.stderr());
     let children = children_of(run.id());
     assert_eq!(children.len(), 2, "{children:?}");
     let killed = std::process::Command::new("kill")

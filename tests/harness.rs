@@ -1,7 +1,7 @@
 //! Helpers for tests that run the project's binaries as separate processes.
 
 use std::ffi::OsStr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Path of a binary of this workspace, built by the same `cargo test` run.
@@ -253,4 +253,14 @@ pub fn logged_address(line: &str) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("no address in {line}"))
         .to_string()
+}
+
+/// A run's epochs, from its `history.json` in `out`.
+pub fn history(out: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(out.join("history.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&text)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cluster_tests::spawn;
+use cluster_tests::{history, spawn};
 
 /// Real ImageNet Lite0 weights (CI provides them; elsewhere the test skips).
 fn lite0() -> Option<PathBuf> {
@@ -28,12 +28,7 @@ fn local_run(out: &Path, workers: &str, args: &[&str]) -> Vec<serde_json::Value>
     spawn("coordinator", all, &[("CLUSTER_TOKEN", "")])
         .finish(Duration::from_secs(600))
         .success();
-    let text = std::fs::read_to_string(out.join("history.json")).unwrap();
-    serde_json::from_str::<serde_json::Value>(&text)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
+    history(out)
 }
 
 fn f(value: &serde_json::Value, key: &str) -> f64 {
