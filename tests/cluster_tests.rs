@@ -134,6 +134,19 @@ fn wait_for_steps(address: &str, steps: f64, log: impl Fn() -> String) {
     }
 }
 
+/// The run in `out` took exactly its plan, failures or not: `epochs` epochs of `steps`
+/// optimizer steps each, and its last checkpoint after all of them. Returns the epochs.
+fn assert_plan(out: &Path, epochs: u64, steps: u64) -> Vec<serde_json::Value> {
+    let history = history(out);
+    assert_eq!(history.len() as u64, epochs, "{history:?}");
+    for epoch in &history {
+        assert_eq!(epoch["steps"], steps, "{epoch}");
+    }
+    let manifest = latest_manifest(out);
+    assert_eq!(manifest.step, epochs * steps, "{manifest:?}");
+    history
+}
+
 /// Test images counted in an epoch's confusion matrix.
 fn tested(epoch: &serde_json::Value) -> u64 {
     epoch["test_confusion"]
@@ -500,21 +513,16 @@ fn a_worker_killed_mid_training_leaves_a_smaller_ring_that_finishes_the_plan() {
         "{}",
         coordinator.stderr
     );
-    let epochs = history(&out);
+    // The plan's optimizer steps, no more and no fewer (the redone step replaced the lost
+    // one), and the last checkpoint after all 24.
+    let epochs = assert_plan(&out, 3, 8);
     let history = serde_json::Value::from(epochs.clone());
-    assert_eq!(epochs.len(), 3, "{history}");
-    // The plan's optimizer steps, no more and no fewer: the redone step replaced the lost one.
-    for epoch in &epochs {
-        assert_eq!(epoch["steps"], 8, "{epoch}");
-    }
     // Unbroken epochs trained on every image once; the broken one lost the dead rank's sums.
     assert_eq!(epochs[1]["train_images"], 96, "{history}");
     assert_eq!(epochs[2]["train_images"], 96, "{history}");
     let broken = epochs[0]["train_images"].as_u64().unwrap();
     assert!((48..96).contains(&broken), "{history}");
-    // The last checkpoint was taken after all 24 steps, and the test set was evaluated whole.
-    let manifest = latest_manifest(&out);
-    assert_eq!(manifest.step, 24, "{manifest:?}");
+    // The test set was evaluated whole.
     assert_eq!(tested(&epochs[2]), 24);
 }
 
@@ -543,10 +551,7 @@ fn a_worker_killed_as_the_ring_forms_leaves_the_others_to_start_over() {
         coordinator.stderr
     );
     // 48 images, global batch 12: 4 steps an epoch, 8 in the run.
-    for epoch in &history(&out) {
-        assert_eq!(epoch["steps"], 4, "{epoch}");
-    }
-    assert_eq!(latest_manifest(&out).step, 8);
+    assert_plan(&out, 2, 4);
 }
 
 #[test]
@@ -584,17 +589,11 @@ fn a_worker_that_joins_mid_run_gets_the_state_and_ends_identical() {
         coordinator.stderr
     );
     // Steps and images as planned: the global batch did not change when the ring grew.
-    let epochs = history(&out);
-    let history = serde_json::Value::from(epochs.clone());
-    assert_eq!(epochs.len(), 3, "{history}");
-    for epoch in &epochs {
-        assert_eq!(epoch["steps"], 12, "{epoch}");
-        assert_eq!(epoch["train_images"], 96, "{epoch}");
-    }
     // Weights were compared on all three ranks after every step of the new ring (a
     // difference stops the run), and the final checkpoint is at the plan's last step.
-    let manifest = latest_manifest(&out);
-    assert_eq!(manifest.step, 36, "{manifest:?}");
+    for epoch in &assert_plan(&out, 3, 12) {
+        assert_eq!(epoch["train_images"], 96, "{epoch}");
+    }
 }
 
 #[test]
@@ -650,14 +649,7 @@ fn a_restarted_coordinator_resumes_the_run_with_the_same_workers() {
         assert!(run.stderr.contains("resumed from checkpoint"), "{}", run.stderr);
     }
     second.finish(Duration::from_secs(30)).success();
-    let epochs = history(&out);
-    let history = serde_json::Value::from(epochs.clone());
-    assert_eq!(epochs.len(), 3, "{history}");
-    for epoch in &epochs {
-        assert_eq!(epoch["steps"], 8, "{epoch}");
-    }
-    let manifest = latest_manifest(&out);
-    assert_eq!(manifest.step, 24, "{manifest:?}");
+    assert_plan(&out, 3, 8);
 }
 
 #[test]
@@ -780,14 +772,7 @@ fn chaos_random_kills_and_replacements_still_finish_the_plan() {
     );
     assert!(done >= 1, "no kill landed before the run ended");
     eprintln!("chaos: {done} kills, {reforms} rings re-formed");
-    let epochs = history(&out);
-    let history = serde_json::Value::from(epochs.clone());
-    assert_eq!(epochs.len() as u64, head_epochs + 1, "{history}");
-    for epoch in &epochs {
-        assert_eq!(epoch["steps"], 8, "{epoch}");
-    }
-    let manifest = latest_manifest(&out);
-    assert_eq!(manifest.step, 8 * (head_epochs + 1), "{manifest:?}");
+    assert_plan(&out, head_epochs + 1, 8);
 }
 
 #[test]
@@ -977,13 +962,8 @@ fn local_mode_restarts_a_killed_worker_and_the_run_finishes_the_plan() {
         "{}",
         run.stderr
     );
-    let epochs = history(&out);
-    assert_eq!(epochs.len(), 3);
-    for epoch in &epochs {
-        // 64 images, global batch 8: 8 steps on any ring.
-        assert_eq!(epoch["steps"], 8, "{epoch}");
-    }
-    assert_eq!(latest_manifest(&out).step, 24);
+    // 64 images, global batch 8: 8 steps on any ring.
+    assert_plan(&out, 3, 8);
 }
 
 #[test]
