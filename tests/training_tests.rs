@@ -140,25 +140,148 @@ fn two_or_three_workers_on_the_same_global_batch_match_one_worker() {
             }
         }
     }
-    // The final weights: the newest committed checkpoint of each run.
-    let read = |run: &str| {
-        let root = dir.path().join(run).join("checkpoints");
-        let (name, bytes) = worker::resume::latest_weights(root.to_str().unwrap()).unwrap();
-        assert!(name.to_string_lossy().contains("finetune-e001"), "{name:?}");
-        worker::weights::safetensors_from_bytes(&name, &bytes)
-            .unwrap()
-            .tensors
-    };
-    let a = read("one");
+    let a = final_weights(&dir.path().join("one"));
     for run in ["two", "three"] {
-        let b = read(run);
-        assert_eq!(a.len(), b.len());
-        let mut largest = 0f32;
-        for (name, t) in &a {
-            for (x, y) in t.data.iter().zip(&b[name].data) {
-                largest = largest.max((x - y).abs());
-            }
-        }
+        let largest = largest_difference(&a, &final_weights(&dir.path().join(run)));
         assert!(largest <= 1e-5, "{run}: largest weight difference {largest}");
     }
+}
+
+/// The final weights of a run: its newest committed checkpoint, which is the last epoch's.
+fn final_weights(out: &Path) -> std::collections::BTreeMap<String, worker::weights::RawTensor> {
+    let root = out.join("checkpoints");
+    let (name, bytes) = worker::resume::latest_weights(root.to_str().unwrap()).unwrap();
+    assert!(name.to_string_lossy().contains("finetune-e001"), "{name:?}");
+    worker::weights::safetensors_from_bytes(&name, &bytes)
+        .unwrap()
+        .tensors
+}
+
+fn largest_difference(
+    a: &std::collections::BTreeMap<String, worker::weights::RawTensor>,
+    b: &std::collections::BTreeMap<String, worker::weights::RawTensor>,
+) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let mut largest = 0f32;
+    for (name, t) in a {
+        for (x, y) in t.data.iter().zip(&b[name].data) {
+            largest = largest.max((x - y).abs());
+        }
+    }
+    largest
+}
+
+fn u(value: &serde_json::Value, key: &str) -> u64 {
+    value[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {key} in {value}"))
+}
+
+#[test]
+fn the_feature_cache_trains_the_head_exactly_as_the_backbone_does() {
+    let Some(weights) = lite0() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let common = |extra: &[&'static str]| {
+        let mut args = vec![
+            "--data",
+            "synthetic",
+            "--model",
+            "efficientnet-lite0",
+            "--weights",
+            weights.to_str().unwrap().to_owned().leak(),
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--head-epochs",
+            "3",
+            "--finetune-epochs",
+            "1",
+            "--limit-train",
+            "32",
+            "--limit-val",
+            "16",
+            "--limit-test",
+            "16",
+            // Dropout masks are drawn per rank and batch position; equality needs them off.
+            "--dropout",
+            "0",
+            "--stochastic-depth",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
+    let compare = |a: &str, b: &str| {
+        let (ha, hb) = (history(&dir.path().join(a)), history(&dir.path().join(b)));
+        assert_eq!(ha.len(), 4);
+        for (x, y) in ha.iter().zip(&hb) {
+            assert_eq!(x["steps"], y["steps"]);
+            for key in ["train_loss", "train_accuracy", "val_loss", "val_accuracy"] {
+                let (p, q) = (f(x, key), f(y, key));
+                assert!(
+                    (p - q).abs() <= 1e-5 * p.abs().max(1.0),
+                    "{a} vs {b}, {key}: {p} vs {q}"
+                );
+            }
+        }
+        let largest = largest_difference(
+            &final_weights(&dir.path().join(a)),
+            &final_weights(&dir.path().join(b)),
+        );
+        assert!(largest <= 1e-5, "{a} vs {b}: largest weight difference {largest}");
+        ha
+    };
+
+    // One worker without augmentation: the first epoch computes every training and
+    // validation image once; the other head epochs are served from the cache entirely.
+    local_run(&dir.path().join("one"), "1", &common(&["--no-augment"]));
+    local_run(
+        &dir.path().join("one-uncached"),
+        "1",
+        &common(&["--no-augment", "--no-feature-cache"]),
+    );
+    let cached = compare("one", "one-uncached");
+    let counts: Vec<(u64, u64)> = cached
+        .iter()
+        .map(|e| (u(e, "feature_cache_hits"), u(e, "feature_cache_misses")))
+        .collect();
+    assert_eq!(counts, [(0, 48), (48, 0), (48, 0), (0, 0)]);
+    let uncached = history(&dir.path().join("one-uncached"));
+    assert!(
+        uncached
+            .iter()
+            .all(|e| u(e, "feature_cache_hits") + u(e, "feature_cache_misses") == 0)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("one/report.json")).unwrap()).unwrap();
+    let head = &report["phases"]["head"];
+    assert_eq!(head["feature_cache"]["hits"], 96);
+    assert!((f(&head["feature_cache"], "hit_rate") - 96.0 / 144.0).abs() < 1e-12);
+    assert_eq!(head["epoch_seconds"].as_array().map(Vec::len), Some(3));
+    assert!(f(head, "train_images_per_second") > 0.0);
+
+    // Two workers with the tutorial's flips and turns: the same global batches and variants,
+    // each image dealt to its home rank where the shares allow.
+    local_run(&dir.path().join("two"), "2", &common(&[]));
+    local_run(
+        &dir.path().join("two-uncached"),
+        "2",
+        &common(&["--no-feature-cache"]),
+    );
+    let cached = compare("two", "two-uncached");
+    for e in &cached[..3] {
+        // 32 training and 16 validation images per epoch, over both ranks.
+        assert_eq!(
+            u(e, "feature_cache_hits") + u(e, "feature_cache_misses"),
+            48,
+            "{e}"
+        );
+    }
+    // Validation images are drawn without augmentation on the same rank every epoch.
+    assert!(u(&cached[1], "feature_cache_hits") >= 16, "{}", cached[1]);
+    assert_eq!(
+        u(&cached[3], "feature_cache_hits") + u(&cached[3], "feature_cache_misses"),
+        0
+    );
 }

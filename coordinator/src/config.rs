@@ -89,6 +89,19 @@ pub struct RunArgs {
     /// Committed checkpoints to keep, besides the best by validation accuracy.
     #[arg(long, env = "CLUSTER_KEEP_CHECKPOINTS")]
     pub keep_checkpoints: Option<u32>,
+    /// Train phase 1 from the backbone every time instead of from cached features.
+    #[arg(long, env = "CLUSTER_NO_FEATURE_CACHE")]
+    pub no_feature_cache: bool,
+    /// Feature cache: MiB of device memory per worker (beyond it, local disk).
+    #[arg(long, env = "CLUSTER_FEATURE_CACHE_MEMORY_MB", value_name = "MIB")]
+    pub feature_cache_memory_mb: Option<u64>,
+    /// Feature cache: MiB of local disk per worker beyond the memory.
+    #[arg(long, env = "CLUSTER_FEATURE_CACHE_DISK_MB", value_name = "MIB")]
+    pub feature_cache_disk_mb: Option<u64>,
+    /// Feature cache: directory for its disk part on each worker (default: the system's
+    /// temporary directory).
+    #[arg(long, env = "CLUSTER_FEATURE_CACHE_DIR", value_name = "DIR")]
+    pub feature_cache_dir: Option<String>,
     /// Send gradients as bfloat16 (half the bytes, ~3 significant digits).
     #[arg(long, env = "CLUSTER_BF16_ALLREDUCE")]
     pub bf16_allreduce: bool,
@@ -149,7 +162,10 @@ impl RunArgs {
             checksum_every,
             out,
             checkpoints,
-            keep_checkpoints
+            keep_checkpoints,
+            feature_cache_memory_mb,
+            feature_cache_disk_mb,
+            feature_cache_dir
         );
         for (field, value) in [
             (&mut c.limit_train, self.limit_train),
@@ -168,6 +184,9 @@ impl RunArgs {
         }
         if self.bf16_allreduce {
             c.bf16_allreduce = true;
+        }
+        if self.no_feature_cache {
+            c.feature_cache = false;
         }
         if let Some(v) = self.peer_timeout {
             c.peer_timeout_s = v;

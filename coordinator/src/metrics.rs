@@ -192,6 +192,9 @@ mod tests {
             seconds: 3.0,
             allreduce_seconds: 0.5,
             images_per_second: 21.0,
+            train_seconds: 2.5,
+            feature_cache_hits: 0,
+            feature_cache_misses: 64,
         });
         run.commit_stats.push(CommitStat {
             seconds: 0.2,

@@ -33,13 +33,26 @@ pub fn report(run: &Run) -> Value {
             let epochs: Vec<&EpochSummary> = run.history.iter().filter(|e| e.phase == *phase).collect();
             let last = epochs.last()?;
             let seconds: f64 = epochs.iter().map(|e| e.seconds).sum();
+            let train_seconds: f64 = epochs.iter().map(|e| e.train_seconds).sum();
             let images: u64 = epochs.iter().map(|e| e.train_images).sum();
+            let hits: u64 = epochs.iter().map(|e| e.feature_cache_hits).sum();
+            let misses: u64 = epochs.iter().map(|e| e.feature_cache_misses).sum();
+            let rate = |secs: f64| if secs > 0.0 { images as f64 / secs } else { 0.0 };
             Some((
                 phase.to_string(),
                 json!({
                     "epochs": epochs.len(),
                     "seconds": seconds,
-                    "images_per_second": if seconds > 0.0 { images as f64 / seconds } else { 0.0 },
+                    "seconds_per_epoch": seconds / epochs.len() as f64,
+                    "epoch_seconds": epochs.iter().map(|e| e.seconds).collect::<Vec<f64>>(),
+                    "images_per_second": rate(seconds),
+                    "train_seconds": train_seconds,
+                    "train_images_per_second": rate(train_seconds),
+                    "feature_cache": (hits + misses > 0).then(|| json!({
+                        "hits": hits,
+                        "misses": misses,
+                        "hit_rate": hits as f64 / (hits + misses) as f64,
+                    })),
                     "allreduce_seconds": epochs.iter().map(|e| e.allreduce_seconds).sum::<f64>(),
                     "final_train_accuracy": last.train_accuracy,
                     "final_val_accuracy": last.val_accuracy,
@@ -121,6 +134,9 @@ mod tests {
             seconds,
             allreduce_seconds: 0.5,
             images_per_second: 100.0 / seconds,
+            train_seconds: seconds / 2.0,
+            feature_cache_hits: if phase == "head" { 75 } else { 0 },
+            feature_cache_misses: if phase == "head" { 25 } else { 0 },
         }
     }
 
@@ -138,6 +154,14 @@ mod tests {
         assert_eq!(report["per_class_accuracy"]["cat"], 0.75);
         assert_eq!(report["per_class_accuracy"]["dog"], 1.0);
         assert_eq!(report["phases"]["head"]["epochs"], 2);
+        assert_eq!(report["phases"]["head"]["seconds_per_epoch"], 2.0);
+        assert_eq!(report["phases"]["head"]["epoch_seconds"], json!([2.0, 2.0]));
+        // 200 images in 2 s of training steps (4 s with evaluation).
+        assert_eq!(report["phases"]["head"]["train_images_per_second"], 100.0);
+        assert_eq!(report["phases"]["head"]["images_per_second"], 50.0);
+        assert_eq!(report["phases"]["head"]["feature_cache"]["hits"], 150);
+        assert_eq!(report["phases"]["head"]["feature_cache"]["hit_rate"], 0.75);
+        assert!(report["phases"]["finetune"]["feature_cache"].is_null());
         assert_eq!(report["phases"]["head"]["images_per_second"], 50.0);
         assert_eq!(report["phases"]["finetune"]["images_per_second"], 20.0);
     }

@@ -152,6 +152,16 @@ pub struct EpochSummary {
     pub allreduce_seconds: f64,
     /// Training images per second, all ranks together.
     pub images_per_second: f64,
+    /// Seconds of training steps of the slowest rank, without evaluation (the wall time
+    /// when the epoch spans rings).
+    #[serde(default)]
+    pub train_seconds: f64,
+    /// Phase 1 feature cache: backbone outputs served from the cache, all ranks together.
+    #[serde(default)]
+    pub feature_cache_hits: u64,
+    /// Phase 1 feature cache: backbone outputs computed, all ranks together.
+    #[serde(default)]
+    pub feature_cache_misses: u64,
 }
 
 /// What rings that broke during an epoch trained of it.
@@ -1226,6 +1236,11 @@ fn summarize(phase: Phase, epoch: u32, results: &[&EpochResult], carried: &Carri
         } else {
             0.0
         },
+        train_seconds: carried
+            .seconds
+            .unwrap_or_else(|| results.iter().map(|r| r.train_seconds).fold(0.0, f64::max)),
+        feature_cache_hits: sum_u(|r| r.feature_cache_hits),
+        feature_cache_misses: sum_u(|r| r.feature_cache_misses),
     }
 }
 

@@ -81,6 +81,16 @@ pub struct RunConfig {
     pub checkpoints: String,
     /// Committed checkpoints kept besides the best by validation accuracy (and `LATEST`).
     pub keep_checkpoints: u32,
+    /// Phase 1: keep the frozen backbone's output per image and augmentation variant and
+    /// train the head's epochs from it.
+    pub feature_cache: bool,
+    /// Feature cache: MiB of device memory per worker.
+    pub feature_cache_memory_mb: u64,
+    /// Feature cache: MiB of local disk per worker beyond the memory.
+    pub feature_cache_disk_mb: u64,
+    /// Feature cache: directory for the disk part on each worker; empty means the system's
+    /// temporary directory.
+    pub feature_cache_dir: String,
     /// Send gradients as bfloat16.
     pub bf16_allreduce: bool,
     /// Seconds a worker waits for its ring neighbour before declaring it dead.
@@ -124,6 +134,10 @@ impl Default for RunConfig {
             out: "runs/latest".into(),
             checkpoints: String::new(),
             keep_checkpoints: 3,
+            feature_cache: true,
+            feature_cache_memory_mb: 4096,
+            feature_cache_disk_mb: 32768,
+            feature_cache_dir: String::new(),
             bf16_allreduce: false,
             peer_timeout_s: 60.0,
             bench_sizes_mb: vec![1.0, 4.0, 16.0, 64.0],

@@ -61,6 +61,22 @@ impl Variant {
         }
     }
 
+    /// The same transform with at most one flip: both flips together are a half turn, so the
+    /// 16 draws are only the 8 symmetries of a square.
+    pub fn canonical(self) -> Self {
+        Self {
+            flip_lr: self.flip_lr != self.flip_ud,
+            flip_ud: false,
+            quarter_turns: (self.quarter_turns + if self.flip_ud { 2 } else { 0 }) % 4,
+        }
+    }
+
+    /// Which of the 8 symmetries this is (0..8; equal ids transform images identically).
+    pub fn id(self) -> u8 {
+        let c = self.canonical();
+        (u8::from(c.flip_lr) << 2) | c.quarter_turns
+    }
+
     /// Apply to `[n, c, h, w]` images (square images keep their shape).
     pub fn apply(self, mut x: Tensor<4>) -> Tensor<4> {
         if self.flip_lr {
@@ -192,6 +208,40 @@ mod tests {
             }),
             [30., 20., 10., 0.]
         );
+    }
+
+    #[test]
+    fn sixteen_draws_are_eight_symmetries() {
+        let device = Device::flex();
+        // A 3x3 image with 9 distinct pixels: every symmetry moves them differently.
+        let s = sample(3, 3, |x, y, c| (c * 9 + y * 3 + x) as u8);
+        let mut by_id = std::collections::BTreeMap::new();
+        for bits in 0..16u8 {
+            let v = Variant {
+                flip_lr: bits & 1 == 1,
+                flip_ud: bits & 2 == 2,
+                quarter_turns: bits >> 2,
+            };
+            let pixels = values(to_input(std::slice::from_ref(&s), 3, &[v], &device));
+            assert_eq!(
+                pixels,
+                values(to_input(std::slice::from_ref(&s), 3, &[v.canonical()], &device)),
+                "{v:?}"
+            );
+            assert!(!v.canonical().flip_ud && v.canonical().id() == v.id());
+            let previous = by_id.insert(v.id(), pixels.clone());
+            assert!(
+                previous.is_none_or(|p| p == pixels),
+                "id {} is one transform",
+                v.id()
+            );
+        }
+        assert_eq!(by_id.len(), 8);
+        let distinct: std::collections::BTreeSet<Vec<u32>> = by_id
+            .values()
+            .map(|p| p.iter().map(|v| v.to_bits()).collect())
+            .collect();
+        assert_eq!(distinct.len(), 8, "different ids transform differently");
     }
 
     #[test]

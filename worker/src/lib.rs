@@ -12,6 +12,7 @@ pub mod data;
 pub mod device;
 pub mod download;
 pub mod error;
+pub mod features;
 pub mod grads;
 pub mod image;
 pub mod imagenet;

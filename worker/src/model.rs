@@ -468,8 +468,22 @@ impl Classifier {
 
     /// Logits for raw pixels `[batch, 3, h, w]` in 0..255 (RGB).
     pub fn forward(&self, pixels: Tensor<4>) -> Tensor<2> {
-        let x = preprocess(self.preprocess, pixels);
-        self.head.forward(self.backbone.forward(x))
+        self.head.forward(self.features(pixels))
+    }
+
+    /// The backbone's feature maps `[batch, features, h/32, w/32]` for raw pixels.
+    pub fn features(&self, pixels: Tensor<4>) -> Tensor<4> {
+        self.backbone.forward(preprocess(self.preprocess, pixels))
+    }
+
+    /// The least of `features` the head needs, for a feature cache to keep: a linear head
+    /// starts by pooling, which has no parameters, so the pooled `[batch, features, 1, 1]`
+    /// gives it the same logits; the tutorial's head convolves the whole map.
+    pub fn head_input(&self, features: Tensor<4>) -> Tensor<4> {
+        match self.head {
+            Head::Linear(_) => features.mean_dim(3).mean_dim(2),
+            Head::Tutorial(_) => features,
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use cluster_proto::run::RunConfig;
 use cluster_proto::v1::{self, EpochResult, EpochWork};
 use collective::{Link, Ring, all_reduce};
 use dataset::loader::{Prefetcher, batches};
-use dataset::sampler::{SamplerConfig, SamplerState};
+use dataset::sampler::{SamplerConfig, SamplerState, StepShare, deal_by_home, home_rank};
 use dataset::source::{Dataset, Sample};
 use dataset::split::{Limits, SplitScheme, Splits, apply_limits, split};
 use dataset::store::DataStore;
@@ -28,6 +28,7 @@ use tokio::runtime::Handle;
 
 use crate::augment::{Augment, Variant, to_input};
 use crate::error::{Error, Result};
+use crate::features::{CacheBudget, CacheStats, FeatureCache};
 use crate::grads::{flatten, unflatten};
 use crate::metrics::WorkerMetrics;
 use crate::model::Classifier;
@@ -56,6 +57,8 @@ pub struct Trainer {
     completed: Option<u64>,
     /// The state before the last completed step of an unfinished epoch.
     undo: Option<Undo>,
+    /// Phase 1's backbone outputs (none in phase 2 or with the cache off).
+    cache: Option<FeatureCache>,
 }
 
 /// A rank's state one step back, for the ring that follows a failure.
@@ -271,6 +274,7 @@ impl Trainer {
             optimizer: None,
             completed: None,
             undo: None,
+            cache: None,
         })
     }
 
@@ -332,6 +336,7 @@ impl Trainer {
             optimizer: None,
             completed: None,
             undo: None,
+            cache: None,
         })
     }
 
@@ -390,6 +395,19 @@ impl Trainer {
             self.optimizer = Some(AdamConfig::new().init());
             self.phase = Some(phase);
         }
+        // Features are valid only while the backbone is frozen.
+        let cached = phase == Phase::Head && self.config.feature_cache;
+        if !cached {
+            self.cache = None;
+        } else if self.cache.is_none() {
+            self.cache = Some(FeatureCache::new(self.cache_budget()));
+        }
+        let mut cache = self.cache.take();
+        let stats_before = cache.as_ref().map(FeatureCache::stats).unwrap_or_default();
+        let inner = self.device.clone().inner();
+        // The frozen backbone in inference mode on the plain device computes the cache's
+        // misses (phase 1 never changes it, so one copy serves the epoch).
+        let frozen = cache.as_ref().map(|_| loaded.model.valid());
         let lr = match phase {
             Phase::Head => self.config.lr_head,
             Phase::FineTune => self.config.lr_finetune,
@@ -419,7 +437,11 @@ impl Trainer {
             0 => self.config.batch_size as usize * io.ring.world,
             n => n as usize,
         };
-        let steps_plan = sampler.global_steps(state, global_batch, io.ring.world, io.ring.rank);
+        let steps_plan = if cached && io.ring.world > 1 {
+            self.steps_by_home(&sampler, state, global_batch, io.ring.world, io.ring.rank)
+        } else {
+            sampler.global_steps(state, global_batch, io.ring.world, io.ring.rank)
+        };
         let weights: Vec<(usize, usize)> = steps_plan
             .iter()
             .map(|s| (s.indices.len(), s.step_total))
@@ -468,14 +490,26 @@ impl Trainer {
                 .iter()
                 .map(|&i| Variant::draw(augment, self.config.seed, global_epoch, i))
                 .collect();
-            let x = to_input(
-                &batch.samples,
-                self.config.image_size as usize,
-                &variants,
-                &self.device,
-            );
+            let size = self.config.image_size as usize;
             let labels = labels(&batch.samples, &self.device);
-            let logits = model.forward(x);
+            let logits = match (cache.as_mut(), &frozen) {
+                (Some(cache), Some(frozen)) => {
+                    let keys: Vec<(usize, u8)> = batch
+                        .indices
+                        .iter()
+                        .zip(&variants)
+                        .map(|(&i, v)| (i, v.id()))
+                        .collect();
+                    let features = cache.features(&keys, &inner, |missing| {
+                        let samples: Vec<Sample> =
+                            missing.iter().map(|&p| batch.samples[p].clone()).collect();
+                        let variants: Vec<Variant> = missing.iter().map(|&p| variants[p]).collect();
+                        Ok(frozen.head_input(frozen.features(to_input(&samples, size, &variants, &inner))))
+                    })?;
+                    model.head.forward(Tensor::from_inner(features))
+                }
+                _ => model.forward(to_input(&batch.samples, size, &variants, &self.device)),
+            };
             let loss = loss_fn.forward(logits.clone(), labels.clone());
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             let mut flat = flatten(&model, &grads);
@@ -557,8 +591,10 @@ impl Trainer {
                 }
             },
         };
+        let train_seconds = started.elapsed().as_secs_f64();
         if let Some(reason) = broken {
             drop(prefetch);
+            self.cache = cache;
             loaded.model = model;
             self.model = Some(loaded);
             let completed = self.completed.unwrap_or(work.first_step);
@@ -592,7 +628,9 @@ impl Trainer {
         };
         let evaluating = Instant::now();
         let eval_model = model.valid();
-        let val = self.evaluate(&eval_model, &rank_slice(&self.splits.val), false)?;
+        let val = self.evaluate_with(&eval_model, &rank_slice(&self.splits.val), false, cache.as_mut())?;
+        let cache_stats = cache.as_ref().map(FeatureCache::stats).unwrap_or_default();
+        self.cache = cache;
         let test = if work.test {
             self.evaluate(&eval_model, &rank_slice(&self.splits.test), true)?
         } else {
@@ -619,6 +657,9 @@ impl Trainer {
             seconds: started.elapsed().as_secs_f64(),
             allreduce_seconds: io.seconds,
             weights_checksum: checksum,
+            train_seconds,
+            feature_cache_hits: cache_stats.hits - stats_before.hits,
+            feature_cache_misses: cache_stats.misses - stats_before.misses,
             classes: if work.test {
                 self.dataset.classes.clone()
             } else {
@@ -641,6 +682,7 @@ impl Trainer {
             optimizer: None,
             completed: None,
             undo: None,
+            cache: None,
         })
     }
 
@@ -735,6 +777,64 @@ impl Trainer {
 
     /// Loss and accuracy of `model` (inference mode) on `items`.
     pub fn evaluate(&self, model: &Classifier, items: &[usize], confusion: bool) -> Result<Totals> {
+        self.evaluate_with(model, items, confusion, None)
+    }
+
+    /// Where this worker's feature cache may keep entries.
+    fn cache_budget(&self) -> CacheBudget {
+        let mib = 1 << 20;
+        CacheBudget {
+            memory_bytes: self.config.feature_cache_memory_mb.saturating_mul(mib),
+            disk_bytes: self.config.feature_cache_disk_mb.saturating_mul(mib),
+            dir: if self.config.feature_cache_dir.is_empty() {
+                std::env::temp_dir()
+            } else {
+                std::path::PathBuf::from(&self.config.feature_cache_dir)
+            },
+        }
+    }
+
+    /// The feature cache's counters (zero when phase 1 has no cache).
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.as_ref().map(FeatureCache::stats).unwrap_or_default()
+    }
+
+    /// This rank's shares of the epoch's steps with each global batch dealt by home rank
+    /// (see [`deal_by_home`]): the same global batches, but an image lands on the same rank
+    /// epoch after epoch wherever the shares allow, so that rank's cached features serve it.
+    fn steps_by_home(
+        &self,
+        sampler: &SamplerConfig,
+        state: SamplerState,
+        global_batch: usize,
+        world: usize,
+        rank: usize,
+    ) -> Vec<StepShare> {
+        let all: Vec<Vec<StepShare>> = (0..world)
+            .map(|r| sampler.global_steps(state, global_batch, world, r))
+            .collect();
+        let train = &self.splits.train;
+        (0..all[rank].len())
+            .map(|step| {
+                let shares: Vec<Vec<usize>> = all.iter().map(|a| a[step].indices.clone()).collect();
+                let mut dealt = deal_by_home(&shares, |i| home_rank(train[i], world));
+                StepShare {
+                    indices: std::mem::take(&mut dealt[rank]),
+                    step_total: all[rank][step].step_total,
+                }
+            })
+            .collect()
+    }
+
+    /// [`evaluate`](Self::evaluate), taking the backbone's outputs from `cache` when given
+    /// (phase 1: `model` has the frozen backbone the cache was filled with).
+    fn evaluate_with(
+        &self,
+        model: &Classifier,
+        items: &[usize],
+        confusion: bool,
+        mut cache: Option<&mut FeatureCache>,
+    ) -> Result<Totals> {
         let classes = self.classes();
         let mut totals = Totals {
             confusion: if confusion {
@@ -757,9 +857,20 @@ impl Trainer {
         .map_err(|e| cluster(format!("data loader: {e}")))?;
         for batch in prefetch {
             let batch = batch.map_err(|e| cluster(format!("dataset {}: {e}", self.config.data)))?;
-            let x = to_input(&batch.samples, self.config.image_size as usize, &[], &device);
+            let size = self.config.image_size as usize;
             let labels = labels(&batch.samples, &device);
-            let logits = model.forward(x);
+            let logits = match cache.as_deref_mut() {
+                Some(cache) => {
+                    let keys: Vec<(usize, u8)> = batch.indices.iter().map(|&i| (i, 0)).collect();
+                    let features = cache.features(&keys, &device, |missing| {
+                        let samples: Vec<Sample> =
+                            missing.iter().map(|&p| batch.samples[p].clone()).collect();
+                        Ok(model.head_input(model.features(to_input(&samples, size, &[], &device))))
+                    })?;
+                    model.head.forward(features)
+                }
+                None => model.forward(to_input(&batch.samples, size, &[], &device)),
+            };
             let n = batch.samples.len() as u64;
             let loss = scalar(loss_fn.forward(logits.clone(), labels.clone()))?;
             totals.loss_sum += f64::from(loss) * n as f64;
