@@ -73,6 +73,9 @@ pub struct RunArgs {
     /// Turn off random flips and rotations.
     #[arg(long, env = "CLUSTER_NO_AUGMENT")]
     pub no_augment: bool,
+    /// Phase 1: each image is seen in at most K of its 8 flip/rotation variants (8: any).
+    #[arg(long, env = "CLUSTER_HEAD_VARIANTS", value_name = "K")]
+    pub head_variants: Option<u8>,
     /// Checkpoint every N epochs (0: at the end of each phase only).
     #[arg(long, env = "CLUSTER_CHECKPOINT_EVERY")]
     pub checkpoint_every: Option<u32>,
@@ -164,6 +167,7 @@ impl RunArgs {
             checkpoints,
             keep_checkpoints,
             feature_cache_memory_mb,
+            head_variants,
             feature_cache_disk_mb,
             feature_cache_dir
         );

@@ -70,6 +70,10 @@ pub struct RunConfig {
     pub synthetic_test: usize,
     /// Random flips and quarter turns while training.
     pub augment: bool,
+    /// Phase 1: each image is seen in at most this many of its 8 flip and rotation variants
+    /// (a fixed random subset per image; 8: any, as the tutorial). With the feature cache a
+    /// phase-1 image costs at most this many backbone passes over the whole phase.
+    pub head_variants: u8,
     /// Checkpoint every this many epochs (0: only at the end of each phase).
     pub checkpoint_every: u32,
     /// Compare the ranks' weights every this many steps (0: only after each epoch).
@@ -129,6 +133,7 @@ impl Default for RunConfig {
             synthetic_train: 2000,
             synthetic_test: 500,
             augment: true,
+            head_variants: 8,
             checkpoint_every: 0,
             checksum_every: 100,
             out: "runs/latest".into(),
@@ -177,6 +182,11 @@ impl RunConfig {
                 "keep_checkpoints",
                 "peer_timeout_s",
                 "checksum_every",
+                // Where features are kept changes no result beyond floating-point order.
+                "feature_cache",
+                "feature_cache_memory_mb",
+                "feature_cache_disk_mb",
+                "feature_cache_dir",
             ] {
                 a.remove(free);
                 b.remove(free);
@@ -223,6 +233,12 @@ impl RunConfig {
         }
         if !["official", "tutorial"].contains(&self.split.as_str()) {
             problems.push(format!("split {:?}: expected official or tutorial", self.split));
+        }
+        if !(1..=8).contains(&self.head_variants) {
+            problems.push(format!(
+                "head_variants {} must be between 1 and 8",
+                self.head_variants
+            ));
         }
         if !(0.0..1.0).contains(&self.val_fraction) {
             problems.push(format!("val_fraction {} must be in [0, 1)", self.val_fraction));

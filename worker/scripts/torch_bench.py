@@ -1,6 +1,10 @@
 """PyTorch CPU reference for `worker bench model`: torchvision EfficientNet-B0 throughput.
 
-Prints one JSON line: {"torch": VERSION, "threads": N, "infer": IMG_PER_SEC, "train": IMG_PER_SEC}.
+Prints one JSON line: {"torch": VERSION, "threads": N, "infer": IMG_PER_SEC, "train": ...,
+"phase1": ..., "phase1_cached": ..., "phase2": ...}, the same workloads as the Rust bench:
+inference; a full training step (ImageNet top); phase 1 (frozen backbone in eval mode, a new
+10-class head trained); phase 1 from precomputed pooled features (the head alone); phase 2
+(everything trained but BatchNorm, which is in eval mode with its parameters frozen).
 Arguments: batch size, image size, warmup iterations, measured iterations, threads.
 """
 import json
@@ -14,34 +18,75 @@ batch, size, warmup, iters, threads = (int(a) for a in sys.argv[1:6])
 torch.manual_seed(0)
 torch.set_num_threads(threads)
 x = torch.rand(batch, 3, size, size) * 255
-y = torch.arange(batch) * 37 % 1000
 
 
 def median(v):
     return sorted(v)[len(v) // 2]
 
 
-model = torchvision.models.efficientnet_b0().eval()
-times = []
-with torch.inference_mode():
+def timed(step):
+    times = []
     for i in range(warmup + iters):
         t = time.perf_counter()
-        model(x)
+        step()
         if i >= warmup:
             times.append(time.perf_counter() - t)
-infer = batch / median(times)
+    return batch / median(times)
+
+
+def transfer_model():
+    model = torchvision.models.efficientnet_b0()
+    model.classifier[1] = torch.nn.Linear(1280, 10)
+    return model
+
+
+def train_rate(model, params, labels, forward):
+    opt = torch.optim.Adam(params, lr=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad()
+        loss = loss_fn(forward(), labels)
+        loss.backward()
+        opt.step()
+
+    return timed(step)
+
+
+results = {"torch": torch.__version__, "threads": threads}
+
+model = torchvision.models.efficientnet_b0().eval()
+with torch.inference_mode():
+    results["infer"] = timed(lambda: model(x))
 
 model = torchvision.models.efficientnet_b0().train()
-opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-loss_fn = torch.nn.CrossEntropyLoss()
-times = []
-for i in range(warmup + iters):
-    t = time.perf_counter()
-    opt.zero_grad()
-    loss = loss_fn(model(x), y)
-    loss.backward()
-    opt.step()
-    if i >= warmup:
-        times.append(time.perf_counter() - t)
-train = batch / median(times)
-print(json.dumps({"torch": torch.__version__, "threads": threads, "infer": infer, "train": train}))
+results["train"] = train_rate(model, model.parameters(), torch.arange(batch) * 37 % 1000, lambda: model(x))
+
+labels = torch.arange(batch) * 37 % 10
+
+# Phase 1: the backbone frozen and in inference mode; only the head trains.
+model = transfer_model()
+for p in model.features.parameters():
+    p.requires_grad = False
+model.train()
+model.features.eval()
+results["phase1"] = train_rate(model, model.classifier.parameters(), labels, lambda: model(x))
+
+# Phase 1 from cached features: pooled backbone outputs computed once.
+with torch.no_grad():
+    pooled = torch.flatten(model.avgpool(model.features(x)), 1)
+results["phase1_cached"] = train_rate(
+    model, model.classifier.parameters(), labels, lambda: model.classifier(pooled)
+)
+
+# Phase 2: everything trains except BatchNorm (eval mode, parameters frozen).
+model = transfer_model().train()
+for m in model.modules():
+    if isinstance(m, torch.nn.BatchNorm2d):
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad = False
+trainable = [p for p in model.parameters() if p.requires_grad]
+results["phase2"] = train_rate(model, trainable, labels, lambda: model(x))
+
+print(json.dumps(results))

@@ -61,6 +61,37 @@ impl Variant {
         }
     }
 
+    /// The variant of sample `index` in `epoch` when each image is seen in at most `pool` of
+    /// the 8 symmetries: a fixed random subset of `pool` per image (from `seed` and `index`),
+    /// one of them drawn per epoch. `pool` 8 (or more) is [`draw`](Self::draw) itself.
+    pub fn draw_pooled(augment: Augment, pool: u8, seed: u64, epoch: u64, index: usize) -> Self {
+        if pool >= 8 || augment != Augment::tutorial() {
+            return Self::draw(augment, seed, epoch, index);
+        }
+        let mut rng = SplitMix64::new(
+            seed ^ 0x6A09_E667_F3BC_C908 ^ (index as u64).wrapping_mul(0x9FB2_1C65_1E98_DF25),
+        );
+        let mut ids: [u8; 8] = [0, 1, 2, 3, 4, 5, 6, 7];
+        for i in (1..8).rev() {
+            ids.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let pick = SplitMix64::new(
+            seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407)
+                ^ (index as u64).wrapping_mul(0x9FB2_1C65_1E98_DF25),
+        )
+        .below(u64::from(pool.max(1)));
+        Self::from_id(ids[pick as usize])
+    }
+
+    /// The symmetry with [`id`](Self::id) `id`.
+    pub fn from_id(id: u8) -> Self {
+        Self {
+            flip_lr: id & 4 == 4,
+            flip_ud: false,
+            quarter_turns: id & 3,
+        }
+    }
+
     /// The same transform with at most one flip: both flips together are a half turn, so the
     /// 16 draws are only the 8 symmetries of a square.
     pub fn canonical(self) -> Self {
@@ -242,6 +273,38 @@ mod tests {
             .map(|p| p.iter().map(|v| v.to_bits()).collect())
             .collect();
         assert_eq!(distinct.len(), 8, "different ids transform differently");
+    }
+
+    #[test]
+    fn pooled_draws_stay_in_a_fixed_subset_per_image() {
+        let aug = Augment::tutorial();
+        for index in 0..50 {
+            let seen = |pool: u8| -> std::collections::BTreeSet<u8> {
+                (0..64)
+                    .map(|epoch| Variant::draw_pooled(aug, pool, 7, epoch, index).id())
+                    .collect()
+            };
+            assert_eq!(seen(1).len(), 1);
+            assert_eq!(seen(2).len(), 2, "64 epochs see both variants of image {index}");
+            assert!(seen(2).is_superset(&seen(1)), "pools are nested");
+            assert_eq!(seen(8).len(), 8);
+            assert_eq!(
+                Variant::draw_pooled(aug, 8, 7, 3, index),
+                Variant::draw(aug, 7, 3, index)
+            );
+        }
+        // Different images get different subsets.
+        let firsts: std::collections::BTreeSet<u8> = (0..50)
+            .map(|i| Variant::draw_pooled(aug, 1, 7, 0, i).id())
+            .collect();
+        assert_eq!(firsts.len(), 8);
+        for id in 0..8 {
+            assert_eq!(Variant::from_id(id).id(), id);
+        }
+        assert_eq!(
+            Variant::draw_pooled(Augment::none(), 1, 7, 0, 3),
+            Variant::default()
+        );
     }
 
     #[test]

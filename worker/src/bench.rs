@@ -1,4 +1,5 @@
-//! Model throughput measurements: inference and a full training step.
+//! Throughput measurements: the model's inference and training steps per phase, and the
+//! input pipeline.
 
 use std::time::Instant;
 
@@ -9,6 +10,7 @@ use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
 use crate::config::EfficientNetConfig;
 use crate::model::Classifier;
+use crate::phase::{self, Phase};
 
 /// Median images per second of one measured operation.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,50 +45,126 @@ fn measure(batch: usize, warmup: usize, iters: usize, mut op: impl FnMut()) -> T
     }
 }
 
-/// Inference throughput: `warmup` untimed then `iters` timed forward passes of `batch`
-/// random images of `size` pixels.
-pub fn inference(
-    cfg: &EfficientNetConfig,
-    batch: usize,
-    size: usize,
-    warmup: usize,
-    iters: usize,
-    device: &Device,
-) -> Throughput {
-    let model = Classifier::new(cfg, 1000, device).valid();
-    let device = device.clone().inner();
-    let x = Tensor::<4>::random([batch, 3, size, size], Distribution::Uniform(0.0, 255.0), &device);
-    measure(batch, warmup, iters, || {
-        // Reading the result forces the (possibly asynchronous) computation to finish.
-        let _ = model.forward(x.clone()).into_data();
-    })
+/// What a model benchmark measures, per batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// A forward pass in inference mode.
+    Inference,
+    /// Forward, cross-entropy, backward and an Adam update of every parameter (ImageNet top).
+    FullStep,
+    /// Phase 1 without the feature cache: the frozen backbone in inference mode, then a new
+    /// 10-class linear head trained.
+    HeadStep,
+    /// Phase 1 from cached features: the head's step alone.
+    CachedHeadStep,
+    /// Phase 2: everything trained except BatchNorm (running statistics used, not updated).
+    FineTuneStep,
 }
 
-/// Training-step throughput: forward, cross-entropy, backward and an Adam update.
-pub fn train_step(
+impl Workload {
+    /// Every workload, in table order.
+    pub const ALL: [Workload; 5] = [
+        Workload::Inference,
+        Workload::FullStep,
+        Workload::HeadStep,
+        Workload::CachedHeadStep,
+        Workload::FineTuneStep,
+    ];
+
+    /// The name used in tables and by the PyTorch script.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Inference => "infer",
+            Workload::FullStep => "train",
+            Workload::HeadStep => "phase1",
+            Workload::CachedHeadStep => "phase1_cached",
+            Workload::FineTuneStep => "phase2",
+        }
+    }
+
+    /// A description for tables.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Workload::Inference => "inference",
+            Workload::FullStep => "full training step",
+            Workload::HeadStep => "phase 1 step, no cache",
+            Workload::CachedHeadStep => "phase 1 step, cached features",
+            Workload::FineTuneStep => "phase 2 step (BN frozen)",
+        }
+    }
+}
+
+/// Classes of the transfer-learning head in the phase workloads (CIFAR-10's).
+const TRANSFER_CLASSES: usize = 10;
+
+/// Throughput of `workload` on `batch` random images of `size` pixels: `warmup` untimed
+/// iterations, then the median of `iters` timed ones. A training step is what a worker does
+/// per step apart from the all-reduce: forward, loss, backward, gradients gathered per
+/// parameter and an Adam update.
+pub fn model(
     cfg: &EfficientNetConfig,
+    workload: Workload,
     batch: usize,
     size: usize,
     warmup: usize,
     iters: usize,
     device: &Device,
 ) -> Throughput {
+    let inner = device.clone().inner();
+    if workload == Workload::Inference {
+        let model = Classifier::new(cfg, 1000, &inner);
+        let x = Tensor::<4>::random([batch, 3, size, size], Distribution::Uniform(0.0, 255.0), &inner);
+        return measure(batch, warmup, iters, || {
+            // Reading the result forces the (possibly asynchronous) computation to finish.
+            let _ = model.forward(x.clone()).into_data();
+        });
+    }
     let device = device.clone().autodiff();
-    // Taken out and put back each step: the optimizer consumes the model.
-    let mut model = Some(Classifier::new(cfg, 1000, &device));
-    let mut optim = AdamConfig::new().init();
-    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let model = Classifier::new(cfg, 1000, &device);
+    let (model, classes) = match workload {
+        Workload::FullStep => (model, 1000),
+        Workload::FineTuneStep => (
+            phase::prepare(
+                model.with_new_head(TRANSFER_CLASSES, cfg.dropout, &device),
+                Phase::FineTune,
+            ),
+            TRANSFER_CLASSES,
+        ),
+        _ => (
+            phase::prepare(
+                model.with_new_head(TRANSFER_CLASSES, cfg.dropout, &device),
+                Phase::Head,
+            ),
+            TRANSFER_CLASSES,
+        ),
+    };
     let x = Tensor::<4>::random([batch, 3, size, size], Distribution::Uniform(0.0, 255.0), &device);
-    let labels: Vec<i64> = (0..batch as i64).map(|i| (i * 37) % 1000).collect();
+    // What the feature cache would hand the head for this batch.
+    let cached = (workload == Workload::CachedHeadStep).then(|| {
+        let frozen = model.valid();
+        Tensor::from_inner(frozen.head_input(frozen.features(x.clone().inner())))
+    });
+    let labels: Vec<i64> = (0..batch as i64).map(|i| (i * 37) % classes as i64).collect();
     let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), &device);
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let mut optim = AdamConfig::new().init();
+    // Taken out and put back each step: the optimizer consumes the model.
+    let mut model = Some(model);
     measure(batch, warmup, iters, || {
         let Some(m) = model.take() else { return };
-        let loss = loss_fn.forward(m.forward(x.clone()), y.clone());
+        let logits = match &cached {
+            Some(features) => m.head.forward(features.clone()),
+            None => m.forward(x.clone()),
+        };
+        let loss = loss_fn.forward(logits, y.clone());
         let grads = GradientsParams::from_grads(loss.backward(), &m);
         model = Some(optim.step(1e-4, m, grads));
         let _ = loss.into_data();
     })
 }
+
+/// Images per epoch of CIFAR-10's official training split (50,000 less 10% validation).
+pub const CIFAR10_TRAIN_IMAGES: usize = 45_000;
 
 /// Throughput of the input pipeline, in images per second.
 #[derive(Debug, Clone, Copy, PartialEq)]

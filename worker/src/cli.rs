@@ -216,9 +216,18 @@ pub struct BenchModelArgs {
     /// Timed iterations (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
-    /// Also run torchvision's B0 through `python3` when torch is installed.
+    /// Also run torchvision's B0 through `--python` when torch is installed.
     #[arg(long, default_value = "auto", value_parser = ["auto", "yes", "no"])]
     pub torch: String,
+    /// Only these workloads: infer, train, phase1, phase1_cached, phase2 (comma-separated).
+    #[arg(long, value_delimiter = ',', value_parser = ["infer", "train", "phase1", "phase1_cached", "phase2"])]
+    pub workloads: Vec<String>,
+    /// The Python interpreter for the PyTorch reference.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// Images per epoch for the epoch-time columns (CIFAR-10's official training split).
+    #[arg(long, default_value_t = crate::bench::CIFAR10_TRAIN_IMAGES)]
+    pub epoch_images: usize,
     #[command(flatten)]
     pub device: DeviceArgs,
 }

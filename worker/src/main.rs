@@ -167,21 +167,34 @@ fn run_bench_data(args: BenchDataArgs) -> Result<()> {
 }
 
 fn run_bench_model(args: BenchModelArgs) -> Result<()> {
+    use bench::Workload;
     let cfg = EfficientNetConfig::from_name(&args.model)?;
     let device = device::select(args.device.gpu)?;
     let (b, s) = (args.batch_size, args.image_size);
-    eprintln!("measuring {} at batch {b}, {s} px ...", cfg.name);
-    let infer = bench::inference(&cfg, b, s, args.warmup, args.iters, &device);
-    let train = bench::train_step(&cfg, b, s, args.warmup, args.iters, &device);
     let backend = if args.device.gpu.is_some() {
         "burn cuda"
     } else {
         "burn flex (cpu)"
     };
+    let mut rows = Vec::new();
+    let chosen = Workload::ALL
+        .into_iter()
+        .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|n| n == w.name()));
+    for workload in chosen {
+        eprintln!(
+            "measuring {} at batch {b}, {s} px: {} ...",
+            cfg.name,
+            workload.describe()
+        );
+        rows.push((
+            workload,
+            bench::model(&cfg, workload, b, s, args.warmup, args.iters, &device),
+        ));
+    }
     let torch = match args.torch.as_str() {
         "no" => None,
         _ if cfg.name != "efficientnet-b0" => None,
-        mode => torch_reference(b, s, args.warmup, args.iters).or_else(|e| {
+        mode => torch_reference(&args.python, b, s, args.warmup, args.iters).or_else(|e| {
             if mode == "yes" {
                 Err(e)
             } else {
@@ -190,36 +203,63 @@ fn run_bench_model(args: BenchModelArgs) -> Result<()> {
             }
         })?,
     };
+    let epoch = args.epoch_images;
     println!(
-        "| {:<22} | {:>11} | {:>16} |",
-        "backend", "infer img/s", "train-step img/s"
+        "{} at batch {b}, {s} px; epoch time for {epoch} images (no evaluation)\n",
+        cfg.name
     );
-    println!("|{:-<24}|{:->13}|{:->18}|", "", "", "");
+    let torch_name = torch.as_ref().map_or("", |(name, _)| name.as_str());
+    let tw = torch_name.len().max(16);
     println!(
-        "| {backend:<22} | {:>11.2} | {:>16.2} |",
-        infer.images_per_sec, train.images_per_sec
+        "| {:<30} | {backend:>16} | {:>13} | {torch_name:>tw$} | {:>13} | {:>7} |",
+        "workload", "epoch", "epoch", "ratio"
     );
-    if let Some((name, ti, tt)) = torch {
-        println!("| {name:<22} | {ti:>11.2} | {tt:>16.2} |");
+    println!(
+        "|{:-<32}|{:->18}|{:->15}|{:->w$}|{:->15}|{:->9}|",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        w = tw + 2
+    );
+    let hms = |rate: f64| {
+        let secs = (epoch as f64 / rate).round() as u64;
+        format!("{}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+    };
+    for (workload, t) in &rows {
+        let ours = t.images_per_sec;
+        let theirs = torch.as_ref().and_then(|(_, v)| v[workload.name()].as_f64());
+        let (rate, time, ratio) = match theirs {
+            Some(r) => (format!("{r:.2} img/s"), hms(r), format!("{:.2}x", ours / r)),
+            None => (String::new(), String::new(), String::new()),
+        };
         println!(
-            "\nburn / pytorch: inference {:.2}x, training step {:.2}x",
-            infer.images_per_sec / ti,
-            train.images_per_sec / tt
+            "| {:<30} | {:>16} | {:>13} | {rate:>tw$} | {time:>13} | {ratio:>7} |",
+            workload.describe(),
+            format!("{ours:.2} img/s"),
+            hms(ours)
         );
+    }
+    let rate = |w: Workload| rows.iter().find(|(x, _)| *x == w).map(|(_, t)| t.images_per_sec);
+    if let (Some(cached), Some(uncached)) = (rate(Workload::CachedHeadStep), rate(Workload::HeadStep)) {
+        println!("\nphase 1 step, cached over uncached: {:.0}x", cached / uncached);
     }
     Ok(())
 }
 
-/// Run the embedded PyTorch script; `Ok(None)` never happens, the option is for the caller.
+/// Run the embedded PyTorch script with `python`: its name and the JSON it printed.
 fn torch_reference(
+    python: &str,
     batch: usize,
     size: usize,
     warmup: usize,
     iters: usize,
-) -> Result<Option<(String, f64, f64)>> {
+) -> Result<Option<(String, serde_json::Value)>> {
     use std::io::Write;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut child = std::process::Command::new("python3")
+    let mut child = std::process::Command::new(python)
         .args([
             "-",
             &batch.to_string(),
@@ -232,30 +272,30 @@ fn torch_reference(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .context("cannot start python3")?;
+        .with_context(|| format!("cannot start {python} (--python)"))?;
     child
         .stdin
         .take()
-        .context("python3 stdin")?
+        .context("python stdin")?
         .write_all(TORCH_BENCH.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         bail!(
-            "python3 torch benchmark failed: {}",
+            "{python} torch benchmark failed: {}",
             err.lines().last().unwrap_or("no output")
         );
     }
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("torch benchmark output is not JSON")?;
-    let num = |k: &str| {
-        v[k].as_f64()
-            .with_context(|| format!("torch benchmark output lacks '{k}'"))
-    };
+    for w in bench::Workload::ALL {
+        if !v[w.name()].is_f64() {
+            bail!("torch benchmark output lacks '{}': {v}", w.name());
+        }
+    }
     Ok(Some((
         format!("pytorch {} cpu", v["torch"].as_str().unwrap_or("?")),
-        num("infer")?,
-        num("train")?,
+        v,
     )))
 }
 

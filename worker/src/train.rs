@@ -455,6 +455,10 @@ impl Trainer {
         } else {
             Augment::none()
         };
+        let pool = match phase {
+            Phase::Head => self.config.head_variants,
+            Phase::FineTune => 8,
+        };
         let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
         let optimizer = self
             .optimizer
@@ -488,7 +492,7 @@ impl Trainer {
             let variants: Vec<Variant> = batch
                 .indices
                 .iter()
-                .map(|&i| Variant::draw(augment, self.config.seed, global_epoch, i))
+                .map(|&i| Variant::draw_pooled(augment, pool, self.config.seed, global_epoch, i))
                 .collect();
             let size = self.config.image_size as usize;
             let labels = labels(&batch.samples, &self.device);
