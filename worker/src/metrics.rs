@@ -47,6 +47,14 @@ pub struct WorkerMetrics {
     pub restores: Counter,
     /// Evaluation time of the validation (and test) shard after an epoch.
     pub eval_seconds: FloatCounter,
+    /// Phase-1 backbone outputs served from the feature cache.
+    pub cache_hits: Counter,
+    /// Phase-1 backbone outputs computed (not in the cache yet).
+    pub cache_misses: Counter,
+    /// Bytes the feature cache holds in device memory.
+    pub cache_memory_bytes: Gauge,
+    /// Bytes the feature cache holds on local disk.
+    pub cache_disk_bytes: Gauge,
 }
 
 impl Default for WorkerMetrics {
@@ -142,6 +150,32 @@ impl Default for WorkerMetrics {
             Unit::Seconds,
             eval_seconds.clone(),
         );
+        let cache_hits = Counter::default();
+        registry.register(
+            "feature_cache_hits",
+            "Phase-1 backbone outputs served from the feature cache",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        registry.register(
+            "feature_cache_misses",
+            "Phase-1 backbone outputs computed because the cache did not hold them",
+            cache_misses.clone(),
+        );
+        let cache_memory_bytes = Gauge::default();
+        registry.register_with_unit(
+            "feature_cache_memory",
+            "Bytes the feature cache holds in device memory",
+            Unit::Bytes,
+            cache_memory_bytes.clone(),
+        );
+        let cache_disk_bytes = Gauge::default();
+        registry.register_with_unit(
+            "feature_cache_disk",
+            "Bytes the feature cache holds on local disk",
+            Unit::Bytes,
+            cache_disk_bytes.clone(),
+        );
         Self {
             registry,
             rank,
@@ -160,6 +194,10 @@ impl Default for WorkerMetrics {
             checkpoint_upload_bytes,
             restores,
             eval_seconds,
+            cache_hits,
+            cache_misses,
+            cache_memory_bytes,
+            cache_disk_bytes,
         }
     }
 }
@@ -194,6 +232,8 @@ mod tests {
         metrics.step_seconds.observe(0.3);
         metrics.data_wait_seconds.observe(0.002);
         metrics.train_loss.set(1.25);
+        metrics.cache_hits.inc_by(40);
+        metrics.cache_disk_bytes.set(1 << 20);
         let text = metrics.render();
         for line in [
             "effnet_worker_rank 1",
@@ -205,6 +245,9 @@ mod tests {
             "effnet_worker_data_wait_seconds_count 1",
             "# TYPE effnet_worker_allreduce_duration_seconds histogram",
             "# TYPE effnet_worker_checkpoint_restores counter",
+            "effnet_worker_feature_cache_hits_total 40",
+            "effnet_worker_feature_cache_misses_total 0",
+            "effnet_worker_feature_cache_disk_bytes 1048576",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }

@@ -61,6 +61,15 @@ pub struct Trainer {
     cache: Option<FeatureCache>,
 }
 
+/// A batch ready for a training step.
+struct Prepared {
+    batch: dataset::loader::Batch,
+    /// The augmentation of each sample.
+    variants: Vec<Variant>,
+    /// The model input, when made ahead (without the feature cache).
+    input: Option<Tensor<4>>,
+}
+
 /// A rank's state one step back, for the ring that follows a failure.
 struct Undo {
     /// Steps completed in that state.
@@ -404,6 +413,8 @@ impl Trainer {
         }
         let mut cache = self.cache.take();
         let stats_before = cache.as_ref().map(FeatureCache::stats).unwrap_or_default();
+        // What the metrics have been told of the cache's counters so far.
+        let mut cache_seen = stats_before;
         let inner = self.device.clone().inner();
         // The frozen backbone in inference mode on the plain device computes the cache's
         // misses (phase 1 never changes it, so one copy serves the epoch).
@@ -477,24 +488,54 @@ impl Trainer {
             Phase::FineTune => 2,
         });
         let session = beat.session.load(Ordering::Relaxed);
+        let size = self.config.image_size as usize;
+        let (config, device) = (&self.config, &self.device);
+        // The next batch with its variants and, without the cache, its input tensor. Run on
+        // a second thread while the gradients are all-reduced, so that a step does not wait
+        // for loading and preprocessing after the network.
+        let prepare = |prefetch: &mut Prefetcher| -> Option<Result<Prepared>> {
+            let batch = prefetch.next()?;
+            Some(
+                batch
+                    .map_err(|e| cluster(format!("dataset {}: {e}", config.data)))
+                    .map(|batch| {
+                        let variants: Vec<Variant> = batch
+                            .indices
+                            .iter()
+                            .map(|&i| Variant::draw_pooled(augment, pool, config.seed, global_epoch, i))
+                            .collect();
+                        let input = (!cached).then(|| to_input(&batch.samples, size, &variants, device));
+                        Prepared {
+                            batch,
+                            variants,
+                            input,
+                        }
+                    }),
+            )
+        };
+        // Prepared during the last step's all-reduce, and how long the step then waited for it.
+        let mut ahead: Option<(Option<Result<Prepared>>, f64)> = None;
         loop {
             if beat.session.load(Ordering::Relaxed) != session {
                 broken = Some("the coordinator was lost".into());
                 break;
             }
-            let waiting = Instant::now();
-            let Some(batch) = prefetch.next() else { break };
+            let (next, waited) = match ahead.take() {
+                Some(ready) => ready,
+                None => {
+                    let waiting = Instant::now();
+                    let next = prepare(&mut prefetch);
+                    (next, waiting.elapsed().as_secs_f64())
+                }
+            };
+            let Some(next) = next else { break };
             let step_started = Instant::now();
-            metrics
-                .data_wait_seconds
-                .observe((step_started - waiting).as_secs_f64());
-            let batch = batch.map_err(|e| cluster(format!("dataset {}: {e}", self.config.data)))?;
-            let variants: Vec<Variant> = batch
-                .indices
-                .iter()
-                .map(|&i| Variant::draw_pooled(augment, pool, self.config.seed, global_epoch, i))
-                .collect();
-            let size = self.config.image_size as usize;
+            metrics.data_wait_seconds.observe(waited);
+            let Prepared {
+                batch,
+                variants,
+                input,
+            } = next?;
             let labels = labels(&batch.samples, &self.device);
             let logits = match (cache.as_mut(), &frozen) {
                 (Some(cache), Some(frozen)) => {
@@ -512,7 +553,9 @@ impl Trainer {
                     })?;
                     model.head.forward(Tensor::from_inner(features))
                 }
-                _ => model.forward(to_input(&batch.samples, size, &variants, &self.device)),
+                _ => model.forward(
+                    input.unwrap_or_else(|| to_input(&batch.samples, size, &variants, &self.device)),
+                ),
             };
             let loss = loss_fn.forward(logits.clone(), labels.clone());
             let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -530,7 +573,17 @@ impl Trainer {
             let asked = beat.regroup.load(Ordering::Relaxed) == io.ring.generation;
             flat.push(if asked { 1.0 } else { 0.0 });
             let reducing = io.seconds;
-            if let Err(e) = io.all_reduce(global_step, &mut flat, true) {
+            let (reduced, prepared) = std::thread::scope(|scope| {
+                let preparing = scope.spawn(|| prepare(&mut prefetch));
+                let reduced = io.all_reduce(global_step, &mut flat, true);
+                let waiting = Instant::now();
+                let prepared = preparing
+                    .join()
+                    .unwrap_or_else(|_| Some(Err(cluster("preparing the next batch panicked"))));
+                (reduced, (prepared, waiting.elapsed().as_secs_f64()))
+            });
+            ahead = Some(prepared);
+            if let Err(e) = reduced {
                 broken = Some(format!("step {global_step}: {e}"));
                 break;
             }
@@ -575,6 +628,9 @@ impl Trainer {
             metrics.steps.inc();
             metrics.train_images.inc_by(n);
             metrics.train_loss.set(f64::from(loss_value));
+            if let Some(cache) = &cache {
+                cache_seen = report_cache(metrics, cache.stats(), cache_seen);
+            }
             metrics
                 .images_per_second
                 .set(train.count as f64 / started.elapsed().as_secs_f64().max(1e-9));
@@ -634,6 +690,9 @@ impl Trainer {
         let eval_model = model.valid();
         let val = self.evaluate_with(&eval_model, &rank_slice(&self.splits.val), false, cache.as_mut())?;
         let cache_stats = cache.as_ref().map(FeatureCache::stats).unwrap_or_default();
+        if cache.is_some() {
+            report_cache(metrics, cache_stats, cache_seen);
+        }
         self.cache = cache;
         let test = if work.test {
             self.evaluate(&eval_model, &rank_slice(&self.splits.test), true)?
@@ -1107,6 +1166,15 @@ impl burn::module::ModuleMapper for StatsWriter {
         let id = param.id;
         param.transform_for_load(tensor, id)
     }
+}
+
+/// Tell `metrics` what the feature cache did since `seen`; returns `now` as the new mark.
+fn report_cache(metrics: &WorkerMetrics, now: CacheStats, seen: CacheStats) -> CacheStats {
+    metrics.cache_hits.inc_by(now.hits - seen.hits);
+    metrics.cache_misses.inc_by(now.misses - seen.misses);
+    metrics.cache_memory_bytes.set(now.memory_bytes as i64);
+    metrics.cache_disk_bytes.set(now.disk_bytes as i64);
+    now
 }
 
 /// The backend seed of one rank's epoch: distinct per (run seed, epoch, rank).
