@@ -139,11 +139,15 @@ pub fn model(
         ),
     };
     let x = Tensor::<4>::random([batch, 3, size, size], Distribution::Uniform(0.0, 255.0), &device);
-    // What the feature cache would hand the head for this batch.
-    let cached = (workload == Workload::CachedHeadStep).then(|| {
-        let frozen = model.valid();
-        Tensor::from_inner(frozen.head_input(frozen.features(x.clone().inner())))
-    });
+    // Phase 1 runs the frozen backbone outside the autodiff graph, as the trainer does;
+    // with the cache, its output for this batch is simply there.
+    let frozen = matches!(workload, Workload::HeadStep | Workload::CachedHeadStep).then(|| model.valid());
+    let features =
+        |frozen: &Classifier| Tensor::from_inner(frozen.head_input(frozen.features(x.clone().inner())));
+    let cached = match (&frozen, workload) {
+        (Some(frozen), Workload::CachedHeadStep) => Some(features(frozen)),
+        _ => None,
+    };
     let labels: Vec<i64> = (0..batch as i64).map(|i| (i * 37) % classes as i64).collect();
     let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), &device);
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
@@ -152,9 +156,10 @@ pub fn model(
     let mut model = Some(model);
     measure(batch, warmup, iters, || {
         let Some(m) = model.take() else { return };
-        let logits = match &cached {
-            Some(features) => m.head.forward(features.clone()),
-            None => m.forward(x.clone()),
+        let logits = match (&cached, &frozen) {
+            (Some(cached), _) => m.head.forward(cached.clone()),
+            (None, Some(frozen)) => m.head.forward(features(frozen)),
+            (None, None) => m.forward(x.clone()),
         };
         let loss = loss_fn.forward(logits, y.clone());
         let grads = GradientsParams::from_grads(loss.backward(), &m);

@@ -416,9 +416,16 @@ impl Trainer {
         // What the metrics have been told of the cache's counters so far.
         let mut cache_seen = stats_before;
         let inner = self.device.clone().inner();
-        // The frozen backbone in inference mode on the plain device computes the cache's
-        // misses (phase 1 never changes it, so one copy serves the epoch).
-        let frozen = cache.as_ref().map(|_| loaded.model.valid());
+        // Phase 1 runs the frozen backbone in inference mode on the plain device, outside the
+        // autodiff graph that only the head needs (phase 1 never changes the backbone, so one
+        // copy serves the epoch); it computes the cache's misses, or every batch without one.
+        let frozen = (phase == Phase::Head).then(|| loaded.model.valid());
+        // Where a batch's input tensor is made: the frozen backbone's device in phase 1.
+        let input_device = if phase == Phase::Head {
+            inner.clone()
+        } else {
+            self.device.clone()
+        };
         let lr = match phase {
             Phase::Head => self.config.lr_head,
             Phase::FineTune => self.config.lr_finetune,
@@ -489,7 +496,7 @@ impl Trainer {
         });
         let session = beat.session.load(Ordering::Relaxed);
         let size = self.config.image_size as usize;
-        let (config, device) = (&self.config, &self.device);
+        let (config, device) = (&self.config, &input_device);
         // The next batch with its variants and, without the cache, its input tensor. Run on
         // a second thread while the gradients are all-reduced, so that a step does not wait
         // for loading and preprocessing after the network.
@@ -552,6 +559,12 @@ impl Trainer {
                         Ok(frozen.head_input(frozen.features(to_input(&samples, size, &variants, &inner))))
                     })?;
                     model.head.forward(Tensor::from_inner(features))
+                }
+                (None, Some(frozen)) => {
+                    let x = input.unwrap_or_else(|| to_input(&batch.samples, size, &variants, &inner));
+                    model
+                        .head
+                        .forward(Tensor::from_inner(frozen.head_input(frozen.features(x))))
                 }
                 _ => model.forward(
                     input.unwrap_or_else(|| to_input(&batch.samples, size, &variants, &self.device)),
