@@ -168,6 +168,30 @@ pub fn model(
     })
 }
 
+/// What a worker adds around the all-reduce each step: the gradients of every parameter of
+/// `cfg`'s model copied into one buffer and back into tensors. Returns the number of values and
+/// the median seconds of `iters` round trips.
+pub fn gradient_copies(cfg: &EfficientNetConfig, iters: usize, device: &Device) -> (usize, f64) {
+    use crate::grads::{flatten, unflatten};
+    let device = device.clone().autodiff();
+    let model = Classifier::new(cfg, 1000, &device);
+    // The gradients' size does not depend on the input's: a small one is enough.
+    let x = Tensor::<4>::random([2, 3, 64, 64], Distribution::Uniform(0.0, 255.0), &device);
+    let grads = GradientsParams::from_grads(model.forward(x).sum().backward(), &model);
+    let mut len = 0;
+    let times: Vec<f64> = (0..iters.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            let flat = flatten(&model, &grads);
+            len = flat.len();
+            let back = unflatten(&model, &grads, &flat);
+            drop(back);
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    (len, median(times))
+}
+
 /// Images per epoch of CIFAR-10's official training split (50,000 less 10% validation).
 pub const CIFAR10_TRAIN_IMAGES: usize = 45_000;
 

@@ -47,7 +47,8 @@ pub struct CacheStats {
 }
 
 enum Slot {
-    Device(Tensor<4>),
+    // Boxed: a tensor handle is a few hundred bytes, a disk slot eight.
+    Device(Box<Tensor<4>>),
     Disk(u64),
 }
 
@@ -147,7 +148,7 @@ impl FeatureCache {
             return Ok(None);
         };
         match slot {
-            Slot::Device(t) => Ok(Some(t.clone())),
+            Slot::Device(t) => Ok(Some(t.as_ref().clone())),
             Slot::Disk(offset) => {
                 let Some(spill) = &self.spill else {
                     return Ok(None);
@@ -188,7 +189,7 @@ impl FeatureCache {
         let bytes = dims.iter().product::<usize>() as u64 * 4;
         if self.stats.memory_bytes + bytes <= self.budget.memory_bytes {
             self.stats.memory_bytes += bytes;
-            self.slots.insert(key, Slot::Device(row.clone()));
+            self.slots.insert(key, Slot::Device(Box::new(row.clone())));
             return Ok(());
         }
         if self.full || self.stats.disk_bytes + bytes > self.budget.disk_bytes {

@@ -242,6 +242,11 @@ fn run_bench_model(args: BenchModelArgs) -> Result<()> {
             hms(ours)
         );
     }
+    let (values, secs) = bench::gradient_copies(&cfg, args.iters, &device);
+    println!(
+        "\ngradients into one buffer and back (around each all-reduce): {values} values, {:.1} ms",
+        secs * 1e3
+    );
     let rate = |w: Workload| rows.iter().find(|(x, _)| *x == w).map(|(_, t)| t.images_per_sec);
     if let (Some(cached), Some(uncached)) = (rate(Workload::CachedHeadStep), rate(Workload::HeadStep)) {
         println!("\nphase 1 step, cached over uncached: {:.0}x", cached / uncached);
