@@ -713,7 +713,9 @@ impl Run {
                 let summary = summarize(phase, epoch, &results, &carried);
                 tracing::info!(phase = %summary.phase, epoch, train_loss = summary.train_loss,
                     train_accuracy = summary.train_accuracy, val_accuracy = ?summary.val_accuracy,
-                    test_accuracy = ?summary.test_accuracy, seconds = summary.seconds, "epoch finished");
+                    test_accuracy = ?summary.test_accuracy, seconds = summary.seconds,
+                    train_seconds = summary.train_seconds, feature_cache_hits = summary.feature_cache_hits,
+                    feature_cache_misses = summary.feature_cache_misses, "epoch finished");
                 self.steps_done += summary.steps;
                 self.history.push(summary);
                 if matches!(unit, Some(Unit::Epoch { checkpoint: true, .. })) {

@@ -297,15 +297,39 @@ mod tests {
     }
 
     #[test]
+    fn a_resume_may_change_where_features_are_cached_but_not_the_variants() {
+        let saved = RunConfig::default();
+        let now = RunConfig {
+            feature_cache: false,
+            feature_cache_memory_mb: 1,
+            feature_cache_disk_mb: 2,
+            feature_cache_dir: "/scratch".into(),
+            ..RunConfig::default()
+        };
+        assert!(saved.resume_differences(&now).is_empty());
+        let now = RunConfig {
+            head_variants: 1,
+            ..RunConfig::default()
+        };
+        assert_eq!(
+            saved.resume_differences(&now),
+            ["head_variants = 8 (checkpoint) vs 1 (now)"]
+        );
+    }
+
+    #[test]
     fn validation_lists_every_problem() {
         let config = RunConfig {
             batch_size: 0,
             head: "mlp".into(),
+            head_variants: 9,
             ..RunConfig::default()
         };
         let err = config.validate().unwrap_err();
         assert!(
-            err.contains("batch_size") && err.contains("head \"mlp\""),
+            err.contains("batch_size")
+                && err.contains("head \"mlp\"")
+                && err.contains("head_variants 9 must be between 1 and 8"),
             "{err}"
         );
         assert!(RunConfig::default().validate().is_ok());

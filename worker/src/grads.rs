@@ -27,7 +27,8 @@ impl ModuleVisitor for Flatten<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.get::<D>(param.id) {
             let data = g.into_data().convert::<f32>();
-            self.out.extend(data.try_to_vec::<f32>().unwrap_or_default());
+            // Moved out rather than copied: the buffer is copied once, into `out`.
+            self.out.extend(data.try_into_vec::<f32>().unwrap_or_default());
         }
     }
 }
