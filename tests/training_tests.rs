@@ -241,6 +241,27 @@ fn the_feature_cache_trains_the_head_exactly_as_the_backbone_does() {
         "1",
         &common(&["--no-augment", "--no-feature-cache"]),
     );
+    // The same with every entry spilled to disk, in a directory of our choosing that the
+    // worker leaves empty.
+    let spill = dir.path().join("spill");
+    std::fs::create_dir(&spill).unwrap();
+    local_run(
+        &dir.path().join("one-disk"),
+        "1",
+        &common(&[
+            "--no-augment",
+            "--feature-cache-memory-mb",
+            "0",
+            "--feature-cache-dir",
+            spill.to_str().unwrap().to_owned().leak(),
+        ]),
+    );
+    compare("one-disk", "one-uncached");
+    assert_eq!(
+        std::fs::read_dir(&spill).unwrap().count(),
+        0,
+        "the spill file is removed"
+    );
     let cached = compare("one", "one-uncached");
     let counts: Vec<(u64, u64)> = cached
         .iter()
