@@ -206,10 +206,14 @@ impl FeatureCache {
         let encoded: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let spill = match &mut self.spill {
             Some(spill) => spill,
-            None => {
-                let spill = open_spill(&self.budget.dir)?;
-                self.spill.insert(spill)
-            }
+            None => match open_spill(&self.budget.dir) {
+                Ok(spill) => self.spill.insert(spill),
+                Err(e) => {
+                    // As with a full disk: training goes on, computing what is not kept.
+                    self.note_full(&format!("cannot spill to disk: {e}"));
+                    return Ok(());
+                }
+            },
         };
         if let Err(e) = spill.file.write_all_at(&encoded, offset) {
             // A full disk ends spilling, not training: later pairs are computed each time.
@@ -339,6 +343,21 @@ mod tests {
         assert_eq!((v, computed), (expected(&keys), vec![]));
         drop(cache);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_unusable_spill_directory_only_stops_caching() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-directory");
+        std::fs::write(&file, b"").unwrap();
+        let mut cache = FeatureCache::new(budget(1, 10, &file));
+        let keys = [(1, 0), (2, 0)];
+        let (v, computed) = fetch(&mut cache, &keys);
+        assert_eq!((v, computed), (expected(&keys), vec![0, 1]));
+        // The first stayed in memory; the second could not be kept and is computed again.
+        let (_, computed) = fetch(&mut cache, &keys);
+        assert_eq!(computed, [1]);
+        assert_eq!(cache.stats().disk_bytes, 0);
     }
 
     #[test]
