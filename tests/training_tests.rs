@@ -262,6 +262,19 @@ fn the_feature_cache_trains_the_head_exactly_as_the_backbone_does() {
         0,
         "the spill file is removed"
     );
+    // The tutorial's head convolves the whole feature map: the cache keeps the maps, and the
+    // head's BatchNorm trains on them as on the backbone's output.
+    local_run(
+        &dir.path().join("tutorial"),
+        "1",
+        &common(&["--head", "tutorial"]),
+    );
+    local_run(
+        &dir.path().join("tutorial-uncached"),
+        "1",
+        &common(&["--head", "tutorial", "--no-feature-cache"]),
+    );
+    compare("tutorial", "tutorial-uncached");
     let cached = compare("one", "one-uncached");
     let counts: Vec<(u64, u64)> = cached
         .iter()
