@@ -60,6 +60,20 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
         .run
         .resolve()
         .map_err(|e| anyhow!("invalid run configuration: {e}"))?;
+    if let Some(passes) = config.head_passes_per_image()
+        && config.augment
+        && config.head_variants > 1
+        && passes > f64::from(config.head_epochs) / 4.0
+    {
+        // The cache cannot make these epochs much faster: say so, and what would.
+        tracing::info!(
+            head_epochs = config.head_epochs,
+            head_variants = config.head_variants,
+            backbone_passes_per_image = format!("{passes:.1}"),
+            "the feature cache saves little with this many augmentation variants per image; \
+             --head-variants K caps the head phase at K backbone passes per image"
+        );
+    }
     let workers = args.local.unwrap_or(args.workers);
     if workers == 0 {
         bail!("--workers (or --local) must be at least 1");

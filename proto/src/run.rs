@@ -153,6 +153,21 @@ impl Default for RunConfig {
 }
 
 impl RunConfig {
+    /// Expected backbone passes per training image over the head phase with the feature
+    /// cache (each epoch draws one of `head_variants` symmetries, and only unseen ones cost a
+    /// pass); `None` when no head phase runs from the cache.
+    pub fn head_passes_per_image(&self) -> Option<f64> {
+        if self.job != Job::Train || !self.feature_cache || self.head_epochs == 0 {
+            return None;
+        }
+        let epochs = f64::from(self.head_epochs);
+        if !self.augment {
+            return Some(1.0);
+        }
+        let k = f64::from(self.head_variants.max(1));
+        Some(k * (1.0 - (1.0 - 1.0 / k).powf(epochs)))
+    }
+
     /// The configuration as sent on the wire.
     pub fn to_json(&self) -> String {
         // A struct of plain fields always serialises.
@@ -315,6 +330,25 @@ mod tests {
             saved.resume_differences(&now),
             ["head_variants = 8 (checkpoint) vs 1 (now)"]
         );
+    }
+
+    #[test]
+    fn the_cache_costs_at_most_one_pass_per_variant_drawn() {
+        let passes = |head_variants, augment, feature_cache| {
+            RunConfig {
+                head_epochs: 10,
+                head_variants,
+                augment,
+                feature_cache,
+                ..RunConfig::default()
+            }
+            .head_passes_per_image()
+        };
+        // 8 (1 - (7/8)^10): the tutorial's draws over its 10 head epochs.
+        assert!((passes(8, true, true).unwrap() - 5.8955).abs() < 1e-3);
+        assert_eq!(passes(1, true, true), Some(1.0));
+        assert_eq!(passes(8, false, true), Some(1.0));
+        assert_eq!(passes(8, true, false), None);
     }
 
     #[test]
