@@ -121,20 +121,15 @@ pub fn model(
     }
     let device = device.clone().autodiff();
     let model = Classifier::new(cfg, 1000, &device);
-    let (model, classes) = match workload {
-        Workload::FullStep => (model, 1000),
-        Workload::FineTuneStep => (
-            phase::prepare(
-                model.with_new_head(TRANSFER_CLASSES, cfg.dropout, &device),
-                Phase::FineTune,
-            ),
-            TRANSFER_CLASSES,
-        ),
-        _ => (
-            phase::prepare(
-                model.with_new_head(TRANSFER_CLASSES, cfg.dropout, &device),
-                Phase::Head,
-            ),
+    let phase = match workload {
+        Workload::FullStep => None,
+        Workload::FineTuneStep => Some(Phase::FineTune),
+        _ => Some(Phase::Head),
+    };
+    let (model, classes) = match phase {
+        None => (model, 1000),
+        Some(phase) => (
+            phase::prepare(model.with_new_head(TRANSFER_CLASSES, cfg.dropout, &device), phase),
             TRANSFER_CLASSES,
         ),
     };
@@ -142,8 +137,7 @@ pub fn model(
     // Phase 1 runs the frozen backbone outside the autodiff graph, as the trainer does;
     // with the cache, its output for this batch is simply there.
     let frozen = matches!(workload, Workload::HeadStep | Workload::CachedHeadStep).then(|| model.valid());
-    let features =
-        |frozen: &Classifier| Tensor::from_inner(frozen.head_input(frozen.features(x.clone().inner())));
+    let features = |frozen: &Classifier| Tensor::from_inner(frozen.head_input(x.clone().inner()));
     let cached = match (&frozen, workload) {
         (Some(frozen), Workload::CachedHeadStep) => Some(features(frozen)),
         _ => None,

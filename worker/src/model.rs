@@ -476,10 +476,12 @@ impl Classifier {
         self.backbone.forward(preprocess(self.preprocess, pixels))
     }
 
-    /// The least of `features` the head needs, for a feature cache to keep: a linear head
-    /// starts by pooling, which has no parameters, so the pooled `[batch, features, 1, 1]`
-    /// gives it the same logits; the tutorial's head convolves the whole map.
-    pub fn head_input(&self, features: Tensor<4>) -> Tensor<4> {
+    /// The least of the backbone's output for raw pixels that the head needs, for a feature
+    /// cache to keep: a linear head starts by pooling, which has no parameters, so the pooled
+    /// `[batch, features, 1, 1]` gives it the same logits; the tutorial's head convolves the
+    /// whole map.
+    pub fn head_input(&self, pixels: Tensor<4>) -> Tensor<4> {
+        let features = self.features(pixels);
         match self.head {
             Head::Linear(_) => features.mean_dim(3).mean_dim(2),
             Head::Tutorial(_) => features,

@@ -546,25 +546,12 @@ impl Trainer {
             let labels = labels(&batch.samples, &self.device);
             let logits = match (cache.as_mut(), &frozen) {
                 (Some(cache), Some(frozen)) => {
-                    let keys: Vec<(usize, u8)> = batch
-                        .indices
-                        .iter()
-                        .zip(&variants)
-                        .map(|(&i, v)| (i, v.id()))
-                        .collect();
-                    let features = cache.features(&keys, &inner, |missing| {
-                        let samples: Vec<Sample> =
-                            missing.iter().map(|&p| batch.samples[p].clone()).collect();
-                        let variants: Vec<Variant> = missing.iter().map(|&p| variants[p]).collect();
-                        Ok(frozen.head_input(frozen.features(to_input(&samples, size, &variants, &inner))))
-                    })?;
+                    let features = cached_head_input(cache, frozen, &batch, &variants, size, &inner)?;
                     model.head.forward(Tensor::from_inner(features))
                 }
                 (None, Some(frozen)) => {
                     let x = input.unwrap_or_else(|| to_input(&batch.samples, size, &variants, &inner));
-                    model
-                        .head
-                        .forward(Tensor::from_inner(frozen.head_input(frozen.features(x))))
+                    model.head.forward(Tensor::from_inner(frozen.head_input(x)))
                 }
                 _ => model.forward(
                     input.unwrap_or_else(|| to_input(&batch.samples, size, &variants, &self.device)),
@@ -870,11 +857,6 @@ impl Trainer {
         }
     }
 
-    /// The feature cache's counters (zero when phase 1 has no cache).
-    pub fn cache_stats(&self) -> CacheStats {
-        self.cache.as_ref().map(FeatureCache::stats).unwrap_or_default()
-    }
-
     /// This rank's shares of the epoch's steps with each global batch dealt by home rank
     /// (see [`deal_by_home`]): the same global batches, but an image lands on the same rank
     /// epoch after epoch wherever the shares allow, so that rank's cached features serve it.
@@ -937,13 +919,9 @@ impl Trainer {
             let labels = labels(&batch.samples, &device);
             let logits = match cache.as_deref_mut() {
                 Some(cache) => {
-                    let keys: Vec<(usize, u8)> = batch.indices.iter().map(|&i| (i, 0)).collect();
-                    let features = cache.features(&keys, &device, |missing| {
-                        let samples: Vec<Sample> =
-                            missing.iter().map(|&p| batch.samples[p].clone()).collect();
-                        Ok(model.head_input(model.features(to_input(&samples, size, &[], &device))))
-                    })?;
-                    model.head.forward(features)
+                    model
+                        .head
+                        .forward(cached_head_input(cache, model, &batch, &[], size, &device)?)
                 }
                 None => model.forward(to_input(&batch.samples, size, &[], &device)),
             };
@@ -1179,6 +1157,30 @@ impl burn::module::ModuleMapper for StatsWriter {
         let id = param.id;
         param.transform_for_load(tensor, id)
     }
+}
+
+/// The head's input for `batch` from `cache`, pairs not held computed by `frozen` (phase 1's
+/// backbone in inference mode, on `device`). `variants` has one per sample, or is empty for
+/// none (evaluation).
+fn cached_head_input(
+    cache: &mut FeatureCache,
+    frozen: &Classifier,
+    batch: &dataset::loader::Batch,
+    variants: &[Variant],
+    size: usize,
+    device: &Device,
+) -> Result<Tensor<4>> {
+    let keys: Vec<(usize, u8)> = batch
+        .indices
+        .iter()
+        .enumerate()
+        .map(|(p, &i)| (i, variants.get(p).map_or(0, |v| v.id())))
+        .collect();
+    cache.features(&keys, device, |missing| {
+        let samples: Vec<Sample> = missing.iter().map(|&p| batch.samples[p].clone()).collect();
+        let variants: Vec<Variant> = missing.iter().filter_map(|&p| variants.get(p).copied()).collect();
+        Ok(frozen.head_input(to_input(&samples, size, &variants, device)))
+    })
 }
 
 /// Tell `metrics` what the feature cache did since `seen`; returns `now` as the new mark.
