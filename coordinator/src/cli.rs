@@ -43,6 +43,10 @@ pub struct StartArgs {
     /// With --local: GPUs for the workers, one per worker in order (CPU when absent).
     #[arg(long, value_delimiter = ',', value_name = "0,1,...", requires = "local")]
     pub gpus: Vec<usize>,
+    /// With --local: the CPU backend of the workers without a GPU: `flex` (Burn's own) or
+    /// `libtorch` (PyTorch's CPU kernels; needs a worker built with `--features libtorch`).
+    #[arg(long, value_name = "BACKEND", value_parser = ["flex", "libtorch"], requires = "local")]
+    pub cpu_backend: Option<String>,
     /// With --local: how many times each local worker is started again after it fails (it
     /// rejoins the running ring); the next failure stops the run.
     #[arg(long, default_value_t = 3, value_name = "N", requires = "local")]

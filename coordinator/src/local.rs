@@ -36,11 +36,14 @@ pub fn worker_binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
         })
 }
 
-/// The device flag of local worker `index`: `--gpu G` from `gpus` (one per worker), or `--cpu`.
-pub fn device_args(index: usize, gpus: &[usize]) -> Vec<String> {
-    match gpus.get(index) {
-        Some(gpu) => vec!["--gpu".into(), gpu.to_string()],
-        None => vec!["--cpu".into()],
+/// The device flags of local worker `index`: `--gpu G` from `gpus` (one per worker), or
+/// `--cpu` with `cpu_backend` when one was chosen (else the worker's default or its
+/// `EFFNET_CPU_BACKEND`).
+pub fn device_args(index: usize, gpus: &[usize], cpu_backend: Option<&str>) -> Vec<String> {
+    match (gpus.get(index), cpu_backend) {
+        (Some(gpu), _) => vec!["--gpu".into(), gpu.to_string()],
+        (None, Some(backend)) => vec!["--cpu".into(), "--cpu-backend".into(), backend.into()],
+        (None, None) => vec!["--cpu".into()],
     }
 }
 
@@ -62,6 +65,8 @@ pub struct LocalWorkers {
     pub binary: PathBuf,
     /// GPUs, one per worker in order (CPU for the rest).
     pub gpus: Vec<usize>,
+    /// The CPU backend of the CPU workers (`flex` or `libtorch`), when chosen.
+    pub cpu_backend: Option<String>,
     /// The coordinator's address.
     pub address: String,
     /// The join token.
@@ -85,7 +90,7 @@ impl LocalWorkers {
             .arg(&self.address)
             .arg("--name")
             .arg(format!("local-{i}"))
-            .args(device_args(i, &self.gpus));
+            .args(device_args(i, &self.gpus, self.cpu_backend.as_deref()));
         if let Some(base) = self.metrics {
             command
                 .arg("--metrics-listen")
@@ -151,9 +156,13 @@ mod tests {
 
     #[test]
     fn gpus_map_to_workers_in_order_and_the_rest_use_the_cpu() {
-        assert_eq!(device_args(0, &[3, 5]), ["--gpu", "3"]);
-        assert_eq!(device_args(1, &[3, 5]), ["--gpu", "5"]);
-        assert_eq!(device_args(0, &[]), ["--cpu"]);
+        assert_eq!(device_args(0, &[3, 5], None), ["--gpu", "3"]);
+        assert_eq!(device_args(1, &[3, 5], Some("libtorch")), ["--gpu", "5"]);
+        assert_eq!(device_args(0, &[], None), ["--cpu"]);
+        assert_eq!(
+            device_args(2, &[3, 5], Some("libtorch")),
+            ["--cpu", "--cpu-backend", "libtorch"]
+        );
     }
 
     #[test]

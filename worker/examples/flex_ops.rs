@@ -1,9 +1,11 @@
-//! A minimal reproduction of where Burn's CPU backend (flex) spends an EfficientNet-B0 step,
-//! op by op, at the shapes of B0's first stages (batch 16, 224 px input). Uses Burn alone,
-//! nothing of this project; `worker/scripts/torch_ops.py` runs the same ops in PyTorch.
+//! A minimal reproduction of where Burn's CPU backends spend an EfficientNet-B0 step, op by
+//! op, at the shapes of B0's first stages (batch 16, 224 px input). Uses Burn alone, nothing
+//! of this project; `worker/scripts/torch_ops.py` runs the same ops in PyTorch. Flex by
+//! default; `libtorch` as the argument runs Burn's LibTorch backend (built with the feature).
 //!
 //! ```sh
 //! cargo run --release -p worker --example flex_ops
+//! cargo run --release -p worker --features libtorch --example flex_ops -- libtorch
 //! python3 worker/scripts/torch_ops.py
 //! ```
 
@@ -31,8 +33,27 @@ fn random(shape: [usize; 4], device: &Device) -> Tensor<4> {
     Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
 }
 
+#[cfg(feature = "libtorch")]
+#[allow(deprecated)] // burn-tch is deprecated in Burn 0.22 but still shipped; see device.rs.
+fn libtorch() -> Device {
+    Device::libtorch()
+}
+
+#[cfg(not(feature = "libtorch"))]
+fn libtorch() -> Device {
+    eprintln!("built without the libtorch feature: add --features libtorch");
+    std::process::exit(2)
+}
+
 fn main() {
-    let plain = Device::flex();
+    let (plain, backend) = match std::env::args().nth(1).as_deref() {
+        Some("libtorch") => (libtorch(), "libtorch"),
+        None | Some("flex") => (Device::flex(), "flex"),
+        Some(other) => {
+            eprintln!("unknown backend {other:?}: flex or libtorch");
+            std::process::exit(2)
+        }
+    };
     let grad = plain.clone().autodiff();
     let iters = 5;
     // [batch, channels, h, w] of the largest expanded activation of B0's stage 2.
@@ -81,7 +102,7 @@ fn main() {
         }),
     ));
 
-    println!("| op (Burn flex, f32) | median ms |");
+    println!("| op (Burn {backend}, f32) | median ms |");
     println!("| --- | ---: |");
     for (name, ms) in rows {
         println!("| {name} | {ms:.1} |");

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use cluster_proto::net::SecurityArgs;
 
+use crate::device::CpuBackend;
 use crate::modelfile::WeightsSource;
 
 /// The command line.
@@ -139,6 +140,16 @@ pub struct DeviceArgs {
     /// Run on the CPU (the default).
     #[arg(long)]
     pub cpu: bool,
+    /// CPU backend: `flex` (Burn's own, always built in) or `libtorch` (PyTorch's CPU kernels
+    /// through Burn's LibTorch backend; needs a binary built with `--features libtorch`).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "BACKEND",
+        default_value_t,
+        env = "EFFNET_CPU_BACKEND"
+    )]
+    pub cpu_backend: CpuBackend,
 }
 
 #[derive(Args, Debug)]

@@ -55,7 +55,7 @@ fn run_predict(args: PredictArgs) -> Result<()> {
     if args.top_k == 0 {
         bail!("--top-k must be at least 1");
     }
-    let device = device::select(args.device.gpu)?;
+    let device = device::select(args.device.gpu, args.device.cpu_backend)?;
     let loaded =
         modelfile::load(args.model.as_deref(), &args.weights, &device).context("cannot load the model")?;
     let size = args.image_size.unwrap_or(loaded.config.resolution);
@@ -70,7 +70,7 @@ fn run_predict(args: PredictArgs) -> Result<()> {
 }
 
 fn run_evaluate(args: EvaluateArgs) -> Result<()> {
-    let device = device::select(args.device.gpu)?;
+    let device = device::select(args.device.gpu, args.device.cpu_backend)?;
     let config = cluster_proto::run::RunConfig {
         data: args.data.clone(),
         image_size: args.image_size,
@@ -133,7 +133,7 @@ fn run_evaluate(args: EvaluateArgs) -> Result<()> {
 }
 
 fn run_bench_data(args: BenchDataArgs) -> Result<()> {
-    let device = device::select(args.device.gpu)?;
+    let device = device::select(args.device.gpu, args.device.cpu_backend)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -169,12 +169,12 @@ fn run_bench_data(args: BenchDataArgs) -> Result<()> {
 fn run_bench_model(args: BenchModelArgs) -> Result<()> {
     use bench::Workload;
     let cfg = EfficientNetConfig::from_name(&args.model)?;
-    let device = device::select(args.device.gpu)?;
+    let device = device::select(args.device.gpu, args.device.cpu_backend)?;
     let (b, s) = (args.batch_size, args.image_size);
-    let backend = if args.device.gpu.is_some() {
-        "burn cuda"
-    } else {
-        "burn flex (cpu)"
+    let backend = match (args.device.gpu, args.device.cpu_backend) {
+        (Some(_), _) => "burn cuda",
+        (None, device::CpuBackend::Flex) => "burn flex (cpu)",
+        (None, device::CpuBackend::Libtorch) => "burn libtorch (cpu)",
     };
     let mut rows = Vec::new();
     let chosen = Workload::ALL
@@ -344,11 +344,8 @@ fn join_options(cluster: &ClusterArgs, device_name: &str) -> Result<JoinOptions>
 }
 
 fn run_join(args: JoinArgs) -> Result<()> {
-    let device = device::select(args.device.gpu)?;
-    let device_name = match args.device.gpu {
-        Some(n) => format!("cuda:{n}"),
-        None => "cpu".to_string(),
-    };
+    let device = device::select(args.device.gpu, args.device.cpu_backend)?;
+    let device_name = device::describe(args.device.gpu, args.device.cpu_backend);
     let options = JoinOptions {
         metrics_listen: args.metrics_listen,
         ..join_options(&args.cluster, &device_name)?
@@ -442,7 +439,7 @@ fn run_bench_allreduce(args: BenchAllreduceArgs) -> Result<()> {
             runtime
                 .block_on(worker::cluster::join(
                     options,
-                    device::select(None)?,
+                    device::select(None, device::CpuBackend::Flex)?,
                     "cpu".into(),
                 ))
                 .map_err(anyhow::Error::from)
