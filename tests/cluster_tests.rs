@@ -846,6 +846,27 @@ fn joining_with_a_gpu_on_a_cpu_build_says_how_to_fix_it() {
 }
 
 #[test]
+fn the_libtorch_backend_on_a_default_build_says_how_to_fix_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let run = worker(
+        &token,
+        "127.0.0.1:9",
+        &["join"],
+        &["--cpu", "--cpu-backend", "libtorch"],
+    )
+    .finish(Duration::from_secs(30))
+    .failure();
+    assert!(
+        run.stderr.contains("--cpu-backend libtorch requested")
+            && run.stderr.contains("--features libtorch")
+            && run.stderr.contains("--cpu-backend flex"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
 fn local_mode_runs_the_whole_cluster_from_one_command() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
