@@ -171,10 +171,9 @@ fn run_bench_model(args: BenchModelArgs) -> Result<()> {
     let cfg = EfficientNetConfig::from_name(&args.model)?;
     let device = device::select(args.device.gpu, args.device.cpu_backend)?;
     let (b, s) = (args.batch_size, args.image_size);
-    let backend = match (args.device.gpu, args.device.cpu_backend) {
-        (Some(_), _) => "burn cuda",
-        (None, device::CpuBackend::Flex) => "burn flex (cpu)",
-        (None, device::CpuBackend::Libtorch) => "burn libtorch (cpu)",
+    let backend = match args.device.gpu {
+        Some(_) => "burn cuda".to_string(),
+        None => format!("burn {} (cpu)", args.device.cpu_backend.name()),
     };
     let mut rows = Vec::new();
     let chosen = Workload::ALL

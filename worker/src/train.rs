@@ -550,12 +550,12 @@ impl Trainer {
                     model.head.forward(Tensor::from_inner(features))
                 }
                 (None, Some(frozen)) => {
-                    let x = input.unwrap_or_else(|| to_input(&batch.samples, size, &variants, &inner));
+                    let x = input.unwrap_or_else(|| to_input(&batch.samples, size, &variants, device));
                     model.head.forward(Tensor::from_inner(frozen.head_input(x)))
                 }
-                _ => model.forward(
-                    input.unwrap_or_else(|| to_input(&batch.samples, size, &variants, &self.device)),
-                ),
+                _ => {
+                    model.forward(input.unwrap_or_else(|| to_input(&batch.samples, size, &variants, device)))
+                }
             };
             let loss = loss_fn.forward(logits.clone(), labels.clone());
             let grads = GradientsParams::from_grads(loss.backward(), &model);
