@@ -5,6 +5,8 @@ use burn::module::{Flag, Initializer, Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::{relu6, sigmoid, silu};
+use burn::tensor::module::conv2d;
+use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Distribution, Tensor};
 
 use crate::config::{Activation, BlockSpec, EfficientNetConfig, Padding, Preprocess};
@@ -85,11 +87,63 @@ impl ConvBn {
 
     /// Convolution, BatchNorm and activation.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = self.bn.forward(self.conv.forward(x));
+        // BatchNorm::forward's own test for normalising with the batch's statistics.
+        let batch_statistics = x.device().is_autodiff() && self.bn.training.is_enabled();
+        let x = if batch_statistics {
+            self.bn.forward(self.conv.forward(x))
+        } else {
+            self.folded(x)
+        };
         match self.act {
             Some(act) => activate(act, x),
             None => x,
         }
+    }
+
+    /// The convolution and a BatchNorm that uses its running statistics, as one convolution:
+    /// the per-channel scale `gamma / sqrt(var + eps)` goes into the weight and the shift into a
+    /// bias. Inference and the BN-frozen fine-tuning phase take this path; BatchNorm's own
+    /// inference path is four element-wise passes over the activation forward and as many
+    /// backward, where this multiplies weight-sized tensors. Gradients reach the convolution's
+    /// weight through the scale, so fine-tuning trains what it trained before.
+    fn folded(&self, x: Tensor<4>) -> Tensor<4> {
+        let [_, _, height, width] = x.dims();
+        let device = x.device();
+        let (bn, conv) = (&self.bn, &self.conv);
+        let mean = bn.running_mean.value().to_device(&device);
+        let var = bn.running_var.value().to_device(&device);
+        let scale = bn.gamma.val() / var.add_scalar(bn.epsilon).sqrt();
+        let shift = bn.beta.val() - mean * scale.clone();
+        let bias = match &conv.bias {
+            Some(bias) => bias.val() * scale.clone() + shift,
+            None => shift,
+        };
+        let [out] = scale.dims();
+        let weight = conv.weight.val() * scale.reshape([out, 1, 1, 1]);
+        let (rows, cols) = conv_padding(&conv.padding, [height, width], conv.kernel_size, conv.stride);
+        let options = ConvOptions::new_with_padding(conv.stride, [rows, cols], conv.dilation, conv.groups);
+        conv2d(x, weight, Some(bias), options)
+    }
+}
+
+/// The (before, after) padding of rows and of columns `Conv2d::forward` applies: Burn keeps its
+/// own calculation private, and [`ConvBn::folded`] calls the convolution op directly.
+fn conv_padding(
+    padding: &PaddingConfig2d,
+    size: [usize; 2],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+) -> ((usize, usize), (usize, usize)) {
+    // TensorFlow's "same": the output is ceil(in / stride); odd totals pad more after.
+    let same = |i: usize| {
+        let out = size[i].div_ceil(stride[i]);
+        let total = (out.saturating_sub(1) * stride[i] + kernel[i]).saturating_sub(size[i]);
+        (total / 2, total - total / 2)
+    };
+    match *padding {
+        PaddingConfig2d::Same => (same(0), same(1)),
+        PaddingConfig2d::Valid => ((0, 0), (0, 0)),
+        PaddingConfig2d::Explicit(top, left, bottom, right) => ((top, bottom), (left, right)),
     }
 }
 
@@ -501,5 +555,109 @@ pub fn preprocess(kind: Preprocess, pixels: Tensor<4>) -> Tensor<4> {
                 Tensor::<1>::from_floats(IMAGENET_STD.map(|s| s * 255.0), &device).reshape([1, 3, 1, 1]);
             (pixels - mean) / std
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::module::{Module, Param, RunningState};
+    use burn::tensor::{Device, Distribution, Tensor};
+
+    use super::ConvBn;
+    use crate::config::{Activation, EfficientNetConfig, Padding};
+
+    /// A ConvBn whose BatchNorm has non-trivial affine parameters and running statistics, so a
+    /// fold that dropped or misplaced any of them would show.
+    fn conv_bn(padding: Padding, kernel: usize, stride: usize, groups: usize, device: &Device) -> ConvBn {
+        let mut cfg = EfficientNetConfig::b(0).unwrap();
+        cfg.padding = padding;
+        let channels = 6;
+        let mut layer = ConvBn::new(
+            &cfg,
+            [channels, channels],
+            kernel,
+            stride,
+            groups,
+            Some(Activation::Silu),
+            device,
+        );
+        let random =
+            |low: f64, high: f64| Tensor::<1>::random([channels], Distribution::Uniform(low, high), device);
+        layer.bn.gamma = Param::from_tensor(random(0.5, 2.0));
+        layer.bn.beta = Param::from_tensor(random(-1.0, 1.0));
+        layer.bn.running_mean = RunningState::new(random(-0.5, 0.5));
+        layer.bn.running_var = RunningState::new(random(0.2, 3.0));
+        layer
+    }
+
+    /// BatchNorm::forward, which the fold replaces.
+    fn unfolded(layer: &ConvBn, x: Tensor<4>) -> Tensor<4> {
+        super::activate(Activation::Silu, layer.bn.forward(layer.conv.forward(x)))
+    }
+
+    fn largest_difference(a: Tensor<4>, b: Tensor<4>) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    #[test]
+    fn folding_batchnorm_into_the_convolution_changes_no_output() {
+        let device = Device::flex();
+        device.seed(3);
+        // TF "same" padding at stride 2 on an odd size pads unevenly (0 before, 1 after); the
+        // depthwise case is what EfficientNet's blocks run.
+        for (padding, kernel, stride, groups, size) in [
+            (Padding::TfSame, 3, 2, 6, 10),
+            (Padding::TfSame, 5, 1, 1, 9),
+            (Padding::Symmetric, 3, 2, 6, 10),
+            (Padding::Symmetric, 1, 1, 1, 7),
+        ] {
+            let layer = conv_bn(padding, kernel, stride, groups, &device).valid();
+            let x = Tensor::<4>::random([2, 6, size, size], Distribution::Normal(0.0, 1.0), &device);
+            let folded = layer.forward(x.clone());
+            let reference = unfolded(&layer, x);
+            let scale = reference.clone().abs().max().into_scalar::<f32>();
+            let diff = largest_difference(folded, reference);
+            assert!(scale > 0.5, "{scale}");
+            assert!(
+                diff <= 1e-5 * scale,
+                "{padding:?} k{kernel} s{stride}: differs by {diff}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_frozen_batchnorm_folded_trains_the_convolution_as_before() {
+        let device = Device::flex().autodiff();
+        device.seed(5);
+        let layer = conv_bn(Padding::TfSame, 3, 2, 6, &device);
+        // What the fine-tuning phase does: BatchNorm frozen (inference statistics, no updates).
+        let layer = ConvBn {
+            bn: layer.bn.clone().freeze(),
+            ..layer
+        };
+        let x = Tensor::<4>::random([2, 6, 9, 9], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let target = Tensor::<4>::random([2, 6, 5, 5], Distribution::Normal(0.0, 1.0), &device);
+        let grads = |out: Tensor<4>| {
+            let loss = (out * target.clone()).sum();
+            let grads = loss.backward();
+            let weight = layer.conv.weight.grad(&grads).unwrap();
+            let input = x.grad(&grads).unwrap();
+            (weight, input)
+        };
+        let (weight, input) = grads(layer.forward(x.clone()));
+        let (weight_ref, input_ref) = grads(unfolded(&layer, x.clone()));
+        let weight_diff = largest_difference(weight.clone(), weight_ref);
+        let input_diff = largest_difference(input, input_ref);
+        let scale = weight.abs().max().into_scalar::<f32>();
+        assert!(scale > 0.1, "{scale}");
+        assert!(
+            weight_diff <= 1e-4 * scale,
+            "weight gradients differ by {weight_diff}"
+        );
+        assert!(
+            input_diff <= 1e-4 * scale,
+            "input gradients differ by {input_diff}"
+        );
     }
 }
