@@ -137,7 +137,7 @@ mod tests {
         use burn::optim::{AdamConfig, GradientsParams};
         use burn::tensor::{Distribution, Int, Tensor, TensorData};
 
-        use crate::config::EfficientNetConfig;
+        use crate::config::{EfficientNetConfig, Padding};
         use crate::grads::flatten;
         use crate::model::Classifier;
 
@@ -145,61 +145,66 @@ mod tests {
         let torch = select(None, CpuBackend::Libtorch).unwrap().autodiff();
         flex.seed(7);
         // No dropout or stochastic depth: their masks come from each backend's own generator.
-        let cfg = EfficientNetConfig::b(0)
-            .unwrap()
-            .with_width(0.5)
-            .with_depth(0.5)
-            .with_dropout(0.0)
-            .with_stochastic_depth(0.0);
-        let model = Classifier::new(&cfg, 10, &flex);
-        // A model of its own, loaded with the same values: a clone would share the BatchNorm
-        // running statistics (RunningState is shared between clones) and see both updates.
-        let twin = Classifier::new(&cfg, 10, &torch).load_record(model.clone().into_record());
-        let x = Tensor::<4>::random([4, 3, 48, 48], Distribution::Uniform(0.0, 255.0), &flex);
-        let labels = TensorData::new(vec![0i64, 3, 7, 9], [4]);
+        // Symmetric padding runs every convolution through PyTorch's own backward pass
+        // (crate::native); TF-style "same" pads unevenly at stride 2, and those stay Burn's.
+        for padding in [Padding::Symmetric, Padding::TfSame] {
+            let mut cfg = EfficientNetConfig::b(0)
+                .unwrap()
+                .with_width(0.5)
+                .with_depth(0.5)
+                .with_dropout(0.0)
+                .with_stochastic_depth(0.0);
+            cfg.padding = padding;
+            let model = Classifier::new(&cfg, 10, &flex);
+            // A model of its own, loaded with the same values: a clone would share the BatchNorm
+            // running statistics (RunningState is shared between clones) and see both updates.
+            let twin = Classifier::new(&cfg, 10, &torch).load_record(model.clone().into_record());
+            let x = Tensor::<4>::random([4, 3, 48, 48], Distribution::Uniform(0.0, 255.0), &flex);
+            let labels = TensorData::new(vec![0i64, 3, 7, 9], [4]);
 
-        let step = |model: Classifier, device: &Device| {
-            let y = Tensor::<1, Int>::from_data(labels.clone(), device);
-            let logits = model.forward(x.clone().to_device(device));
-            let loss = CrossEntropyLossConfig::new()
-                .init(device)
-                .forward(logits.clone(), y);
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let flat = flatten(&model, &grads);
-            let updated = AdamConfig::new().init().step(1e-3, model, grads);
-            // Inference after the update checks the new weights and BatchNorm statistics.
-            let after = updated.valid().forward(x.clone().to_device(device).inner());
-            let logits: Vec<f32> = logits.into_data().try_to_vec::<f32>().unwrap();
-            let loss: Vec<f32> = loss.into_data().try_to_vec::<f32>().unwrap();
-            let after: Vec<f32> = after.into_data().try_to_vec::<f32>().unwrap();
-            (logits, loss[0], flat, after)
-        };
-        let (logits_a, loss_a, grads_a, after_a) = step(model, &flex);
-        let (logits_b, loss_b, grads_b, after_b) = step(twin, &torch);
+            let step = |model: Classifier, device: &Device| {
+                let y = Tensor::<1, Int>::from_data(labels.clone(), device);
+                let logits = model.forward(x.clone().to_device(device));
+                let loss = CrossEntropyLossConfig::new()
+                    .init(device)
+                    .forward(logits.clone(), y);
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                let flat = flatten(&model, &grads);
+                let updated = AdamConfig::new().init().step(1e-3, model, grads);
+                // Inference after the update checks the new weights and BatchNorm statistics.
+                let after = updated.valid().forward(x.clone().to_device(device).inner());
+                let logits: Vec<f32> = logits.into_data().try_to_vec::<f32>().unwrap();
+                let loss: Vec<f32> = loss.into_data().try_to_vec::<f32>().unwrap();
+                let after: Vec<f32> = after.into_data().try_to_vec::<f32>().unwrap();
+                (logits, loss[0], flat, after)
+            };
+            let (logits_a, loss_a, grads_a, after_a) = step(model, &flex);
+            let (logits_b, loss_b, grads_b, after_b) = step(twin, &torch);
 
-        let largest = |a: &[f32], b: &[f32]| {
-            assert_eq!(a.len(), b.len());
-            a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max)
-        };
-        let scale = |a: &[f32]| a.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
-        assert!(
-            largest(&logits_a, &logits_b) <= 1e-3 * scale(&logits_a).max(1.0),
-            "logits differ by {}: {logits_a:?} vs {logits_b:?}",
-            largest(&logits_a, &logits_b)
-        );
-        assert!((loss_a - loss_b).abs() <= 1e-4, "loss {loss_a} vs {loss_b}");
-        assert!(grads_a.len() > 100_000, "{} gradients", grads_a.len());
-        assert!(
-            largest(&grads_a, &grads_b) <= 1e-3 * scale(&grads_a),
-            "gradients differ by {} (largest {})",
-            largest(&grads_a, &grads_b),
-            scale(&grads_a)
-        );
-        assert!(
-            largest(&after_a, &after_b) <= 1e-3 * scale(&after_a).max(1.0),
-            "logits after the update differ by {} (largest {}): {after_a:?} vs {after_b:?}",
-            largest(&after_a, &after_b),
-            scale(&after_a)
-        );
+            let largest = |a: &[f32], b: &[f32]| {
+                assert_eq!(a.len(), b.len());
+                a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max)
+            };
+            let scale = |a: &[f32]| a.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+            assert!(
+                largest(&logits_a, &logits_b) <= 1e-3 * scale(&logits_a).max(1.0),
+                "logits differ by {}: {logits_a:?} vs {logits_b:?}",
+                largest(&logits_a, &logits_b)
+            );
+            assert!((loss_a - loss_b).abs() <= 1e-4, "loss {loss_a} vs {loss_b}");
+            assert!(grads_a.len() > 100_000, "{} gradients", grads_a.len());
+            assert!(
+                largest(&grads_a, &grads_b) <= 1e-3 * scale(&grads_a),
+                "gradients differ by {} (largest {})",
+                largest(&grads_a, &grads_b),
+                scale(&grads_a)
+            );
+            assert!(
+                largest(&after_a, &after_b) <= 1e-3 * scale(&after_a).max(1.0),
+                "logits after the update differ by {} (largest {}): {after_a:?} vs {after_b:?}",
+                largest(&after_a, &after_b),
+                scale(&after_a)
+            );
+        }
     }
 }

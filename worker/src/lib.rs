@@ -19,6 +19,7 @@ pub mod imagenet;
 pub mod metrics;
 pub mod model;
 pub mod modelfile;
+pub mod native;
 pub mod phase;
 pub mod predict;
 pub mod resume;

@@ -1,22 +1,22 @@
 //! EfficientNet modules: the backbone (Keras `include_top=False`), the ImageNet-style top and
 //! the classifier that puts preprocessing, backbone and head together.
 
-use burn::module::{Flag, Initializer, Module, Param};
+use burn::module::{Flag, Initializer, Module, Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
-use burn::tensor::activation::{relu6, sigmoid, silu};
-use burn::tensor::module::conv2d;
+use burn::tensor::activation::{relu6, sigmoid};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Distribution, Tensor};
 
 use crate::config::{Activation, BlockSpec, EfficientNetConfig, Padding, Preprocess};
+use crate::native;
 
 const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 fn activate<const D: usize>(act: Activation, x: Tensor<D>) -> Tensor<D> {
     match act {
-        Activation::Silu => silu(x),
+        Activation::Silu => native::silu(x),
         Activation::Relu6 => relu6(x),
     }
 }
@@ -90,7 +90,7 @@ impl ConvBn {
         // BatchNorm::forward's own test for normalising with the batch's statistics.
         let batch_statistics = x.device().is_autodiff() && self.bn.training.is_enabled();
         let x = if batch_statistics {
-            self.bn.forward(self.conv.forward(x))
+            self.normalised(x)
         } else {
             self.folded(x)
         };
@@ -107,7 +107,7 @@ impl ConvBn {
     /// backward, where this multiplies weight-sized tensors. Gradients reach the convolution's
     /// weight through the scale, so fine-tuning trains what it trained before.
     fn folded(&self, x: Tensor<4>) -> Tensor<4> {
-        let [_, _, height, width] = x.dims();
+        let options = conv_options(&self.conv, &x);
         let device = x.device();
         let (bn, conv) = (&self.bn, &self.conv);
         let mean = bn.running_mean.value().to_device(&device);
@@ -120,31 +120,48 @@ impl ConvBn {
         };
         let [out] = scale.dims();
         let weight = conv.weight.val() * scale.reshape([out, 1, 1, 1]);
-        let (rows, cols) = conv_padding(&conv.padding, [height, width], conv.kernel_size, conv.stride);
-        let options = ConvOptions::new_with_padding(conv.stride, [rows, cols], conv.dilation, conv.groups);
-        conv2d(x, weight, Some(bias), options)
+        native::conv2d(x, weight, Some(bias), options)
+    }
+
+    /// The convolution, then BatchNorm over the batch's statistics, which also moves the
+    /// running statistics towards them (as `BatchNorm::forward` does while training).
+    fn normalised(&self, x: Tensor<4>) -> Tensor<4> {
+        let (bn, conv) = (&self.bn, &self.conv);
+        let options = conv_options(conv, &x);
+        let x = native::conv2d(x, conv.weight.val(), conv.bias.as_ref().map(|b| b.val()), options);
+        let (output, mean, variance) = native::batch_norm_train(x, bn.gamma.val(), bn.beta.val(), bn.epsilon);
+        let device = output.device();
+        let momentum = bn.momentum;
+        let update = |state: &RunningState<Tensor<1>>, batch: Tensor<1>| {
+            let running = state.value_sync().to_device(&device);
+            let running = running
+                .mul_scalar(1.0 - momentum)
+                .add(batch.detach().mul_scalar(momentum));
+            state.update(running.detach());
+        };
+        update(&bn.running_mean, mean);
+        update(&bn.running_var, variance);
+        output
     }
 }
 
-/// The (before, after) padding of rows and of columns `Conv2d::forward` applies: Burn keeps its
-/// own calculation private, and [`ConvBn::folded`] calls the convolution op directly.
-fn conv_padding(
-    padding: &PaddingConfig2d,
-    size: [usize; 2],
-    kernel: [usize; 2],
-    stride: [usize; 2],
-) -> ((usize, usize), (usize, usize)) {
+/// The options `Conv2d::forward` uses for input `x`: Burn keeps its padding calculation
+/// private, and [`ConvBn`] calls the convolution op itself.
+fn conv_options(conv: &Conv2d, x: &Tensor<4>) -> ConvOptions<2> {
+    let [_, _, height, width] = x.dims();
+    let (size, kernel, stride) = ([height, width], conv.kernel_size, conv.stride);
     // TensorFlow's "same": the output is ceil(in / stride); odd totals pad more after.
     let same = |i: usize| {
         let out = size[i].div_ceil(stride[i]);
         let total = (out.saturating_sub(1) * stride[i] + kernel[i]).saturating_sub(size[i]);
         (total / 2, total - total / 2)
     };
-    match *padding {
-        PaddingConfig2d::Same => (same(0), same(1)),
-        PaddingConfig2d::Valid => ((0, 0), (0, 0)),
-        PaddingConfig2d::Explicit(top, left, bottom, right) => ((top, bottom), (left, right)),
-    }
+    let padding = match conv.padding {
+        PaddingConfig2d::Same => [same(0), same(1)],
+        PaddingConfig2d::Valid => [(0, 0), (0, 0)],
+        PaddingConfig2d::Explicit(top, left, bottom, right) => [(top, bottom), (left, right)],
+    };
+    ConvOptions::new_with_padding(stride, padding, conv.dilation, conv.groups)
 }
 
 /// Squeeze-excitation: a per-channel gate computed from the pooled feature map.
