@@ -145,8 +145,8 @@ mod tests {
         let torch = select(None, CpuBackend::Libtorch).unwrap().autodiff();
         flex.seed(7);
         // No dropout or stochastic depth: their masks come from each backend's own generator.
-        // Symmetric padding runs every convolution through PyTorch's own backward pass
-        // (crate::native); TF-style "same" pads unevenly at stride 2, and those stay Burn's.
+        // Symmetric padding, and TF-style "same", which pads unevenly at stride 2 (crate::native
+        // pads those inputs itself before PyTorch's convolution).
         for padding in [Padding::Symmetric, Padding::TfSame] {
             let mut cfg = EfficientNetConfig::b(0)
                 .unwrap()

@@ -12,6 +12,8 @@
 //! backward passes (Burn's autodiff records them as one operation each).
 
 use burn::tensor::ops::ConvOptions;
+#[cfg(feature = "libtorch")]
+use burn::tensor::ops::PadMode;
 use burn::tensor::{Tensor, activation, module};
 
 /// A 2-d convolution (Burn's `conv2d`), with PyTorch's backward pass on LibTorch.
@@ -21,10 +23,20 @@ pub fn conv2d(
     bias: Option<Tensor<1>>,
     options: ConvOptions<2>,
 ) -> Tensor<4> {
-    // PyTorch pads symmetrically only; Burn pads the input first for TF-style "same" at stride
-    // 2 (a handful of layers), so those stay Burn's.
     #[cfg(feature = "libtorch")]
-    if torch::runs(&x) && !options.is_asymmetric() {
+    if torch::runs(&x) {
+        // PyTorch pads symmetrically only. TF-style "same" at stride 2 pads one more row and
+        // column after than before: pad the input here (Burn's pad, whose backward is a
+        // slice) and convolve it unpadded, as burn-tch's forward does.
+        let (x, options) = if options.is_asymmetric() {
+            let padded = x.pad(options.padding, PadMode::Constant(0.0));
+            (
+                padded,
+                ConvOptions::new(options.stride, [0, 0], options.dilation, options.groups),
+            )
+        } else {
+            (x, options)
+        };
         return torch::conv2d(x, weight, bias, options);
     }
     module::conv2d(x, weight, bias, options)
@@ -474,13 +486,15 @@ mod tests {
     fn libtorch_convolution_gradients_match_burns() {
         let device = libtorch();
         device.seed(11);
-        // Depthwise at stride 2 with a bias, a plain 1x1, a grouped 3x3 with dilation, and one
-        // whose input is not tracked (the stem: PyTorch is asked for no input gradient).
+        // Depthwise at stride 2 with a bias, a plain 1x1, a grouped 3x3 with dilation, one
+        // whose input is not tracked (the stem: PyTorch is asked for no input gradient), and
+        // a depthwise one padded unevenly.
         for (groups, kernel, stride, padding, dilation, bias, input_tracked) in [
             (8, 3, 2, 1, 1, true, true),
             (1, 1, 1, 0, 1, false, true),
             (2, 3, 1, 2, 2, true, true),
             (1, 3, 2, 1, 1, false, false),
+            (8, 3, 2, 9, 1, true, true),
         ] {
             let x = Tensor::<4>::random([2, 8, 9, 9], Distribution::Normal(0.0, 1.0), &device);
             let w = Tensor::<4>::random(
@@ -489,8 +503,13 @@ mod tests {
                 &device,
             );
             let b = Tensor::<1>::random([8], Distribution::Normal(0.0, 1.0), &device);
+            // Padding 9 stands for TF's "same" at stride 2 on an even size: 0 before, 1 after.
+            let pairs = match padding {
+                9 => [(0, 1), (0, 1)],
+                p => [(p, p), (p, p)],
+            };
             let options =
-                ConvOptions::new([stride, stride], [padding, padding], [dilation, dilation], groups);
+                ConvOptions::new_with_padding([stride, stride], pairs, [dilation, dilation], groups);
             let run = |native: bool| {
                 let x = if input_tracked {
                     leaf(&x, &device)
