@@ -72,6 +72,7 @@ pub fn batch_norm_train(
 // burn-tch is deprecated in Burn 0.22 (see device.rs); on the pinned line it is the fast CPU one.
 #[allow(deprecated)]
 mod torch {
+    use burn::backend::autodiff::NodeId;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
     use burn::backend::autodiff::grads::Gradients;
@@ -173,11 +174,11 @@ mod torch {
                     let (x, weight, options) = ops.state;
                     let wanted = [node_x.is_some(), node_weight.is_some(), node_bias.is_some()];
                     let found = aten::conv2d_backward(&grad, &x, &weight, &options, wanted);
-                    for (node, grad) in [node_x, node_weight, node_bias].into_iter().zip(found) {
-                        if let (Some(node), Some(grad)) = (node, grad) {
-                            grads.register::<LibTorch>(node.id, TchTensor::new(grad));
-                        }
-                    }
+                    register(
+                        grads,
+                        [node_x, node_weight, node_bias].map(|n| n.map(|n| n.id)),
+                        found,
+                    );
                 }
             }
 
@@ -239,11 +240,11 @@ mod torch {
                     let (x, gamma, mean, invstd, epsilon) = ops.state;
                     let wanted = [node_x.is_some(), node_gamma.is_some(), node_beta.is_some()];
                     let found = aten::batch_norm_backward(&grad, &x, &gamma, &mean, &invstd, epsilon, wanted);
-                    for (node, grad) in [node_x, node_gamma, node_beta].into_iter().zip(found) {
-                        if let (Some(node), Some(grad)) = (node, grad) {
-                            grads.register::<LibTorch>(node.id, TchTensor::new(grad));
-                        }
-                    }
+                    register(
+                        grads,
+                        [node_x, node_gamma, node_beta].map(|n| n.map(|n| n.id)),
+                        found,
+                    );
                 }
             }
 
@@ -262,6 +263,15 @@ mod torch {
                 output,
                 mean: <FloatTensor<Self>>::new(mean),
                 variance: <FloatTensor<Self>>::new(variance),
+            }
+        }
+    }
+
+    /// Hands each gradient PyTorch computed to the graph node it belongs to.
+    fn register(grads: &mut Gradients, nodes: [Option<NodeId>; 3], found: [Option<tch::Tensor>; 3]) {
+        for (node, grad) in nodes.into_iter().zip(found) {
+            if let (Some(node), Some(grad)) = (node, grad) {
+                grads.register::<LibTorch>(node, TchTensor::new(grad));
             }
         }
     }
