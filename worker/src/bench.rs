@@ -156,8 +156,19 @@ pub fn model(
             (None, None) => m.forward(x.clone()),
         };
         let loss = loss_fn.forward(logits, y.clone());
-        let grads = GradientsParams::from_grads(loss.backward(), &m);
-        model = Some(optim.step(1e-4, m, grads));
+        // Phase 1 updates the head alone, as the trainer does.
+        model = Some(match frozen {
+            Some(_) => {
+                let grads = GradientsParams::from_grads(loss.backward(), &m.head);
+                let mut m = m;
+                m.head = optim.step(1e-4, m.head, grads);
+                m
+            }
+            None => {
+                let grads = GradientsParams::from_grads(loss.backward(), &m);
+                optim.step(1e-4, m, grads)
+            }
+        });
         let _ = loss.into_data();
     })
 }

@@ -558,8 +558,19 @@ impl Trainer {
                 }
             };
             let loss = loss_fn.forward(logits.clone(), labels.clone());
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let mut flat = flatten(&model, &grads);
+            // Phase 1 trains the head alone, so its gradients, the all-reduce buffer and the
+            // update are taken over the head: the same values (the frozen backbone has no
+            // gradients), without Burn walking the backbone's 200-odd frozen tensors twice a
+            // step, which was half of a cached head step on LibTorch.
+            let head_only = frozen.is_some();
+            let grads = match head_only {
+                true => GradientsParams::from_grads(loss.backward(), &model.head),
+                false => GradientsParams::from_grads(loss.backward(), &model),
+            };
+            let mut flat = match head_only {
+                true => flatten(&model.head, &grads),
+                false => flatten(&model, &grads),
+            };
             let (share, total) = weights[steps as usize];
             if share * io.ring.world != total {
                 // Unequal shares (a ring that does not divide the global batch): weigh each
@@ -592,7 +603,10 @@ impl Trainer {
             metrics
                 .allreduce_bytes
                 .inc_by(collective::bytes_sent(&io.ring, flat.len()));
-            let grads = unflatten(&model, &grads, &flat);
+            let grads = match head_only {
+                true => unflatten(&model.head, &grads, &flat),
+                false => unflatten(&model, &grads, &flat),
+            };
             // Burn's tensors share storage, so keeping the previous step copies nothing here;
             // its cost is that the update below writes new buffers instead of updating the
             // weights and moments in place (memory for one more copy of them).
@@ -601,7 +615,14 @@ impl Trainer {
                 model: model.clone(),
                 optimizer: optimizer.clone(),
             });
-            model = optimizer.step(lr, model, grads);
+            model = match head_only {
+                true => {
+                    let mut model = model;
+                    model.head = optimizer.step(lr, model.head, grads);
+                    model
+                }
+                false => optimizer.step(lr, model, grads),
+            };
             steps += 1;
             self.completed = Some(global_step + 1);
             beat.step.store(global_step + 1, Ordering::Relaxed);
