@@ -145,12 +145,11 @@ mod torch {
             beta: TchTensor,
             epsilon: f64,
         ) -> BatchNormTrain<Self> {
-            let (output, mean, invstd) = aten::batch_norm_train(&x, &gamma, &beta, epsilon);
-            let variance = invstd.pow_tensor_scalar(-2.0) - epsilon;
+            let forward = aten::batch_norm_train(&x, &gamma, &beta, epsilon);
             BatchNormTrain {
-                output: TchTensor::new(output),
-                mean: TchTensor::new(mean),
-                variance: TchTensor::new(variance),
+                output: forward.output,
+                mean: forward.mean,
+                variance: forward.variance,
             }
         }
     }
@@ -169,16 +168,12 @@ mod torch {
                 type State = (TchTensor, TchTensor, ConvOptions<2>);
 
                 fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-                    let [node_x, node_weight, node_bias] = ops.parents;
                     let grad = grads.consume::<LibTorch>(&ops.node);
                     let (x, weight, options) = ops.state;
-                    let wanted = [node_x.is_some(), node_weight.is_some(), node_bias.is_some()];
-                    let found = aten::conv2d_backward(&grad, &x, &weight, &options, wanted);
-                    register(
-                        grads,
-                        [node_x, node_weight, node_bias].map(|n| n.map(|n| n.id)),
-                        found,
-                    );
+                    let nodes = ops.parents.map(|node| node.map(|node| node.id));
+                    register(grads, nodes, |wanted| {
+                        aten::conv2d_backward(&grad, &x, &weight, &options, wanted)
+                    });
                 }
             }
 
@@ -235,40 +230,42 @@ mod torch {
                 type State = (TchTensor, TchTensor, TchTensor, TchTensor, f64);
 
                 fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-                    let [node_x, node_gamma, node_beta] = ops.parents;
                     let grad = grads.consume::<LibTorch>(&ops.node);
                     let (x, gamma, mean, invstd, epsilon) = ops.state;
-                    let wanted = [node_x.is_some(), node_gamma.is_some(), node_beta.is_some()];
-                    let found = aten::batch_norm_backward(&grad, &x, &gamma, &mean, &invstd, epsilon, wanted);
-                    register(
-                        grads,
-                        [node_x, node_gamma, node_beta].map(|n| n.map(|n| n.id)),
-                        found,
-                    );
+                    let nodes = ops.parents.map(|node| node.map(|node| node.id));
+                    register(grads, nodes, |wanted| {
+                        aten::batch_norm_backward(&grad, &x, &gamma, &mean, &invstd, epsilon, wanted)
+                    });
                 }
             }
 
             let nodes = [x.node(), gamma.node(), beta.node()];
             let (x, gamma, beta) = (x.into_primitive(), gamma.into_primitive(), beta.into_primitive());
-            let (output, mean, invstd) = aten::batch_norm_train(&x, &gamma, &beta, epsilon);
-            let variance = TchTensor::new(invstd.pow_tensor_scalar(-2.0) - epsilon);
-            let (output, mean) = (TchTensor::new(output), TchTensor::new(mean));
-            let invstd = TchTensor::new(invstd);
+            let forward = aten::batch_norm_train(&x, &gamma, &beta, epsilon);
+            let (mean, invstd) = (forward.mean, forward.invstd);
             let output = match BatchNormBackward.prepare::<C>(nodes).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish((x, gamma, mean.clone(), invstd, epsilon), output),
-                OpsKind::UnTracked(prep) => prep.finish(output),
+                OpsKind::Tracked(prep) => {
+                    prep.finish((x, gamma, mean.clone(), invstd, epsilon), forward.output)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(forward.output),
             };
             // The statistics are results, not part of the graph (as in Burn's own op).
             BatchNormTrain {
                 output,
                 mean: <FloatTensor<Self>>::new(mean),
-                variance: <FloatTensor<Self>>::new(variance),
+                variance: <FloatTensor<Self>>::new(forward.variance),
             }
         }
     }
 
-    /// Hands each gradient PyTorch computed to the graph node it belongs to.
-    fn register(grads: &mut Gradients, nodes: [Option<NodeId>; 3], found: [Option<tch::Tensor>; 3]) {
+    /// Asks PyTorch (`compute`) for the gradients of the inputs the graph tracks (`nodes`) and
+    /// hands each to its node.
+    fn register(
+        grads: &mut Gradients,
+        nodes: [Option<NodeId>; 3],
+        compute: impl FnOnce([bool; 3]) -> [Option<tch::Tensor>; 3],
+    ) {
+        let found = compute(nodes.map(|node| node.is_some()));
         for (node, grad) in nodes.into_iter().zip(found) {
             if let (Some(node), Some(grad)) = (node, grad) {
                 grads.register::<LibTorch>(node, TchTensor::new(grad));
@@ -359,10 +356,18 @@ mod aten {
         ) -> c_int;
     }
 
-    /// Takes over the three handles a shim call filled in, or panics with PyTorch's message:
-    /// Burn's backend operations have no error path, and PyTorch refuses only inputs that
-    /// Burn's own shape checks already rule out.
-    fn outputs(op: &str, status: c_int, out: [Handle; 3]) -> [Option<Tensor>; 3] {
+    /// Calls a shim function with the output mask `wanted` and room for its three handles,
+    /// then takes over the handles it filled in, or panics with PyTorch's message: Burn's
+    /// backend operations have no error path, and PyTorch refuses only inputs that Burn's own
+    /// shape checks already rule out.
+    fn call(
+        op: &str,
+        wanted: [bool; 3],
+        shim: impl FnOnce(*const c_int, *mut Handle) -> c_int,
+    ) -> [Option<Tensor>; 3] {
+        let mask = wanted.map(c_int::from);
+        let mut out: [Handle; 3] = [std::ptr::null_mut(); 3];
+        let status = shim(mask.as_ptr(), out.as_mut_ptr());
         if status != 0 {
             // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
             let message = unsafe { CStr::from_ptr(effnet_aten_last_error()) };
@@ -370,10 +375,6 @@ mod aten {
         }
         // SAFETY: each non-null handle is a new at::Tensor the shim allocated for us alone.
         out.map(|handle| (!handle.is_null()).then(|| unsafe { Tensor::from_ptr(handle.cast()) }))
-    }
-
-    fn mask(wanted: [bool; 3]) -> [c_int; 3] {
-        wanted.map(c_int::from)
     }
 
     /// The gradients of a convolution's input, weight and bias that `wanted` asks for.
@@ -390,11 +391,9 @@ mod aten {
             as_i64(options.padding_begin()),
             as_i64(options.dilation),
         );
-        let mask = mask(wanted);
-        let mut out: [Handle; 3] = [std::ptr::null_mut(); 3];
         // SAFETY: the tensors outlive the call, the arrays hold two values each as the shim
-        // reads, and `out` has room for the three handles it writes.
-        let status = unsafe {
+        // reads, and `call` passes a mask of three and room for the three handles it writes.
+        call("convolution_backward", wanted, |mask, out| unsafe {
             effnet_conv2d_backward(
                 grad.tensor.as_ptr().cast(),
                 x.tensor.as_ptr().cast(),
@@ -403,23 +402,33 @@ mod aten {
                 padding.as_ptr(),
                 dilation.as_ptr(),
                 options.groups as i64,
-                mask.as_ptr(),
-                out.as_mut_ptr(),
+                mask,
+                out,
             )
-        };
-        outputs("convolution_backward", status, out)
+        })
     }
 
-    /// BatchNorm's forward with the batch's statistics: output, mean and inverse standard
-    /// deviation (what the backward takes).
+    /// What BatchNorm's forward with the batch's statistics gives.
+    pub struct BatchNormForward {
+        /// The normalised input.
+        pub output: TchTensor,
+        /// Batch mean per channel.
+        pub mean: TchTensor,
+        /// Batch inverse standard deviation per channel (what the backward takes).
+        pub invstd: TchTensor,
+        /// Batch (biased) variance per channel, as Burn's op reports it.
+        pub variance: TchTensor,
+    }
+
+    /// BatchNorm's forward with the batch's statistics.
     pub fn batch_norm_train(
         x: &TchTensor,
         gamma: &TchTensor,
         beta: &TchTensor,
         epsilon: f64,
-    ) -> (Tensor, Tensor, Tensor) {
+    ) -> BatchNormForward {
         let none: Option<&Tensor> = None;
-        x.tensor.native_batch_norm(
+        let (output, mean, invstd) = x.tensor.native_batch_norm(
             Some(&gamma.tensor),
             Some(&beta.tensor),
             none,
@@ -427,7 +436,15 @@ mod aten {
             true,
             0.0,
             epsilon,
-        )
+        );
+        // PyTorch keeps 1 / sqrt(var + eps); the running statistics want the variance.
+        let variance = invstd.pow_tensor_scalar(-2.0) - epsilon;
+        BatchNormForward {
+            output: TchTensor::new(output),
+            mean: TchTensor::new(mean),
+            invstd: TchTensor::new(invstd),
+            variance: TchTensor::new(variance),
+        }
     }
 
     /// The gradients of BatchNorm's input, gamma and beta that `wanted` asks for.
@@ -440,10 +457,8 @@ mod aten {
         epsilon: f64,
         wanted: [bool; 3],
     ) -> [Option<Tensor>; 3] {
-        let mask = mask(wanted);
-        let mut out: [Handle; 3] = [std::ptr::null_mut(); 3];
         // SAFETY: as in conv2d_backward.
-        let status = unsafe {
+        call("native_batch_norm_backward", wanted, |mask, out| unsafe {
             effnet_batch_norm_backward(
                 grad.tensor.as_ptr().cast(),
                 x.tensor.as_ptr().cast(),
@@ -451,11 +466,10 @@ mod aten {
                 mean.tensor.as_ptr().cast(),
                 invstd.tensor.as_ptr().cast(),
                 epsilon,
-                mask.as_ptr(),
-                out.as_mut_ptr(),
+                mask,
+                out,
             )
-        };
-        outputs("native_batch_norm_backward", status, out)
+        })
     }
 }
 
