@@ -1,30 +1,48 @@
 //! The ring over gRPC: each rank streams pieces to the next rank through one client-streaming
-//! `Peer.Ring` call per ring generation, and serves the same call for the previous rank.
+//! `cluster.v1.Peer/Ring` call per ring generation, and serves the same call for the previous
+//! rank.
 //!
 //! A stream is named by its ring generation and sender rank (metadata); the receiving
 //! [`PeerService`] accepts exactly the stream it expects and refuses stale or foreign ones,
 //! so a worker from an old ring can never feed values into a new one.
+//!
+//! Both ends run on tonic's transport (its channel, server, TLS, HTTP/2 settings and the
+//! cluster's auth interceptors) but frame the messages themselves ([`crate::wire`]): the
+//! values go out in the buffers the collective filled and are read in the frames they arrived
+//! in, instead of being copied through tonic's codec buffers.
 
-use bytes::Bytes;
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
 use cluster_proto::auth::{ClientAuth, ServerAuth, Token};
 use cluster_proto::net::MAX_MESSAGE_BYTES;
-use cluster_proto::v1::peer_client::PeerClient;
-use cluster_proto::v1::peer_server::{Peer, PeerServer};
-use cluster_proto::v1::{self, Encoding, RingSummary};
+use cluster_proto::v1::RingSummary;
 use cluster_proto::{GENERATION_HEADER, SENDER_HEADER};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use prost::Message;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Response, Status, Streaming};
+use tower_service::Service;
 
-use crate::{Link, Phase, Piece, Tag, Values};
+use crate::wire::{self, Deframer};
+use crate::{Link, Piece};
+
+/// The RPC's path.
+const RING_PATH: &str = "/cluster.v1.Peer/Ring";
 
 /// How long an incoming stream waits for this rank to expect it (ranks learn about a new
 /// ring at slightly different times).
@@ -33,7 +51,15 @@ const ACCEPT_WAIT: Duration = Duration::from_secs(30);
 struct Expected {
     generation: u64,
     sender: u32,
-    tx: Option<mpsc::Sender<Result<Piece, String>>>,
+    tx: Option<oneshot::Sender<Incoming>>,
+}
+
+/// An accepted `Ring` call, handed from the server to the rank's [`InboundLink`], which
+/// reads the request body itself (one task less between the socket and the sums).
+struct Incoming {
+    body: Body,
+    /// How the call ends: the pieces taken, or why the stream was refused.
+    done: oneshot::Sender<Result<u64, Status>>,
 }
 
 #[derive(Default)]
@@ -56,8 +82,8 @@ impl PeerService {
 
     /// Expect generation `generation`'s stream from rank `sender`, replacing any earlier
     /// expectation (whose stream is then refused); returns the link that yields its pieces.
-    pub fn expect(&self, generation: u64, sender: usize, depth: usize) -> InboundLink {
-        let (tx, rx) = mpsc::channel(depth.max(1));
+    pub fn expect(&self, generation: u64, sender: usize) -> InboundLink {
+        let (tx, rx) = oneshot::channel();
         if let Ok(mut expected) = self.inbox.expected.lock() {
             *expected = Some(Expected {
                 generation,
@@ -66,7 +92,11 @@ impl PeerService {
             });
         }
         self.inbox.changed.notify_waiters();
-        InboundLink { rx }
+        InboundLink {
+            generation,
+            sender,
+            state: Inbound::Waiting(rx),
+        }
     }
 
     /// Forget the expected stream (its link ends): a new coordinator numbers rings afresh.
@@ -77,22 +107,14 @@ impl PeerService {
         self.inbox.changed.notify_waiters();
     }
 
-    /// The tonic service, behind `auth` and the cluster's message limits.
-    pub fn into_server(self, auth: ServerAuth) -> InterceptedService<PeerServer<Self>, ServerAuth> {
-        InterceptedService::new(
-            PeerServer::new(self)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            auth,
-        )
+    /// The service to add to a tonic server, behind `auth`; it refuses messages over the
+    /// cluster's message limit.
+    pub fn into_server(self, auth: ServerAuth) -> InterceptedService<RingServer, ServerAuth> {
+        InterceptedService::new(RingServer { peer: self }, auth)
     }
 
     /// Wait until this rank expects `(generation, sender)` and take the sending half.
-    async fn accept(
-        &self,
-        generation: u64,
-        sender: u32,
-    ) -> Result<mpsc::Sender<Result<Piece, String>>, Status> {
+    async fn accept(&self, generation: u64, sender: u32) -> Result<oneshot::Sender<Incoming>, Status> {
         let deadline = tokio::time::Instant::now() + ACCEPT_WAIT;
         loop {
             let notified = self.inbox.changed.notified();
@@ -134,130 +156,204 @@ impl PeerService {
     }
 }
 
-fn header_u64(request: &Request<Streaming<v1::Piece>>, key: &str) -> Result<u64, Status> {
-    request
-        .metadata()
+/// The `cluster.v1.Peer` service as tonic's server runs it (see [`PeerService::into_server`]).
+#[derive(Clone)]
+pub struct RingServer {
+    peer: PeerService,
+}
+
+impl NamedService for RingServer {
+    const NAME: &'static str = "cluster.v1.Peer";
+}
+
+impl Service<http::Request<Body>> for RingServer {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let peer = self.peer.clone();
+        Box::pin(async move {
+            if request.uri().path() != RING_PATH {
+                let status = Status::unimplemented(format!("no method {}", request.uri().path()));
+                return Ok(status.into_http());
+            }
+            Ok(match peer.ring(request).await {
+                Ok(pieces) => summary_response(pieces),
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+/// A successful call's response: one `RingSummary` message, then `grpc-status: 0`.
+fn summary_response(pieces: u64) -> http::Response<Body> {
+    let summary = RingSummary { pieces }.encode_to_vec();
+    let mut message = BytesMut::with_capacity(5 + summary.len());
+    message.extend_from_slice(&[0]);
+    message.extend_from_slice(&(summary.len() as u32).to_be_bytes());
+    message.extend_from_slice(&summary);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let frames = [Frame::data(message.freeze()), Frame::trailers(trailers)];
+    let body = http_body_util::StreamBody::new(tokio_stream::iter(frames.map(Ok::<_, Infallible>)));
+    let mut response = http::Response::new(Body::new(body));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+fn header_u64(headers: &http::HeaderMap, key: &str) -> Result<u64, Status> {
+    headers
         .get(key)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| Status::invalid_argument(format!("missing or malformed {key} metadata")))
 }
 
-#[tonic::async_trait]
-impl Peer for PeerService {
-    async fn ring(&self, request: Request<Streaming<v1::Piece>>) -> Result<Response<RingSummary>, Status> {
-        let generation = header_u64(&request, GENERATION_HEADER)?;
-        let sender = u32::try_from(header_u64(&request, SENDER_HEADER)?)
+impl PeerService {
+    /// Serve one `Ring` call: hand its body to the rank expecting it and wait until that
+    /// rank is done with it.
+    async fn ring(&self, request: http::Request<Body>) -> Result<u64, Status> {
+        let generation = header_u64(request.headers(), GENERATION_HEADER)?;
+        let sender = u32::try_from(header_u64(request.headers(), SENDER_HEADER)?)
             .map_err(|_| Status::invalid_argument("sender rank out of range"))?;
         let tx = self.accept(generation, sender).await?;
-        let mut stream = request.into_inner();
-        let mut pieces = 0u64;
-        loop {
-            let message = match stream.message().await {
-                Ok(Some(message)) => message,
-                Ok(None) => break,
-                Err(status) => {
-                    // Tell the collective why, then end: a broken predecessor ends the ring.
-                    let reason = format!("stream from rank {sender} broke: {}", status.message());
-                    let _ = tx.send(Err(reason)).await;
-                    return Err(status);
-                }
-            };
-            let piece = decode(generation, message).map_err(Status::invalid_argument)?;
-            if tx.send(Ok(piece)).await.is_err() {
-                // This rank left the ring (a newer generation or shutdown).
-                break;
-            }
-            pieces += 1;
+        let (done, outcome) = oneshot::channel();
+        let incoming = Incoming {
+            body: request.into_body(),
+            done,
+        };
+        if tx.send(incoming).is_err() {
+            return Err(Status::unavailable(format!(
+                "this rank left ring generation {generation} before rank {sender}'s stream arrived"
+            )));
         }
-        Ok(Response::new(RingSummary { pieces }))
+        // A link dropped without a word has left the ring (a newer generation or shutdown):
+        // the stream ends there, as a completed call.
+        outcome.await.unwrap_or(Ok(0))
     }
 }
 
-fn decode(generation: u64, message: v1::Piece) -> Result<Piece, String> {
-    let phase = match message.phase {
-        0 => Phase::ReduceScatter,
-        1 => Phase::AllGather,
-        other => return Err(format!("unknown collective phase {other}")),
-    };
-    let data = match Encoding::try_from(message.encoding) {
-        Ok(Encoding::F32) if message.data.len().is_multiple_of(4) => Values::LeF32(message.data),
-        Ok(Encoding::Bf16) if message.data.len().is_multiple_of(2) => Values::LeBf16(message.data),
-        Ok(encoding) => {
-            return Err(format!(
-                "{} bytes is not a whole number of {encoding:?} values",
-                message.data.len()
-            ));
-        }
-        Err(_) => return Err(format!("unknown value encoding {}", message.encoding)),
-    };
-    Ok(Piece {
-        tag: Tag {
-            generation,
-            step: message.step,
-            phase,
-            round: message.round,
-            chunk: message.chunk,
-            offset: message.offset,
-        },
-        data,
-    })
-}
-
-fn encode(tag: &Tag, values: &[f32], bf16: bool) -> v1::Piece {
-    let (encoding, data) = if bf16 {
-        let mut bytes = vec![0u8; values.len() * 2];
-        for (dst, v) in bytes.chunks_exact_mut(2).zip(values) {
-            dst.copy_from_slice(&crate::to_bf16_bits(*v).to_le_bytes());
-        }
-        (Encoding::Bf16, bytes)
-    } else if cfg!(target_endian = "little") {
-        // The in-memory layout is the wire layout: one copy.
-        (Encoding::F32, bytemuck::cast_slice::<f32, u8>(values).to_vec())
-    } else {
-        let mut bytes = vec![0u8; values.len() * 4];
-        for (dst, v) in bytes.chunks_exact_mut(4).zip(values) {
-            dst.copy_from_slice(&v.to_le_bytes());
-        }
-        (Encoding::F32, bytes)
-    };
-    v1::Piece {
-        step: tag.step,
-        phase: match tag.phase {
-            Phase::ReduceScatter => 0,
-            Phase::AllGather => 1,
-        },
-        round: tag.round,
-        chunk: tag.chunk,
-        offset: tag.offset,
-        encoding: encoding as i32,
-        data: Bytes::from(data),
-    }
-}
-
-/// Pieces arriving from the previous rank.
+/// Pieces arriving from the previous rank: the body of its `Ring` call, read and framed
+/// here, in the rank's own task.
 pub struct InboundLink {
-    rx: mpsc::Receiver<Result<Piece, String>>,
+    generation: u64,
+    sender: usize,
+    state: Inbound,
+}
+
+enum Inbound {
+    /// The call has not arrived yet.
+    Waiting(oneshot::Receiver<Incoming>),
+    /// Reading it.
+    Open(Stream),
+    /// It ended; the reason is repeated to every later `recv`.
+    Ended(String),
+}
+
+struct Stream {
+    body: Body,
+    deframer: Deframer,
+    pieces: u64,
+    /// Told how the call ended when the stream is dropped.
+    done: Option<oneshot::Sender<Result<u64, Status>>>,
+}
+
+impl Stream {
+    /// The next piece, or the status to end the call with and the reason for the collective.
+    async fn next(&mut self, generation: u64, sender: usize) -> Result<Piece, (Option<Status>, String)> {
+        let broke = |reason: String| format!("stream from rank {sender} broke: {reason}");
+        loop {
+            let message = self
+                .deframer
+                .next_message()
+                .map_err(|reason| (Some(Status::invalid_argument(reason.clone())), broke(reason)))?;
+            if let Some(message) = message {
+                let piece = wire::decode(generation, message)
+                    .map_err(|reason| (Some(Status::invalid_argument(reason.clone())), broke(reason)))?;
+                self.pieces += 1;
+                return Ok(piece);
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.deframer.push(data);
+                    }
+                }
+                // The transport broke: the call has no one to answer.
+                Some(Err(status)) => return Err((None, broke(status.message().to_string()))),
+                None if self.deframer.is_mid_message() => {
+                    let reason = "the stream ended inside a message".to_string();
+                    return Err((Some(Status::invalid_argument(reason.clone())), broke(reason)));
+                }
+                None => return Err((None, "the previous rank closed its stream".into())),
+            }
+        }
+    }
+
+    fn finish(&mut self, outcome: Result<u64, Status>) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(outcome);
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let pieces = self.pieces;
+        self.finish(Ok(pieces));
+    }
 }
 
 impl Link for InboundLink {
-    async fn send(&mut self, _tag: Tag, _data: &[f32]) -> Result<(), String> {
+    async fn send(&mut self, _piece: Piece) -> Result<(), String> {
         Err("an inbound link only receives".into())
     }
 
     async fn recv(&mut self) -> Result<Piece, String> {
-        match self.rx.recv().await {
-            Some(item) => item,
-            None => Err("the previous rank closed its stream".into()),
+        if let Inbound::Waiting(rx) = &mut self.state {
+            self.state = match rx.await {
+                Ok(incoming) => Inbound::Open(Stream {
+                    body: incoming.body,
+                    deframer: Deframer::new(MAX_MESSAGE_BYTES),
+                    pieces: 0,
+                    done: Some(incoming.done),
+                }),
+                Err(_) => Inbound::Ended(format!(
+                    "no stream from rank {} for ring generation {}: this rank stopped expecting it",
+                    self.sender, self.generation
+                )),
+            };
+        }
+        let stream = match &mut self.state {
+            Inbound::Open(stream) => stream,
+            Inbound::Ended(reason) => return Err(reason.clone()),
+            Inbound::Waiting(_) => return Err("the previous rank's stream has not arrived".into()),
+        };
+        match stream.next(self.generation, self.sender).await {
+            Ok(piece) => Ok(piece),
+            Err((status, reason)) => {
+                if let Some(status) = status {
+                    stream.finish(Err(status));
+                }
+                self.state = Inbound::Ended(reason.clone());
+                Err(reason)
+            }
         }
     }
 }
 
 /// The stream to the next rank.
 pub struct OutboundLink {
-    tx: Option<mpsc::Sender<v1::Piece>>,
-    call: Option<JoinHandle<Result<Response<RingSummary>, Status>>>,
-    bf16: bool,
+    tx: Option<mpsc::Sender<Vec<Bytes>>>,
+    call: Option<JoinHandle<Result<u64, Status>>>,
 }
 
 /// Options of an outbound stream.
@@ -267,10 +363,35 @@ pub struct OutboundOptions {
     pub generation: u64,
     /// This rank.
     pub sender: usize,
-    /// Encode values as bfloat16 on the wire.
-    pub bf16: bool,
     /// Pieces queued ahead of the network.
     pub depth: usize,
+}
+
+/// The request body of a `Ring` call: each queued message's frames, in order.
+struct RingBody {
+    rx: mpsc::Receiver<Vec<Bytes>>,
+    frames: std::vec::IntoIter<Bytes>,
+}
+
+impl http_body::Body for RingBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        loop {
+            if let Some(bytes) = self.frames.next() {
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(frames)) => self.frames = frames.into_iter(),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
 }
 
 impl OutboundLink {
@@ -283,22 +404,25 @@ impl OutboundLink {
         connect_for: Duration,
     ) -> Result<Self, String> {
         let channel = connect_with_retry(endpoint, connect_for).await?;
-        let mut client = PeerClient::with_interceptor(channel, auth)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let (tx, rx) = mpsc::channel(options.depth.max(1));
-        let mut request = Request::new(ReceiverStream::new(rx));
-        request
-            .metadata_mut()
-            .insert(GENERATION_HEADER, options.generation.into());
-        request
-            .metadata_mut()
-            .insert(SENDER_HEADER, (options.sender as u64).into());
-        let call = tokio::spawn(async move { client.ring(request).await });
+        let body = RingBody {
+            rx,
+            frames: Vec::new().into_iter(),
+        };
+        let request = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(RING_PATH)
+            .version(http::Version::HTTP_2)
+            .header(http::header::TE, "trailers")
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(GENERATION_HEADER, options.generation)
+            .header(SENDER_HEADER, options.sender)
+            .body(Body::new(body))
+            .map_err(|e| format!("cannot build the ring request: {e}"))?;
+        let call = tokio::spawn(ring_call(InterceptedService::new(channel, auth), request));
         Ok(Self {
             tx: Some(tx),
             call: Some(call),
-            bf16: options.bf16,
         })
     }
 
@@ -307,7 +431,7 @@ impl OutboundLink {
         self.tx = None;
         match self.call.take() {
             Some(call) => match call.await {
-                Ok(Ok(summary)) => Ok(summary.into_inner().pieces),
+                Ok(Ok(pieces)) => Ok(pieces),
                 Ok(Err(status)) => Err(status.message().to_string()),
                 Err(e) => Err(e.to_string()),
             },
@@ -328,11 +452,60 @@ impl OutboundLink {
     }
 }
 
+/// Make the `Ring` call and read its outcome: the number of pieces the receiver took, or
+/// the status it ended the call with.
+async fn ring_call(
+    mut service: InterceptedService<Channel, ClientAuth>,
+    request: http::Request<Body>,
+) -> Result<u64, Status> {
+    std::future::poll_fn(|cx| service.poll_ready(cx))
+        .await
+        .map_err(|e| Status::unavailable(format!("the next rank's connection failed: {e}")))?;
+    let response = service
+        .call(request)
+        .await
+        .map_err(|e| Status::unavailable(format!("the ring call failed: {e}")))?;
+    let (parts, mut body) = response.into_parts();
+    // An error before any message comes as headers alone ("trailers-only").
+    if let Some(status) = Status::from_header_map(&parts.headers)
+        && status.code() != tonic::Code::Ok
+    {
+        return Err(status);
+    }
+    if !parts.status.is_success() {
+        return Err(Status::unknown(format!(
+            "the next rank answered HTTP {}",
+            parts.status
+        )));
+    }
+    let mut data = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Status::unavailable(format!("the ring response broke: {e}")))?;
+        match frame.into_data() {
+            Ok(bytes) => data.extend_from_slice(&bytes),
+            Err(frame) => {
+                if let Some(status) = frame.trailers_ref().and_then(Status::from_header_map)
+                    && status.code() != tonic::Code::Ok
+                {
+                    return Err(status);
+                }
+            }
+        }
+    }
+    if data.len() < 5 {
+        return Err(Status::internal("the next rank sent no ring summary"));
+    }
+    data.advance(5);
+    RingSummary::decode(data.freeze())
+        .map(|summary| summary.pieces)
+        .map_err(|e| Status::internal(format!("malformed ring summary: {e}")))
+}
+
 impl Link for OutboundLink {
-    async fn send(&mut self, tag: Tag, data: &[f32]) -> Result<(), String> {
-        let message = encode(&tag, data, self.bf16);
+    async fn send(&mut self, piece: Piece) -> Result<(), String> {
+        let frames = wire::encode(&piece);
         let sent = match &self.tx {
-            Some(tx) => tx.send(message).await.is_ok(),
+            Some(tx) => tx.send(frames).await.is_ok(),
             None => false,
         };
         if sent {
@@ -392,11 +565,10 @@ impl RingLinks {
         auth: ClientAuth,
         connect_for: Duration,
     ) -> Result<Self, String> {
-        let prev = service.expect(ring.generation, (ring.rank + ring.world - 1) % ring.world, 4);
+        let prev = service.expect(ring.generation, (ring.rank + ring.world - 1) % ring.world);
         let options = OutboundOptions {
             generation: ring.generation,
             sender: ring.rank,
-            bf16: ring.bf16,
             depth: 4,
         };
         let next = OutboundLink::connect(next_endpoint, auth, options, connect_for).await?;
@@ -465,60 +637,5 @@ impl Drop for LocalPeers {
         for server in &self.servers {
             server.abort();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pieces_survive_encoding() {
-        let tag = Tag {
-            generation: 7,
-            step: 3,
-            phase: Phase::AllGather,
-            round: 1,
-            chunk: 2,
-            offset: 5,
-        };
-        let values = [1.5, -0.0, f32::MAX, 3.25e-20];
-        let piece = decode(7, encode(&tag, &values, false)).unwrap();
-        assert_eq!(piece.tag, tag);
-        assert_eq!(piece.data.to_vec(), values);
-        assert!(piece.data.to_vec()[1].is_sign_negative());
-        let halved = decode(7, encode(&tag, &values, true)).unwrap();
-        let rounded: Vec<f32> = values.iter().map(|&v| crate::round_bf16(v)).collect();
-        assert_eq!(halved.data.to_vec(), rounded);
-        assert_eq!(encode(&tag, &values, true).data.len(), 8);
-    }
-
-    #[test]
-    fn unaligned_wire_bytes_decode_the_same() {
-        // One byte of offset makes the in-place view impossible: the slow path must agree.
-        let values = [0.25f32, -3.0, 7.5];
-        let mut raw = vec![0u8];
-        for v in values {
-            raw.extend_from_slice(&v.to_le_bytes());
-        }
-        let unaligned = Values::LeF32(Bytes::from(raw).slice(1..));
-        assert_eq!(unaligned.to_vec(), values);
-    }
-
-    #[test]
-    fn malformed_pieces_are_refused() {
-        let tag = Tag {
-            generation: 0,
-            step: 0,
-            phase: Phase::ReduceScatter,
-            round: 0,
-            chunk: 0,
-            offset: 0,
-        };
-        let mut message = encode(&tag, &[1.0], false);
-        message.data = Bytes::from_static(&[1, 2, 3]);
-        assert!(decode(0, message.clone()).unwrap_err().contains("3 bytes"));
-        message.phase = 9;
-        assert!(decode(0, message).unwrap_err().contains("phase 9"));
     }
 }

@@ -10,6 +10,10 @@
 pub mod bench;
 pub mod grpc;
 pub mod local;
+pub mod values;
+pub mod wire;
+
+pub use values::{Encoding, Values};
 
 use std::future::Future;
 use std::ops::Range;
@@ -98,111 +102,15 @@ impl std::fmt::Display for Tag {
 pub struct Piece {
     /// Where it belongs.
     pub tag: Tag,
-    /// The values.
+    /// The values, in their wire encoding.
     pub data: Values,
-}
-
-/// The values of a piece: plain, or still in their wire encoding (decoded while they are
-/// added or copied into place, which saves a pass over the data and an allocation).
-#[derive(Debug, Clone, PartialEq)]
-pub enum Values {
-    /// Plain values.
-    F32(Vec<f32>),
-    /// Little-endian f32 bytes.
-    LeF32(bytes::Bytes),
-    /// Little-endian bfloat16 bytes.
-    LeBf16(bytes::Bytes),
-}
-
-impl Values {
-    /// Number of values.
-    pub fn len(&self) -> usize {
-        match self {
-            Values::F32(v) => v.len(),
-            Values::LeF32(b) => b.len() / 4,
-            Values::LeBf16(b) => b.len() / 2,
-        }
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The values as f32.
-    pub fn to_vec(&self) -> Vec<f32> {
-        let mut out = vec![0.0; self.len()];
-        self.apply(&mut out, Phase::AllGather);
-        out
-    }
-
-    /// Add (reduce-scatter) or copy (all-gather) the values into `dst` (same length).
-    fn apply(&self, dst: &mut [f32], phase: Phase) {
-        match self {
-            Values::F32(v) => apply(dst, v, phase),
-            Values::LeF32(bytes) => match le_f32_slice(bytes) {
-                Some(v) => apply(dst, v, phase),
-                None if cfg!(target_endian = "little") => match phase {
-                    // Unaligned wire bytes: one memcpy into place (or into an aligned scratch
-                    // buffer to add from) is much faster than converting value by value.
-                    Phase::AllGather => bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(bytes),
-                    Phase::ReduceScatter => {
-                        let mut scratch = vec![0f32; dst.len()];
-                        bytemuck::cast_slice_mut::<f32, u8>(&mut scratch).copy_from_slice(bytes);
-                        apply(dst, &scratch, phase);
-                    }
-                },
-                None => {
-                    let decode = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                    match phase {
-                        Phase::ReduceScatter => dst
-                            .iter_mut()
-                            .zip(bytes.chunks_exact(4))
-                            .for_each(|(d, b)| *d += decode(b)),
-                        Phase::AllGather => dst
-                            .iter_mut()
-                            .zip(bytes.chunks_exact(4))
-                            .for_each(|(d, b)| *d = decode(b)),
-                    }
-                }
-            },
-            Values::LeBf16(bytes) => {
-                let decode = |b: &[u8]| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
-                match phase {
-                    Phase::ReduceScatter => dst
-                        .iter_mut()
-                        .zip(bytes.chunks_exact(2))
-                        .for_each(|(d, b)| *d += decode(b)),
-                    Phase::AllGather => dst
-                        .iter_mut()
-                        .zip(bytes.chunks_exact(2))
-                        .for_each(|(d, b)| *d = decode(b)),
-                }
-            }
-        }
-    }
-}
-
-/// Little-endian f32 bytes viewed in place, when this machine is little-endian and the
-/// bytes happen to be aligned.
-fn le_f32_slice(bytes: &[u8]) -> Option<&[f32]> {
-    if cfg!(target_endian = "little") {
-        bytemuck::try_cast_slice(bytes).ok()
-    } else {
-        None
-    }
 }
 
 /// A one-way link to a neighbour: the transport (gRPC streams between workers, channels in
 /// tests) implements it.
 pub trait Link: Send {
-    /// Send a piece (`tag` and values) to the neighbour. The values are borrowed: a network
-    /// link encodes them straight from the caller's buffer.
-    fn send(
-        &mut self,
-        tag: Tag,
-        data: &[f32],
-    ) -> impl Future<Output = std::result::Result<(), String>> + Send;
+    /// Send a piece to the neighbour. A network link sends the values' buffers as they are.
+    fn send(&mut self, piece: Piece) -> impl Future<Output = std::result::Result<(), String>> + Send;
     /// Receive the next piece from the neighbour; an error says why the link ended (the
     /// peer closed it, the connection broke).
     fn recv(&mut self) -> impl Future<Output = std::result::Result<Piece, String>> + Send;
@@ -260,6 +168,14 @@ pub fn chunk_range(len: usize, n: usize, c: usize) -> Range<usize> {
 
 /// Sum `buf` over all ranks in place, then divide by the world size when `average`. `next`
 /// sends to rank+1, `prev` receives from rank-1.
+///
+/// The rounds are not run one after another: each arriving piece is handled as soon as it
+/// arrives and what it yields goes straight out again, so every piece streams around the
+/// ring on its own and the rounds overlap (a piece's later rounds can only follow its
+/// earlier ones, so the result does not depend on the interleaving). In the reduce-scatter a partial sum is written once, into the buffer that
+/// is sent on (never into `buf`); the finished sum goes into `buf` and out in the same pass;
+/// in the all-gather an arrived piece is copied into `buf` and forwarded in the buffers it
+/// arrived in.
 pub async fn all_reduce<N: Link, P: Link>(
     ring: &Ring,
     step: u64,
@@ -272,28 +188,222 @@ pub async fn all_reduce<N: Link, P: Link>(
     if n == 1 {
         return Ok(());
     }
-    let m = n as u32;
-    let r = ring.rank as u32;
-    for round in 0..m - 1 {
-        let send_chunk = (r + m - round) % m;
-        let recv_chunk = (r + m - round - 1) % m;
-        let chunks = (send_chunk, recv_chunk);
-        exchange(ring, step, Phase::ReduceScatter, round, chunks, buf, next, prev).await?;
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Piece>();
+    // The queue to the next rank is unbounded on purpose: every arriving piece yields at most
+    // one to send, so it never holds more than this rank's share of `buf`, and a rank that
+    // could not queue would stop reading, which around a ring can deadlock.
+    let send = async move {
+        while let Some(piece) = out_rx.recv().await {
+            next.send(piece).await.map_err(|reason| Error::Link {
+                rank: ring.rank,
+                peer: ring.next(),
+                reason,
+            })?;
+        }
+        Ok::<_, Error>(())
+    };
+    let work = stream_rounds(ring, step, buf, average, out_tx, prev);
+    tokio::try_join!(send, work)?;
+    Ok(())
+}
+
+/// What an arriving piece is for.
+enum Role {
+    /// A partial sum: add this rank's values and forward.
+    Partial,
+    /// The last partial sum of the chunk this rank owns: finish it, keep it, send it.
+    Finish,
+    /// A finished piece: keep it, and forward it unless this is the last round.
+    Finished { forward: bool },
+}
+
+/// The pieces a rank receives come in `2(n-1)` streams, one per phase and round, each
+/// covering one chunk in order. Round `k` of the reduce-scatter brings the partial sum of
+/// chunk `rank-k-1`, round `k` of the all-gather the finished chunk `rank-k`.
+struct Rounds {
+    n: usize,
+    rank: usize,
+    len: usize,
+    /// Values received so far in each stream (reduce-scatter rounds first).
+    filled: Vec<usize>,
+    /// Whether each stream is complete (an empty chunk completes with one empty piece).
+    done: Vec<bool>,
+}
+
+impl Rounds {
+    fn new(n: usize, rank: usize, len: usize) -> Self {
+        Self {
+            n,
+            rank,
+            len,
+            filled: vec![0; 2 * (n - 1)],
+            done: vec![false; 2 * (n - 1)],
+        }
     }
-    // This rank now owns the complete sum of chunk r+1.
-    let owned = chunk_range(buf.len(), n, ((r + 1) % m) as usize);
-    finish_owned(
-        &mut buf[owned],
-        if average { 1.0 / n as f32 } else { 1.0 },
-        ring.bf16,
-    );
-    for round in 0..m - 1 {
-        let send_chunk = (r + 1 + m - round) % m;
-        let recv_chunk = (r + m - round) % m;
-        let chunks = (send_chunk, recv_chunk);
-        exchange(ring, step, Phase::AllGather, round, chunks, buf, next, prev).await?;
+
+    fn index(&self, phase: Phase, round: u32) -> usize {
+        match phase {
+            Phase::ReduceScatter => round as usize,
+            Phase::AllGather => self.n - 1 + round as usize,
+        }
+    }
+
+    fn chunk(&self, phase: Phase, round: u32) -> usize {
+        let back = match phase {
+            Phase::ReduceScatter => round as usize + 1,
+            Phase::AllGather => round as usize,
+        };
+        (self.rank + self.n - back % self.n) % self.n
+    }
+
+    /// The next tag expected in the stream of `phase` and `round` (rounds past the last are
+    /// shown as the last: a message for them is refused either way).
+    fn expected(&self, generation: u64, step: u64, phase: Phase, round: u32) -> Tag {
+        let round = round.min(self.n as u32 - 2);
+        let chunk = self.chunk(phase, round);
+        Tag {
+            generation,
+            step,
+            phase,
+            round,
+            chunk: chunk as u32,
+            offset: self.filled[self.index(phase, round)] as u64,
+        }
+    }
+
+    /// The first incomplete stream's next tag (what a timeout names).
+    fn next_missing(&self, generation: u64, step: u64) -> Option<Tag> {
+        let at = self.done.iter().position(|d| !d)?;
+        let (phase, round) = if at < self.n - 1 {
+            (Phase::ReduceScatter, at as u32)
+        } else {
+            (Phase::AllGather, (at - (self.n - 1)) as u32)
+        };
+        Some(self.expected(generation, step, phase, round))
+    }
+}
+
+/// How many of its own pieces a rank may have sent beyond the number it has received. Each
+/// arriving piece lets one more go, so the ring carries a few pieces per link instead of
+/// whole chunks: what is summed or copied is still in cache from the socket, and the
+/// HTTP/2 window never fills. 16 pieces (4 MiB) kept this machine's loopback links busy.
+const LOOKAHEAD: usize = 16;
+
+/// Receive every piece this rank expects and queue what each yields, sending this rank's
+/// own chunk as the arrivals allow.
+async fn stream_rounds<P: Link>(
+    ring: &Ring,
+    step: u64,
+    buf: &mut [f32],
+    average: bool,
+    out: tokio::sync::mpsc::UnboundedSender<Piece>,
+    prev: &mut P,
+) -> Result<()> {
+    let n = ring.world;
+    let encoding = if ring.bf16 { Encoding::Bf16 } else { Encoding::F32 };
+    let scale = if average { 1.0 / n as f32 } else { 1.0 };
+    let tag = |phase: Phase, round: u32, chunk: usize, offset: usize| Tag {
+        generation: ring.generation,
+        step,
+        phase,
+        round,
+        chunk: chunk as u32,
+        offset: offset as u64,
+    };
+    let queue = |piece: Piece| {
+        // The sending half only ends early when it failed, and then try_join has already
+        // dropped this future with that error.
+        let _ = out.send(piece);
+    };
+    let max_piece = ring.max_piece.max(1);
+    let own = chunk_range(buf.len(), n, ring.rank);
+    // An empty chunk (fewer elements than ranks) still sends one empty piece: every round
+    // carries a message.
+    let own_pieces = own.len().div_ceil(max_piece).max(1);
+    let (mut sent_own, mut received) = (0, 0);
+    let last = n as u32 - 2;
+    let mut rounds = Rounds::new(n, ring.rank, buf.len());
+    while let Some(next) = rounds.next_missing(ring.generation, step) {
+        while sent_own < own_pieces && sent_own < received + LOOKAHEAD {
+            let offset = sent_own * max_piece;
+            let len = (own.len() - offset).min(max_piece);
+            let at = own.start + offset;
+            queue(Piece {
+                tag: tag(Phase::ReduceScatter, 0, ring.rank, offset),
+                data: Values::encode(&buf[at..at + len], encoding),
+            });
+            sent_own += 1;
+        }
+        let piece = receive(ring, prev, &next).await?;
+        received += 1;
+        let Tag { phase, round, .. } = piece.tag;
+        let expected = rounds.expected(ring.generation, step, phase, round);
+        let stream = rounds.index(phase, expected.round);
+        let range = chunk_range(rounds.len, n, expected.chunk as usize);
+        let filled = rounds.filled[stream];
+        let (len, want) = (piece.data.len(), range.len() - filled);
+        if piece.tag != expected || rounds.done[stream] || len > want || (len == 0 && want > 0) {
+            return Err(Error::Mismatch {
+                rank: ring.rank,
+                peer: ring.prev(),
+                expected: format!("{expected} with at most {want} values"),
+                got: format!("{} with {len} values", piece.tag),
+            });
+        }
+        let chunk = expected.chunk as usize;
+        let at = range.start + filled;
+        let mine = &mut buf[at..at + len];
+        let role = match phase {
+            Phase::ReduceScatter if round < last => Role::Partial,
+            Phase::ReduceScatter => Role::Finish,
+            Phase::AllGather => Role::Finished {
+                forward: round < last,
+            },
+        };
+        match role {
+            Role::Partial => queue(Piece {
+                tag: tag(phase, round + 1, chunk, filled),
+                data: piece.data.plus(mine, encoding),
+            }),
+            Role::Finish => {
+                piece.data.add_into(mine);
+                finish_owned(mine, scale, ring.bf16);
+                queue(Piece {
+                    tag: tag(Phase::AllGather, 0, chunk, filled),
+                    data: Values::encode(mine, encoding),
+                });
+            }
+            Role::Finished { forward } => {
+                piece.data.copy_into(mine);
+                if forward {
+                    queue(Piece {
+                        tag: tag(phase, round + 1, chunk, filled),
+                        data: piece.data,
+                    });
+                }
+            }
+        }
+        rounds.filled[stream] += len;
+        rounds.done[stream] = rounds.filled[stream] == range.len();
     }
     Ok(())
+}
+
+/// The next piece from the previous rank, or why none came.
+async fn receive<P: Link>(ring: &Ring, prev: &mut P, expected: &Tag) -> Result<Piece> {
+    tokio::time::timeout(ring.timeout, prev.recv())
+        .await
+        .map_err(|_| Error::Timeout {
+            rank: ring.rank,
+            peer: ring.prev(),
+            waited: ring.timeout,
+            what: format!("{expected}"),
+        })?
+        .map_err(|reason| Error::Link {
+            rank: ring.rank,
+            peer: ring.prev(),
+            reason,
+        })
 }
 
 /// Payload bytes rank `ring.rank` sends in one [`all_reduce`] of `len` values: every chunk it
@@ -315,10 +425,8 @@ pub fn bytes_sent(ring: &Ring, len: usize) -> u64 {
     values as u64 * width
 }
 
-// The element loops below are plain functions, not generic ones: they are compiled (and
-// optimised) in this crate rather than in each caller's.
-
-/// Scale the owned chunk and round it as the wire will.
+/// Scale the owned chunk and round it as the wire will (a plain function: compiled and
+/// optimised in this crate rather than in each caller's).
 fn finish_owned(chunk: &mut [f32], scale: f32, bf16: bool) {
     if scale != 1.0 {
         chunk.iter_mut().for_each(|v| *v *= scale);
@@ -326,122 +434,6 @@ fn finish_owned(chunk: &mut [f32], scale: f32, bf16: bool) {
     if bf16 {
         chunk.iter_mut().for_each(|v| *v = round_bf16(*v));
     }
-}
-
-/// `values` as the wire carries them: rounded to bf16 when `bf16`, untouched otherwise.
-fn wire_values(values: &[f32], bf16: bool) -> Option<Vec<f32>> {
-    bf16.then(|| values.iter().map(|&v| round_bf16(v)).collect())
-}
-
-/// Split `buf` into the chunk to send (read) and the chunk to receive into (written); they
-/// are different chunks of the same buffer.
-fn split_chunks(buf: &mut [f32], out: Range<usize>, into: Range<usize>) -> (&[f32], &mut [f32]) {
-    if out.start < into.start {
-        let (low, high) = buf.split_at_mut(into.start);
-        (&low[out], &mut high[..into.len()])
-    } else {
-        let (low, high) = buf.split_at_mut(out.start);
-        (&high[..out.len()], &mut low[into])
-    }
-}
-
-/// Add (reduce-scatter) or copy (all-gather) an arrived piece into place.
-fn apply(dst: &mut [f32], src: &[f32], phase: Phase) {
-    match phase {
-        Phase::ReduceScatter => dst.iter_mut().zip(src).for_each(|(d, s)| *d += s),
-        Phase::AllGather => dst.copy_from_slice(src),
-    }
-}
-
-/// Send chunk `chunks.0` to the next rank while receiving chunk `chunks.1` from the previous
-/// one, adding or copying each piece into `buf` as it arrives (so the arithmetic overlaps
-/// the transfer). A piece that is not exactly the one expected next is rejected before it
-/// touches `buf`.
-#[allow(clippy::too_many_arguments)]
-async fn exchange<N: Link, P: Link>(
-    ring: &Ring,
-    step: u64,
-    phase: Phase,
-    round: u32,
-    chunks: (u32, u32),
-    buf: &mut [f32],
-    next: &mut N,
-    prev: &mut P,
-) -> Result<()> {
-    let (send_chunk, recv_chunk) = chunks;
-    let n = ring.world;
-    let tag = |chunk: u32, offset: u64| Tag {
-        generation: ring.generation,
-        step,
-        phase,
-        round,
-        chunk,
-        offset,
-    };
-    let out_range = chunk_range(buf.len(), n, send_chunk as usize);
-    let in_range = chunk_range(buf.len(), n, recv_chunk as usize);
-    let (out, dst) = split_chunks(buf, out_range, in_range);
-    let rounded = wire_values(out, ring.bf16);
-    let out = rounded.as_deref().unwrap_or(out);
-    let max_piece = ring.max_piece.max(1);
-    let send = async {
-        // An empty chunk (fewer elements than ranks) still sends one empty piece, so that
-        // every round carries at least one message.
-        let mut offset = 0;
-        loop {
-            let len = (out.len() - offset).min(max_piece);
-            next.send(tag(send_chunk, offset as u64), &out[offset..offset + len])
-                .await
-                .map_err(|reason| Error::Link {
-                    rank: ring.rank,
-                    peer: ring.next(),
-                    reason,
-                })?;
-            offset += len;
-            if offset == out.len() {
-                break;
-            }
-        }
-        Ok::<_, Error>(())
-    };
-    let want = dst.len();
-    let recv = async {
-        let mut filled = 0;
-        loop {
-            let expected = tag(recv_chunk, filled as u64);
-            let piece = tokio::time::timeout(ring.timeout, prev.recv())
-                .await
-                .map_err(|_| Error::Timeout {
-                    rank: ring.rank,
-                    peer: ring.prev(),
-                    waited: ring.timeout,
-                    what: format!("{expected}"),
-                })?
-                .map_err(|reason| Error::Link {
-                    rank: ring.rank,
-                    peer: ring.prev(),
-                    reason,
-                })?;
-            let len = piece.data.len();
-            if piece.tag != expected || filled + len > want {
-                return Err(Error::Mismatch {
-                    rank: ring.rank,
-                    peer: ring.prev(),
-                    expected: expected.to_string(),
-                    got: format!("{} with {len} values", piece.tag),
-                });
-            }
-            piece.data.apply(&mut dst[filled..filled + len], phase);
-            filled += len;
-            if filled == want {
-                break;
-            }
-        }
-        Ok::<_, Error>(())
-    };
-    let (sent, received) = tokio::join!(send, recv);
-    sent?;
-    received
 }
 
 /// Round to the nearest bfloat16 (ties to even), returned as f32: the value a bf16 wire

@@ -3,7 +3,7 @@
 
 use tokio::sync::mpsc::{Receiver, Sender, channel};
 
-use crate::{Link, Piece, Tag, Values};
+use crate::{Link, Piece};
 
 /// One direction of an in-process link.
 pub struct ChannelLink {
@@ -12,12 +12,8 @@ pub struct ChannelLink {
 }
 
 impl Link for ChannelLink {
-    async fn send(&mut self, tag: Tag, data: &[f32]) -> Result<(), String> {
+    async fn send(&mut self, piece: Piece) -> Result<(), String> {
         let tx = self.tx.as_ref().ok_or("this link only receives")?;
-        let piece = Piece {
-            tag,
-            data: Values::F32(data.to_vec()),
-        };
         tx.send(piece)
             .await
             .map_err(|_| "the receiving rank is gone".to_string())
@@ -52,6 +48,16 @@ pub fn ring(n: usize, depth: usize) -> Vec<(ChannelLink, ChannelLink)> {
             (next, prev)
         })
         .collect()
+}
+
+impl ChannelLink {
+    /// A receiving-only link over `rx` (tests feeding a rank by hand).
+    pub fn receiving(rx: Receiver<Piece>) -> Self {
+        Self {
+            tx: None,
+            rx: Some(rx),
+        }
+    }
 }
 
 /// A sending-only link whose receiver is kept elsewhere (tests of a single rank).

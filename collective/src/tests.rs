@@ -93,7 +93,13 @@ async fn a_stale_message_is_rejected_not_summed() {
         chunk: 0,
         offset: 0,
     };
-    next1.send(stale, &[1.0; 2]).await.unwrap();
+    next1
+        .send(Piece {
+            tag: stale,
+            data: Values::encode(&[1.0; 2], Encoding::F32),
+        })
+        .await
+        .unwrap();
     let (mut sink, _keep) = sender(4);
     let mut buf = vec![0.0; 4];
     let err = all_reduce(&Ring::new(2, 0, 1), 5, &mut buf, false, &mut sink, &mut prev0)
@@ -106,6 +112,94 @@ async fn a_stale_message_is_rejected_not_summed() {
         "{msg}"
     );
     assert_eq!(buf, [0.0; 4], "nothing was summed");
+}
+
+#[tokio::test]
+async fn small_pieces_interleave_rounds_and_still_match() {
+    // 3-value pieces: every chunk is dozens of pieces, far more than a rank may send ahead,
+    // so later rounds overtake earlier ones on every link.
+    for n in [2, 3, 4] {
+        let results = run_ring(n, 1000, 3).await;
+        let inputs: Vec<Vec<f32>> = (0..n).map(|r| input(r, 1000)).collect();
+        for (i, got) in results[0].iter().enumerate() {
+            let want = inputs.iter().map(|x| f64::from(x[i])).sum::<f64>() / n as f64;
+            assert!(
+                (f64::from(*got) - want).abs() < 1e-5 * want.abs().max(1.0),
+                "n={n} i={i}"
+            );
+        }
+        assert!(results.iter().all(|r| r == &results[0]), "n={n}: ranks differ");
+    }
+}
+
+#[tokio::test]
+async fn a_rank_sends_only_a_few_pieces_ahead_of_what_it_hears() {
+    let (mut next, mut sent) = sender(1000);
+    let (_silent, prev) = sender(1);
+    let mut prev = local::ChannelLink::receiving(prev);
+    let ring = Ring {
+        max_piece: 10,
+        timeout: Duration::from_millis(200),
+        ..Ring::new(2, 0, 1)
+    };
+    // Own chunk: 500 values, 50 pieces; nothing ever arrives from rank 1.
+    let mut buf = vec![1.0; 1000];
+    let err = all_reduce(&ring, 0, &mut buf, false, &mut next, &mut prev)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    let mut pieces = Vec::new();
+    while let Ok(piece) = sent.try_recv() {
+        pieces.push(piece.tag.offset);
+    }
+    let expected: Vec<u64> = (0..LOOKAHEAD as u64).map(|i| i * 10).collect();
+    assert_eq!(
+        pieces, expected,
+        "the first {LOOKAHEAD} pieces of rank 0's chunk, in order"
+    );
+}
+
+#[tokio::test]
+async fn a_repeated_or_misplaced_piece_is_rejected() {
+    let tag = Tag {
+        generation: 1,
+        step: 0,
+        phase: Phase::ReduceScatter,
+        round: 0,
+        chunk: 1,
+        offset: 0,
+    };
+    let cases = [
+        // The whole of chunk 1 (2 values), then the same piece again.
+        (vec![(tag, 2), (tag, 2)], "offset 2"),
+        // The right round, the wrong chunk.
+        (vec![(Tag { chunk: 0, ..tag }, 2)], "chunk 1"),
+        // A round past the last.
+        (
+            vec![(Tag { round: 1, ..tag }, 2)],
+            "got generation 1 step 0 ReduceScatter round 1",
+        ),
+        // More values than the chunk holds.
+        (vec![(tag, 3)], "at most 2 values"),
+    ];
+    for (pieces, needle) in cases {
+        let (mut feed, prev) = sender(8);
+        let mut prev = local::ChannelLink::receiving(prev);
+        for (tag, len) in pieces {
+            let data = Values::encode(&vec![5.0; len], Encoding::F32);
+            feed.send(Piece { tag, data }).await.unwrap();
+        }
+        let (mut next, _sent) = sender(100);
+        let mut buf = vec![1.0; 4];
+        let err = all_reduce(&Ring::new(2, 0, 1), 0, &mut buf, false, &mut next, &mut prev)
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, Error::Mismatch { .. }) && msg.contains(needle),
+            "{needle}: {msg}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -173,33 +267,17 @@ async fn bf16_wire_keeps_ranks_bit_identical() {
     }
 }
 
-#[test]
-fn unaligned_wire_values_add_and_copy_like_aligned_ones() {
-    let values = [0.5f32, -1.25, 3.0, 1e-3];
-    let mut raw = vec![0u8];
-    for v in values {
-        raw.extend_from_slice(&v.to_le_bytes());
-    }
-    let unaligned = Values::LeF32(bytes::Bytes::from(raw).slice(1..));
-    let mut sum = [1.0f32; 4];
-    unaligned.apply(&mut sum, Phase::ReduceScatter);
-    assert_eq!(sum, [1.5, -0.25, 4.0, 1.001]);
-    let mut copy = [9.0f32; 4];
-    unaligned.apply(&mut copy, Phase::AllGather);
-    assert_eq!(copy, values);
-}
-
-/// A link that counts the values it sends.
+/// A link that counts the value bytes it sends.
 struct Counting {
     inner: local::ChannelLink,
-    values: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Link for Counting {
-    async fn send(&mut self, tag: Tag, data: &[f32]) -> std::result::Result<(), String> {
-        self.values
-            .fetch_add(data.len(), std::sync::atomic::Ordering::Relaxed);
-        self.inner.send(tag, data).await
+    async fn send(&mut self, piece: Piece) -> std::result::Result<(), String> {
+        let bytes: usize = piece.data.segments().iter().map(|s| s.len()).sum();
+        self.bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.inner.send(piece).await
     }
 
     async fn recv(&mut self) -> std::result::Result<Piece, String> {
@@ -223,18 +301,17 @@ async fn bytes_sent_is_what_each_rank_puts_on_its_link() {
                     bf16,
                     ..Ring::new(n, rank, 1)
                 };
-                let values = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let bytes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
                 let mut next = Counting {
                     inner: next,
-                    values: values.clone(),
+                    bytes: bytes.clone(),
                 };
                 let mut buf = input(rank, len);
                 all_reduce(&ring, 1, &mut buf, true, &mut next, &mut prev)
                     .await
                     .unwrap();
-                let width = if bf16 { 2 } else { 4 };
                 (
-                    values.load(std::sync::atomic::Ordering::Relaxed) as u64 * width,
+                    bytes.load(std::sync::atomic::Ordering::Relaxed) as u64,
                     bytes_sent(&ring, len),
                 )
             }));

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use cluster_proto::auth::{ClientAuth, Token};
 use collective::grpc::{LocalPeers, OutboundLink, OutboundOptions, RingLinks};
-use collective::{Link, Phase, Ring, Tag, all_reduce};
+use collective::{Encoding, Link, Phase, Piece, Ring, Tag, Values, all_reduce};
 
 fn input(rank: usize, len: usize) -> Vec<f32> {
     (0..len)
@@ -82,7 +82,11 @@ async fn first_refusal(link: &mut OutboundLink, generation: u64) -> String {
         offset: 0,
     };
     for _ in 0..10 {
-        if let Err(e) = link.send(tag, &[1.0]).await {
+        let piece = Piece {
+            tag,
+            data: Values::encode(&[1.0], Encoding::F32),
+        };
+        if let Err(e) = link.send(piece).await {
             return e;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -98,7 +102,6 @@ async fn a_wrong_token_is_refused_as_unauthenticated() {
     let options = OutboundOptions {
         generation: 1,
         sender: 0,
-        bf16: false,
         depth: 1,
     };
     let mut link = OutboundLink::connect(
@@ -120,12 +123,11 @@ async fn a_wrong_token_is_refused_as_unauthenticated() {
 async fn a_stale_generation_stream_is_refused() {
     let peers = LocalPeers::start(2).await.unwrap();
     // Rank 1 is in generation 5 and expects rank 0; rank 0 still thinks it is generation 4.
-    let _inbound = peers.services[1].expect(5, 0, 1);
+    let _inbound = peers.services[1].expect(5, 0);
     let endpoint = cluster_proto::net::endpoint(&peers.addresses[1].to_string(), None).unwrap();
     let options = OutboundOptions {
         generation: 4,
         sender: 0,
-        bf16: false,
         depth: 1,
     };
     let mut link = OutboundLink::connect(
