@@ -183,3 +183,47 @@ async fn a_departed_rank_fails_its_neighbours_fast() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_collective_picks_its_wire_encoding_on_the_same_links() {
+    // Workers open their links once per ring; a run with --bf16-allreduce still sends state
+    // (weights, byte streams packed two bytes to a float) in f32 and expects it exact.
+    let n = 2;
+    let peers = LocalPeers::start(n).await.unwrap();
+    let mut tasks = Vec::new();
+    for rank in 0..n {
+        let ring = Ring {
+            bf16: true,
+            ..Ring::new(n, rank, 1)
+        };
+        let opening = peers.links(&ring);
+        tasks.push(tokio::spawn(async move {
+            let mut links = opening.await.unwrap();
+            // 65,535 needs 16 significant bits: bf16 keeps 8.
+            let values = |rank: usize| vec![if rank == 0 { 65_535.0f32 } else { 0.0 }; 1000];
+            let exact = Ring { bf16: false, ..ring };
+            let mut buf = values(rank);
+            all_reduce(&exact, 0, &mut buf, false, &mut links.next, &mut links.prev)
+                .await
+                .unwrap();
+            let mut rounded = values(rank);
+            all_reduce(&ring, 1, &mut rounded, false, &mut links.next, &mut links.prev)
+                .await
+                .unwrap();
+            (buf, rounded)
+        }));
+    }
+    for task in tasks {
+        let (exact, rounded) = task.await.unwrap();
+        assert!(
+            exact.iter().all(|&v| v == 65_535.0),
+            "f32 collective: {}",
+            exact[0]
+        );
+        assert!(
+            rounded.iter().all(|&v| v == 65_536.0),
+            "bf16 collective: {}",
+            rounded[0]
+        );
+    }
+}
