@@ -167,33 +167,27 @@ impl Values {
 
     /// `dst = values` (same length).
     pub fn copy_into(&self, dst: &mut [f32]) {
-        debug_assert_eq!(dst.len(), self.len);
-        match self.encoding {
-            Encoding::F32 => for_each_run::<4>(&self.segments, |at, run| {
-                for (d, b) in dst[at..at + run.len()].iter_mut().zip(run) {
-                    *d = f32::from_le_bytes(*b);
-                }
-            }),
-            Encoding::Bf16 => for_each_run::<2>(&self.segments, |at, run| {
-                for (d, b) in dst[at..at + run.len()].iter_mut().zip(run) {
-                    *d = from_bf16_bytes(*b);
-                }
-            }),
-        }
+        self.zip_into(dst, |d, v| *d = v);
     }
 
     /// `dst += values` (same length).
     pub fn add_into(&self, dst: &mut [f32]) {
+        self.zip_into(dst, |d, v| *d += v);
+    }
+
+    /// `op(dst[i], values[i])` for every value, decoded from the wire as it is read.
+    #[inline(always)]
+    fn zip_into(&self, dst: &mut [f32], op: impl Fn(&mut f32, f32)) {
         debug_assert_eq!(dst.len(), self.len);
         match self.encoding {
             Encoding::F32 => for_each_run::<4>(&self.segments, |at, run| {
                 for (d, b) in dst[at..at + run.len()].iter_mut().zip(run) {
-                    *d += f32::from_le_bytes(*b);
+                    op(d, f32::from_le_bytes(*b));
                 }
             }),
             Encoding::Bf16 => for_each_run::<2>(&self.segments, |at, run| {
                 for (d, b) in dst[at..at + run.len()].iter_mut().zip(run) {
-                    *d += from_bf16_bytes(*b);
+                    op(d, from_bf16_bytes(*b));
                 }
             }),
         }
