@@ -172,10 +172,10 @@ pub fn chunk_range(len: usize, n: usize, c: usize) -> Range<usize> {
 /// The rounds are not run one after another: each arriving piece is handled as soon as it
 /// arrives and what it yields goes straight out again, so every piece streams around the
 /// ring on its own and the rounds overlap (a piece's later rounds can only follow its
-/// earlier ones, so the result does not depend on the interleaving). In the reduce-scatter a partial sum is written once, into the buffer that
-/// is sent on (never into `buf`); the finished sum goes into `buf` and out in the same pass;
-/// in the all-gather an arrived piece is copied into `buf` and forwarded in the buffers it
-/// arrived in.
+/// earlier ones, so the result does not depend on the interleaving). In the reduce-scatter
+/// a partial sum is written once, into the buffer that is sent on (never into `buf`); the
+/// finished sum goes into `buf` and out; in the all-gather an arrived piece is copied into
+/// `buf` and forwarded in the buffers it arrived in.
 pub async fn all_reduce<N: Link, P: Link>(
     ring: &Ring,
     step: u64,
@@ -205,16 +205,6 @@ pub async fn all_reduce<N: Link, P: Link>(
     let work = stream_rounds(ring, step, buf, average, out_tx, prev);
     tokio::try_join!(send, work)?;
     Ok(())
-}
-
-/// What an arriving piece is for.
-enum Role {
-    /// A partial sum: add this rank's values and forward.
-    Partial,
-    /// The last partial sum of the chunk this rank owns: finish it, keep it, send it.
-    Finish,
-    /// A finished piece: keep it, and forward it unless this is the last round.
-    Finished { forward: bool },
 }
 
 /// The pieces a rank receives come in `2(n-1)` streams, one per phase and round, each
@@ -253,7 +243,7 @@ impl Rounds {
             Phase::ReduceScatter => round as usize + 1,
             Phase::AllGather => round as usize,
         };
-        (self.rank + self.n - back % self.n) % self.n
+        (self.rank + self.n - back) % self.n
     }
 
     /// The next tag expected in the stream of `phase` and `round` (rounds past the last are
@@ -353,19 +343,14 @@ async fn stream_rounds<P: Link>(
         let chunk = expected.chunk as usize;
         let at = range.start + filled;
         let mine = &mut buf[at..at + len];
-        let role = match phase {
-            Phase::ReduceScatter if round < last => Role::Partial,
-            Phase::ReduceScatter => Role::Finish,
-            Phase::AllGather => Role::Finished {
-                forward: round < last,
-            },
-        };
-        match role {
-            Role::Partial => queue(Piece {
+        match phase {
+            // A partial sum: add this rank's values and send it on.
+            Phase::ReduceScatter if round < last => queue(Piece {
                 tag: tag(phase, round + 1, chunk, filled),
                 data: piece.data.plus(mine, encoding),
             }),
-            Role::Finish => {
+            // The last partial sum of the chunk this rank owns: finish it, keep it, send it.
+            Phase::ReduceScatter => {
                 piece.data.add_into(mine);
                 finish_owned(mine, scale, ring.bf16);
                 queue(Piece {
@@ -373,9 +358,10 @@ async fn stream_rounds<P: Link>(
                     data: Values::encode(mine, encoding),
                 });
             }
-            Role::Finished { forward } => {
+            // A finished piece: keep it, and send it on unless this is the last round.
+            Phase::AllGather => {
                 piece.data.copy_into(mine);
-                if forward {
+                if round < last {
                     queue(Piece {
                         tag: tag(phase, round + 1, chunk, filled),
                         data: piece.data,
