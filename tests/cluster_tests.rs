@@ -914,6 +914,7 @@ fn local_mode_runs_the_whole_cluster_from_one_command() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["workers"], 2);
+    assert_eq!(report["devices"], serde_json::json!(["cpu", "cpu"]));
     assert_eq!(report["test_images"], 20);
     assert_eq!(report["classes"].as_array().unwrap().len(), 10);
     assert_eq!(report["phases"]["head"]["epochs"], 1);

@@ -40,9 +40,14 @@ pub struct StartArgs {
     /// fresh join token is made unless one is given).
     #[arg(long, value_name = "N")]
     pub local: Option<usize>,
-    /// With --local: GPUs for the workers, one per worker in order (CPU when absent).
+    /// With --local: GPUs for the workers, one per worker in order (CPU when absent); a GPU
+    /// may be listed twice to run two workers on it.
     #[arg(long, value_delimiter = ',', value_name = "0,1,...", requires = "local")]
     pub gpus: Vec<usize>,
+    /// With --local and --gpus: the workers' GPU backend, `cuda` or `wgpu` (Vulkan); by
+    /// default CUDA when the worker binary has it, else wgpu.
+    #[arg(long, value_name = "BACKEND", value_parser = ["cuda", "wgpu"], requires = "gpus")]
+    pub gpu_backend: Option<String>,
     /// With --local: the CPU backend of the workers without a GPU: `flex` (Burn's own) or
     /// `libtorch` (PyTorch's CPU kernels; needs a worker built with `--features libtorch`).
     #[arg(long, value_name = "BACKEND", value_parser = ["flex", "libtorch"], requires = "local")]

@@ -36,15 +36,31 @@ pub fn worker_binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
         })
 }
 
-/// The device flags of local worker `index`: `--gpu G` from `gpus` (one per worker), or
-/// `--cpu` with `cpu_backend` when one was chosen (else the worker's default or its
-/// `EFFNET_CPU_BACKEND`).
-pub fn device_args(index: usize, gpus: &[usize], cpu_backend: Option<&str>) -> Vec<String> {
-    match (gpus.get(index), cpu_backend) {
-        (Some(gpu), _) => vec!["--gpu".into(), gpu.to_string()],
-        (None, Some(backend)) => vec!["--cpu".into(), "--cpu-backend".into(), backend.into()],
-        (None, None) => vec!["--cpu".into()],
+/// The backends local workers run on, as chosen on the command line (`None`: the worker's
+/// default, or its `EFFNET_GPU_BACKEND` / `EFFNET_CPU_BACKEND`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Backends {
+    /// `cuda` or `wgpu`, for the workers with a GPU.
+    pub gpu: Option<String>,
+    /// `flex` or `libtorch`, for the workers without one.
+    pub cpu: Option<String>,
+}
+
+/// The device flags of local worker `index`: `--gpu G` from `gpus` (one per worker) with the
+/// GPU backend when one was chosen, or `--cpu` with the CPU backend when one was chosen.
+pub fn device_args(index: usize, gpus: &[usize], backends: &Backends) -> Vec<String> {
+    let mut args = match gpus.get(index) {
+        Some(gpu) => vec!["--gpu".into(), gpu.to_string()],
+        None => vec!["--cpu".into()],
+    };
+    let (flag, backend) = match gpus.get(index) {
+        Some(_) => ("--gpu-backend", &backends.gpu),
+        None => ("--cpu-backend", &backends.cpu),
+    };
+    if let Some(backend) = backend {
+        args.extend([flag.to_string(), backend.clone()]);
     }
+    args
 }
 
 /// Where local worker `index` serves its metrics when the coordinator serves its own on
@@ -65,8 +81,8 @@ pub struct LocalWorkers {
     pub binary: PathBuf,
     /// GPUs, one per worker in order (CPU for the rest).
     pub gpus: Vec<usize>,
-    /// The CPU backend of the CPU workers (`flex` or `libtorch`), when chosen.
-    pub cpu_backend: Option<String>,
+    /// The workers' backends, when chosen.
+    pub backends: Backends,
     /// The coordinator's address.
     pub address: String,
     /// The join token.
@@ -90,7 +106,7 @@ impl LocalWorkers {
             .arg(&self.address)
             .arg("--name")
             .arg(format!("local-{i}"))
-            .args(device_args(i, &self.gpus, self.cpu_backend.as_deref()));
+            .args(device_args(i, &self.gpus, &self.backends));
         if let Some(base) = self.metrics {
             command
                 .arg("--metrics-listen")
@@ -156,11 +172,24 @@ mod tests {
 
     #[test]
     fn gpus_map_to_workers_in_order_and_the_rest_use_the_cpu() {
-        assert_eq!(device_args(0, &[3, 5], None), ["--gpu", "3"]);
-        assert_eq!(device_args(1, &[3, 5], Some("libtorch")), ["--gpu", "5"]);
-        assert_eq!(device_args(0, &[], None), ["--cpu"]);
+        let none = Backends::default();
+        let both = Backends {
+            gpu: Some("wgpu".into()),
+            cpu: Some("libtorch".into()),
+        };
+        let cpu_only = Backends {
+            cpu: Some("libtorch".into()),
+            ..Backends::default()
+        };
+        assert_eq!(device_args(0, &[3, 5], &none), ["--gpu", "3"]);
+        assert_eq!(device_args(1, &[3, 5], &cpu_only), ["--gpu", "5"]);
         assert_eq!(
-            device_args(2, &[3, 5], Some("libtorch")),
+            device_args(1, &[0, 0], &both),
+            ["--gpu", "0", "--gpu-backend", "wgpu"]
+        );
+        assert_eq!(device_args(0, &[], &none), ["--cpu"]);
+        assert_eq!(
+            device_args(2, &[3, 5], &both),
             ["--cpu", "--cpu-backend", "libtorch"]
         );
     }

@@ -145,7 +145,10 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
         let local = coordinator::local::LocalWorkers {
             binary: binary.clone(),
             gpus: args.gpus.clone(),
-            cpu_backend: args.cpu_backend.clone(),
+            backends: coordinator::local::Backends {
+                gpu: args.gpu_backend.clone(),
+                cpu: args.cpu_backend.clone(),
+            },
             address,
             token: token.clone(),
             log_format: log_format.to_string(),

@@ -66,6 +66,9 @@ pub fn report(run: &Run) -> Value {
         "weights": run.config.weights,
         "data": run.config.data,
         "workers": run.expected,
+        // What the workers ran on (`cpu`, `cuda:0`, `vulkan:0 (llvmpipe ...)`), in the order
+        // of their names.
+        "devices": run.devices.values().cloned().collect::<Vec<String>>(),
         "test_loss": tested.and_then(|e| e.test_loss),
         "test_accuracy": tested.and_then(|e| e.test_accuracy),
         "test_images": confusion.iter().flatten().sum::<u64>(),

@@ -239,6 +239,9 @@ pub struct Run {
     pub expected: usize,
     /// Known workers by id.
     pub workers: BTreeMap<String, Worker>,
+    /// The device of every worker that joined, by worker name (for the report: workers leave
+    /// when the run ends).
+    pub devices: BTreeMap<String, String>,
     /// Ring generation: 0 before the first ring.
     pub generation: u64,
     /// Where the run is.
@@ -310,6 +313,7 @@ impl Run {
             config,
             expected,
             workers: BTreeMap::new(),
+            devices: BTreeMap::new(),
             generation: 0,
             stage: Stage::Waiting,
             plan,
@@ -387,6 +391,7 @@ impl Run {
         let _ = orders.send(Ok(welcome));
         tracing::info!(worker = %id, name = %request.name, address = %request.advertise, device = %request.device,
             joined = self.workers.len() + 1, expected = self.expected, "worker joined");
+        self.devices.insert(request.name.clone(), request.device.clone());
         self.workers.insert(
             id.clone(),
             Worker {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use cluster_proto::net::SecurityArgs;
 
-use crate::device::CpuBackend;
+use crate::device::{Choice, CpuBackend, GpuBackend};
 use crate::modelfile::WeightsSource;
 
 /// The command line.
@@ -134,9 +134,14 @@ pub struct BenchAllreduceArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
-    /// Run on CUDA device N (needs a binary built with `--features cuda`).
+    /// Run on GPU N: CUDA device N, or the Nth wgpu (Vulkan) adapter with `--gpu-backend
+    /// wgpu` (needs a binary built with `--features cuda` or `--features wgpu`).
     #[arg(long, value_name = "N", conflicts_with = "cpu")]
     pub gpu: Option<usize>,
+    /// GPU backend for `--gpu`: `cuda` or `wgpu`; by default CUDA when the binary has it,
+    /// else wgpu.
+    #[arg(long, value_enum, value_name = "BACKEND", env = "EFFNET_GPU_BACKEND")]
+    pub gpu_backend: Option<GpuBackend>,
     /// Run on the CPU (the default).
     #[arg(long)]
     pub cpu: bool,
@@ -150,6 +155,17 @@ pub struct DeviceArgs {
         env = "EFFNET_CPU_BACKEND"
     )]
     pub cpu_backend: CpuBackend,
+}
+
+impl DeviceArgs {
+    /// The device these flags ask for.
+    pub fn choice(&self) -> Choice {
+        Choice {
+            gpu: self.gpu,
+            gpu_backend: self.gpu_backend,
+            cpu_backend: self.cpu_backend,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -239,6 +255,9 @@ pub struct BenchModelArgs {
     /// Images per epoch for the epoch-time columns (CIFAR-10's official training split).
     #[arg(long, default_value_t = crate::bench::CIFAR10_TRAIN_IMAGES)]
     pub epoch_images: usize,
+    /// Print the measurements as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }

@@ -99,8 +99,13 @@ pub enum Error {
     },
 
     /// The requested device cannot be used with this build or machine.
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+
+    /// A copy between the host and the compute device failed (the device was lost, or a
+    /// kernel before the copy failed).
     #[error("{0}")]
-    Device(String),
+    Transfer(String),
 
     /// Talking to the coordinator or the other workers failed, or the run was stopped.
     #[error("{0}")]
@@ -116,6 +121,10 @@ pub enum Error {
     /// Writing or reading a checkpoint failed.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::Error),
+
+    /// Reading the dataset failed.
+    #[error(transparent)]
+    Dataset(#[from] dataset::Error),
 }
 
 impl Error {

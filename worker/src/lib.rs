@@ -1,7 +1,8 @@
 //! The worker: EfficientNet models on Burn, weight loading, prediction and training.
 //!
 //! Everything here is generic over the compute device: the same code runs on Burn's CPU
-//! backend (flex) and, with the `cuda` feature, on NVIDIA GPUs.
+//! backend (flex), with the `cuda` feature on NVIDIA GPUs, and with the `wgpu` feature on any
+//! GPU with a Vulkan (Metal, DirectX 12) driver.
 
 pub mod augment;
 pub mod bench;
@@ -24,6 +25,7 @@ pub mod phase;
 pub mod predict;
 pub mod resume;
 pub mod train;
+pub mod transfer;
 pub mod weights;
 
 pub use error::{Error, Result};

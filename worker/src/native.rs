@@ -478,10 +478,10 @@ mod tests {
     use burn::tensor::ops::ConvOptions;
     use burn::tensor::{Device, Distribution, Tensor, activation, module};
 
-    use crate::device::{CpuBackend, select};
+    use crate::device::{CpuBackend, cpu};
 
     fn libtorch() -> Device {
-        select(None, CpuBackend::Libtorch).unwrap().autodiff()
+        cpu(CpuBackend::Libtorch).unwrap().autodiff()
     }
 
     fn values<const D: usize>(x: Tensor<D>) -> Vec<f32> {
