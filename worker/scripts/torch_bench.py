@@ -1,11 +1,13 @@
-"""PyTorch CPU reference for `worker bench model`: torchvision EfficientNet-B0 throughput.
+"""PyTorch reference for `worker bench model`: torchvision EfficientNet-B0 throughput.
 
 Prints one JSON line: {"torch": VERSION, "threads": N, "infer": IMG_PER_SEC, "train": ...,
 "phase1": ..., "phase1_cached": ..., "phase2": ...}, the same workloads as the Rust bench:
 inference; a full training step (ImageNet top); phase 1 (frozen backbone in eval mode, a new
 10-class head trained); phase 1 from precomputed pooled features (the head alone); phase 2
 (everything trained but BatchNorm, which is in eval mode with its parameters frozen).
-Arguments: batch size, image size, warmup iterations, measured iterations, threads.
+Arguments: batch size, image size, warmup iterations, measured iterations, threads, and
+optionally the device (`cpu`, the default, or `cuda` for GPU 0, where times wait for the GPU;
+without a CUDA GPU it falls back to the CPU and says so in "device").
 """
 import json
 import sys
@@ -15,9 +17,18 @@ import torch
 import torchvision
 
 batch, size, warmup, iters, threads = (int(a) for a in sys.argv[1:6])
+device = torch.device(sys.argv[6] if len(sys.argv) > 6 else "cpu")
+if device.type == "cuda" and not torch.cuda.is_available():
+    # The worker's GPU is a Vulkan device PyTorch cannot use (a software one, say).
+    device = torch.device("cpu")
 torch.manual_seed(0)
 torch.set_num_threads(threads)
-x = torch.rand(batch, 3, size, size) * 255
+x = torch.rand(batch, 3, size, size, device=device) * 255
+
+
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def median(v):
@@ -29,6 +40,7 @@ def timed(step):
     for i in range(warmup + iters):
         t = time.perf_counter()
         step()
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return batch / median(times)
@@ -37,7 +49,7 @@ def timed(step):
 def transfer_model():
     model = torchvision.models.efficientnet_b0()
     model.classifier[1] = torch.nn.Linear(1280, 10)
-    return model
+    return model.to(device)
 
 
 def train_rate(model, params, labels, forward):
@@ -53,16 +65,17 @@ def train_rate(model, params, labels, forward):
     return timed(step)
 
 
-results = {"torch": torch.__version__, "threads": threads}
+results = {"torch": torch.__version__, "threads": threads, "device": str(device)}
 
-model = torchvision.models.efficientnet_b0().eval()
+model = torchvision.models.efficientnet_b0().to(device).eval()
 with torch.inference_mode():
     results["infer"] = timed(lambda: model(x))
 
-model = torchvision.models.efficientnet_b0().train()
-results["train"] = train_rate(model, model.parameters(), torch.arange(batch) * 37 % 1000, lambda: model(x))
+model = torchvision.models.efficientnet_b0().to(device).train()
+labels = (torch.arange(batch) * 37 % 1000).to(device)
+results["train"] = train_rate(model, model.parameters(), labels, lambda: model(x))
 
-labels = torch.arange(batch) * 37 % 10
+labels = (torch.arange(batch) * 37 % 10).to(device)
 
 # Phase 1: the backbone frozen and in inference mode; only the head trains.
 model = transfer_model()

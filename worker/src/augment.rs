@@ -5,11 +5,16 @@
 //! of 90 degrees of rotation. Each sample's choice comes from `(seed, epoch, dataset index)`,
 //! so a run is reproducible whatever the number of workers or the batch a sample lands in.
 
+// Host-device copies go through `Transfers`, which counts them (transfer_tests.rs).
+#![deny(clippy::disallowed_methods)]
+
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 use dataset::sampler::SplitMix64;
 use dataset::source::Sample;
+
+use crate::transfer::Transfers;
 
 /// Which random transforms to apply while training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -124,9 +129,16 @@ impl Variant {
     }
 }
 
-/// Upload `samples`, resize each to `size` x `size` (bilinear) and apply `variants` (one per
-/// sample, or empty for none).
-pub fn to_input(samples: &[Sample], size: usize, variants: &[Variant], device: &Device) -> Tensor<4> {
+/// Upload `samples` through `transfers` (one copy when they share a size, as CIFAR's do),
+/// resize each to `size` x `size` (bilinear) and apply `variants` (one per sample, or empty for
+/// none).
+pub fn to_input(
+    transfers: &Transfers,
+    samples: &[Sample],
+    size: usize,
+    variants: &[Variant],
+    device: &Device,
+) -> Tensor<4> {
     let same_size = samples
         .windows(2)
         .all(|w| (w[0].width, w[0].height) == (w[1].width, w[1].height));
@@ -137,7 +149,7 @@ pub fn to_input(samples: &[Sample], size: usize, variants: &[Variant], device: &
             .iter()
             .flat_map(|s| s.rgb.iter().map(|&v| f32::from(v)))
             .collect();
-        let batch = Tensor::<4>::from_data(TensorData::new(data, [samples.len(), h, w, 3]), device);
+        let batch: Tensor<4> = transfers.upload(TensorData::new(data, [samples.len(), h, w, 3]), device);
         let batch = resize(batch.permute([0, 3, 1, 2]), size);
         if variants.is_empty() {
             return batch;
@@ -150,7 +162,7 @@ pub fn to_input(samples: &[Sample], size: usize, variants: &[Variant], device: &
             .iter()
             .map(|s| {
                 let data: Vec<f32> = s.rgb.iter().map(|&v| f32::from(v)).collect();
-                let t = Tensor::<4>::from_data(TensorData::new(data, [1, s.height, s.width, 3]), device);
+                let t: Tensor<4> = transfers.upload(TensorData::new(data, [1, s.height, s.width, 3]), device);
                 resize(t.permute([0, 3, 1, 2]), size)
             })
             .collect()
@@ -179,6 +191,8 @@ fn resize(x: Tensor<4>, size: usize) -> Tensor<4> {
 }
 
 #[cfg(test)]
+// The tests read results back directly: they check values, not the copies.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 
@@ -208,7 +222,16 @@ mod tests {
         let device = Device::flex();
         // 2x2 image, red channel = 10 * (y * 2 + x): [[0, 10], [20, 30]].
         let s = sample(2, 2, |x, y, c| if c == 0 { (10 * (y * 2 + x)) as u8 } else { 0 });
-        let red = |v: Variant| values(to_input(std::slice::from_ref(&s), 2, &[v], &device))[..4].to_vec();
+        let red = |v: Variant| {
+            values(to_input(
+                &Transfers::default(),
+                std::slice::from_ref(&s),
+                2,
+                &[v],
+                &device,
+            ))[..4]
+                .to_vec()
+        };
         assert_eq!(red(Variant::default()), [0., 10., 20., 30.]);
         assert_eq!(
             red(Variant {
@@ -253,10 +276,22 @@ mod tests {
                 flip_ud: bits & 2 == 2,
                 quarter_turns: bits >> 2,
             };
-            let pixels = values(to_input(std::slice::from_ref(&s), 3, &[v], &device));
+            let pixels = values(to_input(
+                &Transfers::default(),
+                std::slice::from_ref(&s),
+                3,
+                &[v],
+                &device,
+            ));
             assert_eq!(
                 pixels,
-                values(to_input(std::slice::from_ref(&s), 3, &[v.canonical()], &device)),
+                values(to_input(
+                    &Transfers::default(),
+                    std::slice::from_ref(&s),
+                    3,
+                    &[v.canonical()],
+                    &device
+                )),
                 "{v:?}"
             );
             assert!(!v.canonical().flip_ud && v.canonical().id() == v.id());
@@ -312,7 +347,7 @@ mod tests {
         let device = Device::flex();
         let a = sample(32, 32, |_, _, c| [200, 100, 50][c]);
         let b = sample(7, 5, |_, _, c| [1, 2, 3][c]);
-        let t = to_input(&[a, b], 16, &[], &device);
+        let t = to_input(&Transfers::default(), &[a, b], 16, &[], &device);
         assert_eq!(t.dims(), [2, 3, 16, 16]);
         let v = values(t);
         let plane = 256;

@@ -9,16 +9,26 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
 use crate::config::EfficientNetConfig;
+use crate::error::Result;
+use crate::grads::{flatten, unflatten};
 use crate::model::Classifier;
 use crate::phase::{self, Phase};
+use crate::transfer::{TransferCounts, Transfers};
 
-/// Median images per second of one measured operation.
+/// Median images per second of one measured operation, and its host-device copies.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Throughput {
     /// Median over the measured iterations.
     pub images_per_sec: f64,
     /// Median seconds per iteration.
     pub secs_per_iter: f64,
+    /// Median seconds per iteration spent copying between host and device (the device is
+    /// synchronised first, so this is the copies alone, not the compute they would wait for).
+    pub transfer_secs_per_iter: f64,
+    /// Copies to the host per iteration.
+    pub downloads_per_iter: u64,
+    /// Copies to the device per iteration.
+    pub uploads_per_iter: u64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -27,22 +37,39 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Run `op` `warmup` times untimed, then `iters` times timed; the median gives the rate.
-fn measure(batch: usize, warmup: usize, iters: usize, mut op: impl FnMut()) -> Throughput {
+/// `op` returns the copies it made.
+fn measure(
+    batch: usize,
+    warmup: usize,
+    iters: usize,
+    mut op: impl FnMut() -> Result<TransferCounts>,
+) -> Result<Throughput> {
     for _ in 0..warmup {
-        op();
+        op()?;
     }
-    let times: Vec<f64> = (0..iters.max(1))
-        .map(|_| {
-            let start = Instant::now();
-            op();
-            start.elapsed().as_secs_f64()
-        })
-        .collect();
+    let mut times = Vec::new();
+    let mut copies = Vec::new();
+    for _ in 0..iters.max(1) {
+        let start = Instant::now();
+        copies.push(op()?);
+        times.push(start.elapsed().as_secs_f64());
+    }
     let secs = median(times);
-    Throughput {
+    let last = copies.last().copied().unwrap_or_default();
+    Ok(Throughput {
         images_per_sec: batch as f64 / secs,
         secs_per_iter: secs,
-    }
+        transfer_secs_per_iter: median(copies.iter().map(|c| c.seconds).collect()),
+        downloads_per_iter: last.downloads,
+        uploads_per_iter: last.uploads,
+    })
+}
+
+/// Wait for queued work, so that a copy timed after it is the copy alone.
+fn sync(device: &Device) -> Result<()> {
+    device
+        .sync()
+        .map_err(|e| crate::Error::Transfer(format!("waiting for the device: {e:?}")))
 }
 
 /// What a model benchmark measures, per batch.
@@ -99,8 +126,8 @@ const TRANSFER_CLASSES: usize = 10;
 
 /// Throughput of `workload` on `batch` random images of `size` pixels: `warmup` untimed
 /// iterations, then the median of `iters` timed ones. A training step is what a worker does
-/// per step apart from the all-reduce: forward, loss, backward, gradients gathered per
-/// parameter and an Adam update.
+/// per step apart from the all-reduce: forward, loss, backward, the gradients copied to the
+/// host in one buffer and back, and an Adam update.
 pub fn model(
     cfg: &EfficientNetConfig,
     workload: Workload,
@@ -109,14 +136,19 @@ pub fn model(
     warmup: usize,
     iters: usize,
     device: &Device,
-) -> Throughput {
+) -> Result<Throughput> {
     let inner = device.clone().inner();
+    let transfers = Transfers::default();
     if workload == Workload::Inference {
         let model = Classifier::new(cfg, 1000, &inner);
         let x = Tensor::<4>::random([batch, 3, size, size], Distribution::Uniform(0.0, 255.0), &inner);
         return measure(batch, warmup, iters, || {
-            // Reading the result forces the (possibly asynchronous) computation to finish.
-            let _ = model.forward(x.clone()).into_data();
+            let logits = model.forward(x.clone());
+            sync(&inner)?;
+            let before = transfers.snapshot();
+            // Reading the result is what a caller of inference does.
+            transfers.download(logits)?;
+            Ok(transfers.snapshot() - before)
         });
     }
     let device = device.clone().autodiff();
@@ -149,52 +181,68 @@ pub fn model(
     // Taken out and put back each step: the optimizer consumes the model.
     let mut model = Some(model);
     measure(batch, warmup, iters, || {
-        let Some(m) = model.take() else { return };
+        let Some(m) = model.take() else {
+            return Ok(TransferCounts::default());
+        };
         let logits = match (&cached, &frozen) {
             (Some(cached), _) => m.head.forward(cached.clone()),
             (None, Some(frozen)) => m.head.forward(features(frozen)),
             (None, None) => m.forward(x.clone()),
         };
         let loss = loss_fn.forward(logits, y.clone());
-        // Phase 1 updates the head alone, as the trainer does.
+        // Phase 1 updates the head alone, as the trainer does; the gradients go to the host
+        // and back as they do around the all-reduce.
+        let before;
         model = Some(match frozen {
             Some(_) => {
                 let grads = GradientsParams::from_grads(loss.backward(), &m.head);
+                sync(&inner)?;
+                before = transfers.snapshot();
+                let flat = flatten(&m.head, &grads, &transfers)?;
+                let grads = unflatten(&m.head, &grads, &flat, &transfers);
                 let mut m = m;
                 m.head = optim.step(1e-4, m.head, grads);
                 m
             }
             None => {
                 let grads = GradientsParams::from_grads(loss.backward(), &m);
+                sync(&inner)?;
+                before = transfers.snapshot();
+                let flat = flatten(&m, &grads, &transfers)?;
+                let grads = unflatten(&m, &grads, &flat, &transfers);
                 optim.step(1e-4, m, grads)
             }
         });
-        let _ = loss.into_data();
+        let copies = transfers.snapshot() - before;
+        // The update is queued; wait for it so that the step is timed whole.
+        sync(&inner)?;
+        Ok(copies)
     })
 }
 
 /// What a worker adds around the all-reduce each step: the gradients of every parameter of
 /// `cfg`'s model copied into one buffer and back into tensors. Returns the number of values and
 /// the median seconds of `iters` round trips.
-pub fn gradient_copies(cfg: &EfficientNetConfig, iters: usize, device: &Device) -> (usize, f64) {
-    use crate::grads::{flatten, unflatten};
+pub fn gradient_copies(cfg: &EfficientNetConfig, iters: usize, device: &Device) -> Result<(usize, f64)> {
+    let transfers = Transfers::default();
     let device = device.clone().autodiff();
     let model = Classifier::new(cfg, 1000, &device);
     // The gradients' size does not depend on the input's: a small one is enough.
     let x = Tensor::<4>::random([2, 3, 64, 64], Distribution::Uniform(0.0, 255.0), &device);
     let grads = GradientsParams::from_grads(model.forward(x).sum().backward(), &model);
     let mut len = 0;
-    let times: Vec<f64> = (0..iters.max(1))
-        .map(|_| {
-            let start = Instant::now();
-            let flat = flatten(&model, &grads);
-            len = flat.len();
-            let back = unflatten(&model, &grads, &flat);
-            drop(back);
-            start.elapsed().as_secs_f64()
-        })
-        .collect();
-    (len, median(times))
+    let mut times = Vec::new();
+    for _ in 0..iters.max(1) {
+        sync(&device)?;
+        let start = Instant::now();
+        let flat = flatten(&model, &grads, &transfers)?;
+        len = flat.len();
+        let back = unflatten(&model, &grads, &flat, &transfers);
+        drop(back);
+        sync(&device)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok((len, median(times)))
 }
 
 /// Images per epoch of CIFAR-10's official training split (50,000 less 10% validation).
@@ -217,7 +265,7 @@ pub fn data_pipeline(
     size: usize,
     augment: crate::augment::Augment,
     device: &Device,
-) -> dataset::Result<PipelineThroughput> {
+) -> Result<PipelineThroughput> {
     use crate::augment::{Variant, to_input};
     use dataset::loader::{Prefetcher, batches};
     let indices: Vec<usize> = dataset.train.iter().copied().take(images).collect();
@@ -236,9 +284,10 @@ pub fn data_pipeline(
             .iter()
             .map(|&i| Variant::draw(augment, 0, 0, i))
             .collect();
-        let x = to_input(&b.samples, size, &variants, device);
-        // Reading the data back waits for the device to finish.
-        let _ = x.narrow(0, 0, 1).into_data();
+        let x = to_input(&Transfers::default(), &b.samples, size, &variants, device);
+        // The resize and augmentation kernels are queued: wait for them.
+        drop(x);
+        sync(device)?;
     }
     Ok(PipelineThroughput {
         read_decode,

@@ -13,6 +13,9 @@
 //! feature vector for a linear head (pooling has no parameters), the whole feature map for
 //! the tutorial's convolutional head.
 
+// Host-device copies go through `Transfers`, which counts them (transfer_tests.rs).
+#![deny(clippy::disallowed_methods)]
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -21,6 +24,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::error::{Error, Result};
+use crate::transfer::Transfers;
 
 /// Where the cache may keep entries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,9 +110,11 @@ impl FeatureCache {
     /// The features of `keys` (dataset index, variant id) as one `[n, c, h, w]` tensor on
     /// `device`, in order. Pairs not cached yet are computed together by `compute`, which gets
     /// their positions in `keys` and returns their features in that order; they are then kept
-    /// as the budget allows.
+    /// as the budget allows. Entries spilled to disk cross between host and device through
+    /// `transfers`; those in device memory do not.
     pub fn features(
         &mut self,
+        transfers: &Transfers,
         keys: &[(usize, u8)],
         device: &Device,
         compute: impl FnOnce(&[usize]) -> Result<Tensor<4>>,
@@ -116,7 +122,7 @@ impl FeatureCache {
         let mut rows: Vec<Option<Tensor<4>>> = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
         for (pos, &(index, variant)) in keys.iter().enumerate() {
-            let row = self.get(key(index, variant), device)?;
+            let row = self.get(transfers, key(index, variant), device)?;
             if row.is_none() {
                 missing.push(pos);
             }
@@ -136,14 +142,14 @@ impl FeatureCache {
             for (j, &pos) in missing.iter().enumerate() {
                 let row = computed.clone().narrow(0, j, 1);
                 let (index, variant) = keys[pos];
-                self.insert(key(index, variant), [c, h, w], &row)?;
+                self.insert(transfers, key(index, variant), [c, h, w], &row)?;
                 rows[pos] = Some(row);
             }
         }
         Ok(Tensor::cat(rows.into_iter().flatten().collect(), 0))
     }
 
-    fn get(&mut self, key: u64, device: &Device) -> Result<Option<Tensor<4>>> {
+    fn get(&mut self, transfers: &Transfers, key: u64, device: &Device) -> Result<Option<Tensor<4>>> {
         let (Some(slot), Some(dims)) = (self.slots.get(&key), self.dims) else {
             return Ok(None);
         };
@@ -164,15 +170,14 @@ impl FeatureCache {
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect();
                 let [c, h, w] = dims;
-                Ok(Some(Tensor::from_data(
-                    TensorData::new(values, [1, c, h, w]),
-                    device,
-                )))
+                Ok(Some(
+                    transfers.upload(TensorData::new(values, [1, c, h, w]), device),
+                ))
             }
         }
     }
 
-    fn insert(&mut self, key: u64, dims: [usize; 3], row: &Tensor<4>) -> Result<()> {
+    fn insert(&mut self, transfers: &Transfers, key: u64, dims: [usize; 3], row: &Tensor<4>) -> Result<()> {
         if self.slots.contains_key(&key) {
             // A pair drawn twice in one batch (the padding of an epoch's last step).
             return Ok(());
@@ -197,12 +202,7 @@ impl FeatureCache {
             return Ok(());
         }
         let offset = self.stats.disk_bytes;
-        let values = row
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| Error::Cluster(format!("feature cache: {e:?}")))?;
+        let values = transfers.download_f32(row.clone())?;
         let encoded: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let spill = match &mut self.spill {
             Some(spill) => spill,
@@ -262,6 +262,8 @@ fn open_spill(dir: &Path) -> Result<Spill> {
 }
 
 #[cfg(test)]
+// The tests read results back directly: they check values, not the copies.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use std::cell::Cell;
@@ -291,7 +293,7 @@ mod tests {
         let device = Device::flex();
         let computed = Cell::new(Vec::new());
         let t = cache
-            .features(keys, &device, |missing| {
+            .features(&Transfers::default(), keys, &device, |missing| {
                 computed.set(missing.to_vec());
                 let data: Vec<f32> = missing.iter().flat_map(|&p| row(keys[p].0, keys[p].1)).collect();
                 Ok(Tensor::from_data(
@@ -367,7 +369,9 @@ mod tests {
         fetch(&mut cache, &[(1, 0)]);
         let device = Device::flex();
         let err = cache
-            .features(&[(2, 0)], &device, |_| Ok(Tensor::zeros([1, 4, 1, 1], &device)))
+            .features(&Transfers::default(), &[(2, 0)], &device, |_| {
+                Ok(Tensor::zeros([1, 4, 1, 1], &device))
+            })
             .unwrap_err()
             .to_string();
         assert!(err.contains("changed shape from [2, 1, 3] to [4, 1, 1]"), "{err}");

@@ -73,7 +73,7 @@ fn run_predict(args: PredictArgs) -> Result<()> {
     if args.top_k == 0 {
         bail!("--top-k must be at least 1");
     }
-    let device = device::select(args.device.gpu, args.device.cpu_backend)?;
+    let device = args.device.choice().select()?.device;
     let loaded =
         modelfile::load(args.model.as_deref(), &args.weights, &device).context("cannot load the model")?;
     let size = args.image_size.unwrap_or(loaded.config.resolution);
@@ -88,7 +88,7 @@ fn run_predict(args: PredictArgs) -> Result<()> {
 }
 
 fn run_evaluate(args: EvaluateArgs) -> Result<()> {
-    let device = device::select(args.device.gpu, args.device.cpu_backend)?;
+    let device = args.device.choice().select()?.device;
     let config = cluster_proto::run::RunConfig {
         data: args.data.clone(),
         image_size: args.image_size,
@@ -151,7 +151,7 @@ fn run_evaluate(args: EvaluateArgs) -> Result<()> {
 }
 
 fn run_bench_data(args: BenchDataArgs) -> Result<()> {
-    let device = device::select(args.device.gpu, args.device.cpu_backend)?;
+    let device = args.device.choice().select()?.device;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -187,10 +187,11 @@ fn run_bench_data(args: BenchDataArgs) -> Result<()> {
 fn run_bench_model(args: BenchModelArgs) -> Result<()> {
     use bench::Workload;
     let cfg = EfficientNetConfig::from_name(&args.model)?;
-    let device = device::select(args.device.gpu, args.device.cpu_backend)?;
+    let selected = args.device.choice().select()?;
+    let device = selected.device;
     let (b, s) = (args.batch_size, args.image_size);
     let backend = match args.device.gpu {
-        Some(_) => "burn cuda".to_string(),
+        Some(_) => format!("burn {}", selected.name),
         None => format!("burn {} (cpu)", args.device.cpu_backend.name()),
     };
     let mut rows = Vec::new();
@@ -205,13 +206,21 @@ fn run_bench_model(args: BenchModelArgs) -> Result<()> {
         );
         rows.push((
             workload,
-            bench::model(&cfg, workload, b, s, args.warmup, args.iters, &device),
+            bench::model(&cfg, workload, b, s, args.warmup, args.iters, &device)?,
         ));
     }
     let torch = match args.torch.as_str() {
         "no" => None,
         _ if cfg.name != "efficientnet-b0" => None,
-        mode => torch_reference(&args.python, b, s, args.warmup, args.iters).or_else(|e| {
+        mode => torch_reference(
+            &args.python,
+            b,
+            s,
+            args.warmup,
+            args.iters,
+            args.device.gpu.is_some(),
+        )
+        .or_else(|e| {
             if mode == "yes" {
                 Err(e)
             } else {
@@ -220,6 +229,35 @@ fn run_bench_model(args: BenchModelArgs) -> Result<()> {
             }
         })?,
     };
+    let (values, copy_secs) = bench::gradient_copies(&cfg, args.iters, &device)?;
+    if args.json {
+        let workloads: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(w, t)| {
+                let theirs = torch.as_ref().and_then(|(_, v)| v[w.name()].as_f64());
+                serde_json::json!({
+                    "workload": w.name(),
+                    "images_per_second": t.images_per_sec,
+                    "seconds_per_step": t.secs_per_iter,
+                    "transfer_seconds_per_step": t.transfer_secs_per_iter,
+                    "downloads_per_step": t.downloads_per_iter,
+                    "uploads_per_step": t.uploads_per_iter,
+                    "torch_images_per_second": theirs,
+                    "ratio": theirs.map(|r| t.images_per_sec / r),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": cfg.name, "batch": b, "image_size": s, "backend": backend,
+                "torch": torch.as_ref().map(|(name, _)| name.clone()),
+                "gradient_values": values, "gradient_round_trip_seconds": copy_secs,
+                "workloads": workloads,
+            }))?
+        );
+        return Ok(());
+    }
     let epoch = args.epoch_images;
     println!(
         "{} at batch {b}, {s} px; epoch time for {epoch} images (no evaluation)\n",
@@ -227,18 +265,22 @@ fn run_bench_model(args: BenchModelArgs) -> Result<()> {
     );
     let torch_name = torch.as_ref().map_or("", |(name, _)| name.as_str());
     let tw = torch_name.len().max(16);
+    let bw = backend.len().max(16);
     println!(
-        "| {:<30} | {backend:>16} | {:>13} | {torch_name:>tw$} | {:>13} | {:>7} |",
-        "workload", "epoch", "epoch", "ratio"
+        "| {:<30} | {backend:>bw$} | {:>13} | {:>11} | {:>11} | {torch_name:>tw$} | {:>13} | {:>7} |",
+        "workload", "epoch", "host copies", "copy ms", "epoch", "ratio"
     );
     println!(
-        "|{:-<32}|{:->18}|{:->15}|{:->w$}|{:->15}|{:->9}|",
+        "|{:-<32}|{:->b$}|{:->15}|{:->13}|{:->13}|{:->w$}|{:->15}|{:->9}|",
         "",
         "",
         "",
         "",
         "",
         "",
+        "",
+        "",
+        b = bw + 2,
         w = tw + 2
     );
     let hms = |rate: f64| {
@@ -253,16 +295,17 @@ fn run_bench_model(args: BenchModelArgs) -> Result<()> {
             None => (String::new(), String::new(), String::new()),
         };
         println!(
-            "| {:<30} | {:>16} | {:>13} | {rate:>tw$} | {time:>13} | {ratio:>7} |",
+            "| {:<30} | {:>bw$} | {:>13} | {:>11} | {:>11} | {rate:>tw$} | {time:>13} | {ratio:>7} |",
             workload.describe(),
             format!("{ours:.2} img/s"),
-            hms(ours)
+            hms(ours),
+            format!("{} down {} up", t.downloads_per_iter, t.uploads_per_iter),
+            format!("{:.2}", t.transfer_secs_per_iter * 1e3),
         );
     }
-    let (values, secs) = bench::gradient_copies(&cfg, args.iters, &device);
     println!(
         "\ngradients into one buffer and back (around each all-reduce): {values} values, {:.1} ms",
-        secs * 1e3
+        copy_secs * 1e3
     );
     let rate = |w: Workload| rows.iter().find(|(x, _)| *x == w).map(|(_, t)| t.images_per_sec);
     if let (Some(cached), Some(uncached)) = (rate(Workload::CachedHeadStep), rate(Workload::HeadStep)) {
@@ -278,6 +321,7 @@ fn torch_reference(
     size: usize,
     warmup: usize,
     iters: usize,
+    gpu: bool,
 ) -> Result<Option<(String, serde_json::Value)>> {
     use std::io::Write;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -289,6 +333,7 @@ fn torch_reference(
             &warmup.to_string(),
             &iters.to_string(),
             &threads.to_string(),
+            if gpu { "cuda" } else { "cpu" },
         ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -316,7 +361,11 @@ fn torch_reference(
         }
     }
     Ok(Some((
-        format!("pytorch {} cpu", v["torch"].as_str().unwrap_or("?")),
+        format!(
+            "pytorch {} {}",
+            v["torch"].as_str().unwrap_or("?"),
+            v["device"].as_str().unwrap_or("cpu")
+        ),
         v,
     )))
 }
@@ -361,8 +410,11 @@ fn join_options(cluster: &ClusterArgs, device_name: &str) -> Result<JoinOptions>
 }
 
 fn run_join(args: JoinArgs) -> Result<()> {
-    let device = device::select(args.device.gpu, args.device.cpu_backend)?;
-    let device_name = device::describe(args.device.gpu, args.device.cpu_backend);
+    let device::Selected {
+        device,
+        name: device_name,
+    } = args.device.choice().select()?;
+    tracing::info!(device = %device_name, "device");
     let options = JoinOptions {
         metrics_listen: args.metrics_listen,
         ..join_options(&args.cluster, &device_name)?
@@ -456,7 +508,7 @@ fn run_bench_allreduce(args: BenchAllreduceArgs) -> Result<()> {
             runtime
                 .block_on(worker::cluster::join(
                     options,
-                    device::select(None, device::CpuBackend::Flex)?,
+                    device::cpu(device::CpuBackend::Flex)?,
                     "cpu".into(),
                 ))
                 .map_err(anyhow::Error::from)

@@ -7,6 +7,9 @@
 //! so after every step all ranks hold bit-identical weights; the epoch report carries a
 //! checksum of them for the coordinator to compare.
 
+// Host-device copies go through `self.transfers`, which counts them (transfer_tests.rs).
+#![deny(clippy::disallowed_methods)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -35,6 +38,7 @@ use crate::model::Classifier;
 use crate::modelfile::{self, ClassLabel, LoadedModel, WeightsSource};
 use crate::phase::{self, Phase};
 use crate::resume::Parts;
+use crate::transfer::{TransferCounts, Transfers};
 use crate::weights::{ModulePath, RawTensor, WeightsFile, apply_weights, collect_tensors};
 
 /// Batches read ahead of the training step.
@@ -59,6 +63,10 @@ pub struct Trainer {
     undo: Option<Undo>,
     /// Phase 1's backbone outputs (none in phase 2 or with the cache off).
     cache: Option<FeatureCache>,
+    /// Every copy between the host and the device this trainer makes.
+    transfers: Transfers,
+    /// The last epoch's training steps, and the copies they made.
+    step_transfers: (u64, TransferCounts),
 }
 
 /// A batch ready for a training step.
@@ -68,6 +76,70 @@ struct Prepared {
     variants: Vec<Variant>,
     /// The model input, when made ahead (without the feature cache).
     input: Option<Tensor<4>>,
+    /// The batch's labels, on the training device.
+    labels: Tensor<1, Int>,
+}
+
+/// Loss and accuracy summed on the device, so that a step never waits to read them back;
+/// read once per epoch (and every [`METRICS_READ_STEPS`] steps for the metrics).
+#[derive(Clone)]
+struct DeviceTotals {
+    /// Sum of per-image losses.
+    loss: Tensor<1>,
+    /// Correct predictions (as a float: exact to 2^24 per epoch and rank).
+    correct: Tensor<1>,
+    /// Images.
+    count: u64,
+}
+
+impl DeviceTotals {
+    /// One step's: `loss` is the batch mean of `n` images.
+    fn step(loss: &Tensor<1>, logits: &Tensor<2>, labels: &Tensor<1, Int>, n: usize) -> Self {
+        let predicted = logits.clone().detach().argmax(1).reshape([-1]);
+        Self {
+            loss: loss.clone().detach().mul_scalar(n as f32),
+            correct: predicted.equal(labels.clone()).float().sum(),
+            count: n as u64,
+        }
+    }
+
+    fn add(self, other: &DeviceTotals) -> Self {
+        Self {
+            loss: self.loss + other.loss.clone(),
+            correct: self.correct + other.correct.clone(),
+            count: self.count + other.count,
+        }
+    }
+
+    /// Read back in one copy.
+    fn read(&self, transfers: &Transfers) -> Result<Totals> {
+        let both = Tensor::cat(vec![self.loss.clone(), self.correct.clone()], 0);
+        let values = transfers.download_f32(both)?;
+        let (loss, correct) = match values[..] {
+            [loss, correct] => (loss, correct),
+            _ => {
+                return Err(Error::Transfer(format!(
+                    "expected 2 totals, the device gave {}",
+                    values.len()
+                )));
+            }
+        };
+        Ok(Totals {
+            loss_sum: f64::from(loss),
+            correct: correct.round() as u64,
+            count: self.count,
+            confusion: Vec::new(),
+        })
+    }
+}
+
+/// Read the running loss for the metrics every this many steps: a read waits for the device,
+/// so not every step, but often enough for a dashboard.
+const METRICS_READ_STEPS: u64 = 50;
+
+/// Totals of `totals`, or zero when nothing was summed.
+fn read_totals(totals: Option<&DeviceTotals>, transfers: &Transfers) -> Result<Totals> {
+    totals.map_or_else(|| Ok(Totals::default()), |t| t.read(transfers))
 }
 
 /// A rank's state one step back, for the ring that follows a failure.
@@ -284,6 +356,8 @@ impl Trainer {
             completed: None,
             undo: None,
             cache: None,
+            transfers: Transfers::default(),
+            step_transfers: (0, TransferCounts::default()),
         })
     }
 
@@ -346,6 +420,8 @@ impl Trainer {
             completed: None,
             undo: None,
             cache: None,
+            transfers: Transfers::default(),
+            step_transfers: (0, TransferCounts::default()),
         })
     }
 
@@ -371,6 +447,17 @@ impl Trainer {
     /// The splits in use.
     pub fn splits(&self) -> &Splits {
         &self.splits
+    }
+
+    /// Every host-device copy this trainer has made so far.
+    pub fn transfers(&self) -> TransferCounts {
+        self.transfers.snapshot()
+    }
+
+    /// The training steps of the last epoch, and the host-device copies they made (what the
+    /// feature cache and the periodic checksums read included; the epoch's evaluation not).
+    pub fn step_transfers(&self) -> (u64, TransferCounts) {
+        self.step_transfers
     }
 
     /// Train the epoch of `work` (from its step on), then evaluate this rank's validation
@@ -483,9 +570,11 @@ impl Trainer {
             .as_mut()
             .ok_or_else(|| cluster("no optimizer for this phase"))?;
         let mut model = loaded.model;
-        let mut train = Totals::default();
-        let mut last = Totals::default();
+        // This epoch's loss and accuracy, and the last step's (a broken ring takes it back).
+        let mut train: Option<DeviceTotals> = None;
+        let mut last: Option<DeviceTotals> = None;
         let mut steps = 0u64;
+        let transfers_before = self.transfers.snapshot();
         let mut broken: Option<String> = None;
         let mut prefetch = Prefetcher::spawn(self.dataset.clone(), batch_list, PREFETCH)
             .map_err(|e| cluster(format!("data loader: {e}")))?;
@@ -496,7 +585,8 @@ impl Trainer {
         });
         let session = beat.session.load(Ordering::Relaxed);
         let size = self.config.image_size as usize;
-        let (config, device) = (&self.config, &input_device);
+        let (config, device, transfers) = (&self.config, &input_device, &self.transfers);
+        let train_device = &self.device;
         // The next batch with its variants and, without the cache, its input tensor. Run on
         // a second thread while the gradients are all-reduced, so that a step does not wait
         // for loading and preprocessing after the network.
@@ -511,11 +601,14 @@ impl Trainer {
                             .iter()
                             .map(|&i| Variant::draw_pooled(augment, pool, config.seed, global_epoch, i))
                             .collect();
-                        let input = (!cached).then(|| to_input(&batch.samples, size, &variants, device));
+                        let input =
+                            (!cached).then(|| to_input(transfers, &batch.samples, size, &variants, device));
+                        let labels = labels(transfers, &batch.samples, train_device);
                         Prepared {
                             batch,
                             variants,
                             input,
+                            labels,
                         }
                     }),
             )
@@ -542,20 +635,20 @@ impl Trainer {
                 batch,
                 variants,
                 input,
+                labels,
             } = next?;
-            let labels = labels(&batch.samples, &self.device);
+            let make_input = || to_input(transfers, &batch.samples, size, &variants, device);
             let logits = match (cache.as_mut(), &frozen) {
                 (Some(cache), Some(frozen)) => {
-                    let features = cached_head_input(cache, frozen, &batch, &variants, size, &inner)?;
+                    let features =
+                        cached_head_input(transfers, cache, frozen, &batch, &variants, size, &inner)?;
                     model.head.forward(Tensor::from_inner(features))
                 }
                 (None, Some(frozen)) => {
-                    let x = input.unwrap_or_else(|| to_input(&batch.samples, size, &variants, device));
+                    let x = input.unwrap_or_else(make_input);
                     model.head.forward(Tensor::from_inner(frozen.head_input(x)))
                 }
-                _ => {
-                    model.forward(input.unwrap_or_else(|| to_input(&batch.samples, size, &variants, device)))
-                }
+                _ => model.forward(input.unwrap_or_else(make_input)),
             };
             let loss = loss_fn.forward(logits.clone(), labels.clone());
             // Phase 1 trains the head alone, so its gradients, the all-reduce buffer and the
@@ -567,9 +660,10 @@ impl Trainer {
                 true => GradientsParams::from_grads(loss.backward(), &model.head),
                 false => GradientsParams::from_grads(loss.backward(), &model),
             };
+            // One copy to the host for all the gradients; it also waits for the backward pass.
             let mut flat = match head_only {
-                true => flatten(&model.head, &grads),
-                false => flatten(&model, &grads),
+                true => flatten(&model.head, &grads, transfers)?,
+                false => flatten(&model, &grads, transfers)?,
             };
             let (share, total) = weights[steps as usize];
             if share * io.ring.world != total {
@@ -604,8 +698,8 @@ impl Trainer {
                 .allreduce_bytes
                 .inc_by(collective::bytes_sent(&io.ring, flat.len()));
             let grads = match head_only {
-                true => unflatten(&model.head, &grads, &flat),
-                false => unflatten(&model, &grads, &flat),
+                true => unflatten(&model.head, &grads, &flat, transfers),
+                false => unflatten(&model, &grads, &flat, transfers),
             };
             // Burn's tensors share storage, so keeping the previous step copies nothing here;
             // its cost is that the update below writes new buffers instead of updating the
@@ -633,28 +727,29 @@ impl Trainer {
                     pending.push((global_step + 1, checksum, io.ring.generation));
                 }
             }
-            let n = batch.samples.len() as u64;
-            let loss_value = scalar(loss)?;
-            last = Totals {
-                loss_sum: f64::from(loss_value) * n as f64,
-                correct: correct(logits.detach(), labels)?,
-                count: n,
-                confusion: Vec::new(),
-            };
-            train.loss_sum += last.loss_sum;
-            train.correct += last.correct;
-            train.count += n;
-            // Reading the loss above waited for the device, so this is the step's real time.
+            let n = batch.samples.len();
+            let this = DeviceTotals::step(&loss, &logits, &labels, n);
+            train = Some(match train.take() {
+                Some(sum) => sum.add(&this),
+                None => this.clone(),
+            });
+            if steps.is_multiple_of(METRICS_READ_STEPS) {
+                let now = this.read(transfers)?;
+                metrics.train_loss.set(now.loss_sum / now.count.max(1) as f64);
+            }
+            last = Some(this);
+            // The gradient copy above waited for the device, so this is the step's real time
+            // (the update's kernels are queued, and overlap the next step's input).
             metrics.step_seconds.observe(step_started.elapsed().as_secs_f64());
             metrics.steps.inc();
-            metrics.train_images.inc_by(n);
-            metrics.train_loss.set(f64::from(loss_value));
+            metrics.train_images.inc_by(n as u64);
             if let Some(cache) = &cache {
                 cache_seen = report_cache(metrics, cache.stats(), cache_seen);
             }
+            let images = train.as_ref().map_or(0, |t| t.count);
             metrics
                 .images_per_second
-                .set(train.count as f64 / started.elapsed().as_secs_f64().max(1e-9));
+                .set(images as f64 / started.elapsed().as_secs_f64().max(1e-9));
             if regroup {
                 broken = Some(format!("stopped after step {global_step} to admit new workers"));
                 break;
@@ -673,6 +768,14 @@ impl Trainer {
             },
         };
         let train_seconds = started.elapsed().as_secs_f64();
+        self.step_transfers = (steps, self.transfers.snapshot() - transfers_before);
+        let (train, last) = (
+            read_totals(train.as_ref(), &self.transfers)?,
+            read_totals(last.as_ref(), &self.transfers)?,
+        );
+        if train.count > 0 {
+            metrics.train_loss.set(train.loss_sum / train.count as f64);
+        }
         if let Some(reason) = broken {
             drop(prefetch);
             self.cache = cache;
@@ -696,7 +799,7 @@ impl Trainer {
             }));
         }
         let model = match stats {
-            Some(stats) => write_running_stats(model, stats)?,
+            Some(stats) => write_running_stats(model, stats, &self.transfers)?,
             None => model,
         };
         let rank_slice = |items: &[usize]| -> Vec<usize> {
@@ -767,6 +870,8 @@ impl Trainer {
             completed: None,
             undo: None,
             cache: None,
+            transfers: Transfers::default(),
+            step_transfers: (0, TransferCounts::default()),
         })
     }
 
@@ -937,24 +1042,30 @@ impl Trainer {
         for batch in prefetch {
             let batch = batch.map_err(|e| cluster(format!("dataset {}: {e}", self.config.data)))?;
             let size = self.config.image_size as usize;
-            let labels = labels(&batch.samples, &device);
+            let transfers = &self.transfers;
+            let labels = labels(transfers, &batch.samples, &device);
             let logits = match cache.as_deref_mut() {
-                Some(cache) => {
-                    model
-                        .head
-                        .forward(cached_head_input(cache, model, &batch, &[], size, &device)?)
-                }
-                None => model.forward(to_input(&batch.samples, size, &[], &device)),
+                Some(cache) => model.head.forward(cached_head_input(
+                    transfers,
+                    cache,
+                    model,
+                    &batch,
+                    &[],
+                    size,
+                    &device,
+                )?),
+                None => model.forward(to_input(transfers, &batch.samples, size, &[], &device)),
             };
             let n = batch.samples.len() as u64;
-            let loss = scalar(loss_fn.forward(logits.clone(), labels.clone()))?;
-            totals.loss_sum += f64::from(loss) * n as f64;
-            let predicted = logits
-                .argmax(1)
-                .into_data()
-                .convert::<i64>()
-                .try_to_vec::<i64>()
-                .map_err(|e| cluster(format!("{e:?}")))?;
+            // The batch's mean loss and its predictions come back in one copy.
+            let loss = loss_fn.forward(logits.clone(), labels);
+            let both = Tensor::cat(vec![loss, logits.argmax(1).reshape([-1]).float()], 0);
+            let values = transfers.download_f32(both)?;
+            let (loss, predicted) = values
+                .split_first()
+                .ok_or_else(|| Error::Transfer("the device returned no loss".into()))?;
+            totals.loss_sum += f64::from(*loss) * n as f64;
+            let predicted: Vec<i64> = predicted.iter().map(|&p| p as i64).collect();
             for (sample, p) in batch.samples.iter().zip(predicted) {
                 let actual = usize::from(sample.label);
                 let p = p as usize;
@@ -982,14 +1093,19 @@ impl Trainer {
             .map_err(|e| cluster(format!("dataset {}: {e}", self.config.data)))?;
         let device = self.device.clone().inner();
         let model = loaded.model.valid();
-        let x = to_input(&samples, self.config.image_size as usize, &[], &device);
-        let predicted = model
-            .forward(x)
-            .argmax(1)
-            .into_data()
+        let x = to_input(
+            &self.transfers,
+            &samples,
+            self.config.image_size as usize,
+            &[],
+            &device,
+        );
+        let predicted = self
+            .transfers
+            .download(model.forward(x).argmax(1))?
             .convert::<i64>()
             .try_to_vec::<i64>()
-            .map_err(|e| cluster(format!("{e:?}")))?;
+            .map_err(|e| Error::Transfer(format!("predicted classes: {e:?}")))?;
         let name = |i: usize| {
             self.dataset
                 .classes
@@ -1132,13 +1248,18 @@ fn running_stats_from_rank0<N: Link, P: Link>(
 }
 
 /// Set the BatchNorm running statistics of `model` to `stats`.
-fn write_running_stats(model: Classifier, stats: Vec<(String, RawTensor)>) -> Result<Classifier> {
+fn write_running_stats(
+    model: Classifier,
+    stats: Vec<(String, RawTensor)>,
+    transfers: &Transfers,
+) -> Result<Classifier> {
     if stats.is_empty() {
         return Ok(model);
     }
     let mut writer = StatsWriter {
         values: stats.into_iter().collect(),
         path: ModulePath::default(),
+        transfers,
     };
     let model = model.map(&mut writer);
     if !writer.values.is_empty() {
@@ -1152,12 +1273,13 @@ fn write_running_stats(model: Classifier, stats: Vec<(String, RawTensor)>) -> Re
 
 /// Writes the given running statistics into a module by path, leaving everything else.
 /// (Not `apply_weights`: that replaces every tensor and is meant for fresh models.)
-struct StatsWriter {
+struct StatsWriter<'a> {
     values: std::collections::HashMap<String, RawTensor>,
     path: ModulePath,
+    transfers: &'a Transfers,
 }
 
-impl burn::module::ModuleMapper for StatsWriter {
+impl burn::module::ModuleMapper for StatsWriter<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.enter(name, container_type);
     }
@@ -1174,7 +1296,9 @@ impl burn::module::ModuleMapper for StatsWriter {
             return param;
         };
         let device = param.lazy_device();
-        let tensor = Tensor::<D>::from_data(TensorData::new(raw.data, raw.shape), &device);
+        let tensor: Tensor<D> = self
+            .transfers
+            .upload(TensorData::new(raw.data, raw.shape), &device);
         let id = param.id;
         param.transform_for_load(tensor, id)
     }
@@ -1184,6 +1308,7 @@ impl burn::module::ModuleMapper for StatsWriter {
 /// backbone in inference mode, on `device`). `variants` has one per sample, or is empty for
 /// none (evaluation).
 fn cached_head_input(
+    transfers: &Transfers,
     cache: &mut FeatureCache,
     frozen: &Classifier,
     batch: &dataset::loader::Batch,
@@ -1197,10 +1322,10 @@ fn cached_head_input(
         .enumerate()
         .map(|(p, &i)| (i, variants.get(p).map_or(0, |v| v.id())))
         .collect();
-    cache.features(&keys, device, |missing| {
+    cache.features(transfers, &keys, device, |missing| {
         let samples: Vec<Sample> = missing.iter().map(|&p| batch.samples[p].clone()).collect();
         let variants: Vec<Variant> = missing.iter().filter_map(|&p| variants.get(p).copied()).collect();
-        Ok(frozen.head_input(to_input(&samples, size, &variants, device)))
+        Ok(frozen.head_input(to_input(transfers, &samples, size, &variants, device)))
     })
 }
 
@@ -1225,30 +1350,9 @@ fn epoch_seed(seed: u64, global_epoch: u64, rank: usize) -> u64 {
     ])
 }
 
-fn labels(samples: &[Sample], device: &Device) -> Tensor<1, Int> {
+fn labels(transfers: &Transfers, samples: &[Sample], device: &Device) -> Tensor<1, Int> {
     let data: Vec<i64> = samples.iter().map(|s| i64::from(s.label)).collect();
-    Tensor::from_data(TensorData::new(data, [samples.len()]), device)
-}
-
-fn scalar(t: Tensor<1>) -> Result<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .map_err(|e| cluster(format!("{e:?}")))?
-        .first()
-        .copied()
-        .ok_or_else(|| cluster("empty loss tensor"))
-}
-
-fn correct(logits: Tensor<2>, labels: Tensor<1, Int>) -> Result<u64> {
-    let predicted = logits.argmax(1).reshape([-1]);
-    let hits = predicted.equal(labels).int().sum();
-    let value = hits
-        .into_data()
-        .convert::<i64>()
-        .try_to_vec::<i64>()
-        .map_err(|e| cluster(format!("{e:?}")))?;
-    Ok(value.first().copied().unwrap_or(0) as u64)
+    transfers.upload(TensorData::new(data, [samples.len()]), device)
 }
 
 #[cfg(test)]

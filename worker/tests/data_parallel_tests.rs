@@ -9,6 +9,7 @@ use collective::{Ring, all_reduce, local};
 use worker::config::EfficientNetConfig;
 use worker::grads::{flatten, unflatten};
 use worker::model::Classifier;
+use worker::transfer::Transfers;
 use worker::weights::collect_tensors;
 
 const SIZE: usize = 32;
@@ -94,12 +95,13 @@ fn two_ranks_vs_one(average: bool) {
                     .build()
                     .unwrap();
                 step(m, rank * 4..rank * 4 + 4, &device, |m, grads| {
-                    let mut flat = flatten(m, &grads);
+                    let copies = Transfers::default();
+                    let mut flat = flatten(m, &grads, &copies).unwrap();
                     assert!(!flat.is_empty(), "the head has gradients");
                     let ring = Ring::new(2, rank, 1);
                     rt.block_on(all_reduce(&ring, 0, &mut flat, average, &mut next, &mut prev))
                         .unwrap();
-                    unflatten(m, &grads, &flat)
+                    unflatten(m, &grads, &flat, &copies)
                 })
             })
         })
