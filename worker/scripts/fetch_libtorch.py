@@ -15,13 +15,13 @@ runs on a GPU.
 Run it again at will: a finished directory is kept. Offline, pip fails and this says so.
 """
 
-import hashlib
 import pathlib
 import platform
 import shutil
-import subprocess
 import sys
 import zipfile
+
+import wheels as pypi
 
 VERSION = "2.9.0"
 WHEELS = {
@@ -39,16 +39,7 @@ RUNTIME_LIBS = {"libcudart.so.12", "libcupti.so.12"}
 
 
 def fail(message):
-    print(f"fetch_libtorch: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    pypi.fail("fetch_libtorch", message)
 
 
 def main():
@@ -63,19 +54,7 @@ def main():
         print(f"export LIBTORCH={libtorch}")
         return
     wheels = root / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    missing = [name for name in WHEELS if not (wheels / name).is_file()]
-    if missing:
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                   "--only-binary=:all:", "--platform", "manylinux_2_28_x86_64",
-                   "--python-version", "3.11", "-d", str(wheels), *REQUIREMENTS]
-        if subprocess.run(command).returncode != 0:
-            fail("pip could not download the wheels (offline? no package index?); "
-                 f"put {', '.join(missing)} into {wheels} by hand and run this again")
-    for name, expected in WHEELS.items():
-        found = sha256(wheels / name)
-        if found != expected:
-            fail(f"{wheels / name}: SHA-256 {found}, expected {expected}; delete it and run this again")
+    pypi.fetch("fetch_libtorch", wheels, WHEELS, REQUIREMENTS, ("--python-version", "3.11"))
     shutil.rmtree(target, ignore_errors=True)
     lib = libtorch / "lib"
     for name in WHEELS:
