@@ -264,3 +264,79 @@ pub fn history(out: &Path) -> Vec<serde_json::Value> {
         .unwrap()
         .clone()
 }
+
+/// The real ImageNet Lite0 weights that `.ci/run` points `EFFNET_LITE0_WEIGHTS` at; `None`
+/// (the caller skips, saying so) elsewhere, never under CI.
+pub fn lite0() -> Option<PathBuf> {
+    match std::env::var_os("EFFNET_LITE0_WEIGHTS") {
+        Some(path) => Some(PathBuf::from(path)),
+        None => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must set EFFNET_LITE0_WEIGHTS"
+            );
+            eprintln!("skipped: set EFFNET_LITE0_WEIGHTS to the Lite0 .pth file");
+            None
+        }
+    }
+}
+
+/// `coordinator start --local N --out out` with `args`, to success; returns the history.
+pub fn local_run(out: &Path, workers: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec![
+        "start",
+        "--local",
+        workers,
+        "--out",
+        out.to_str().unwrap_or_default(),
+    ];
+    all.extend_from_slice(args);
+    spawn("coordinator", all, &[("CLUSTER_TOKEN", "")])
+        .finish(std::time::Duration::from_secs(600))
+        .success();
+    history(out)
+}
+
+/// Number `key` of a history entry or report.
+pub fn f(value: &serde_json::Value, key: &str) -> f64 {
+    value[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no {key} in {value}"))
+}
+
+/// A small two-phase Lite0 run on the synthetic set with every random choice off
+/// (augmentation, dropout, stochastic depth, which draw per rank), so that runs which should
+/// take the same steps do, up to float summation order: `batch` images per worker.
+pub fn same_steps<'a>(weights: &'a str, batch: &'a str) -> Vec<&'a str> {
+    vec![
+        "--data",
+        "synthetic",
+        "--model",
+        "efficientnet-lite0",
+        "--weights",
+        weights,
+        "--image-size",
+        "32",
+        "--batch-size",
+        batch,
+        "--head-epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--limit-train",
+        "32",
+        "--limit-val",
+        "16",
+        "--limit-test",
+        "16",
+        "--no-augment",
+        "--dropout",
+        "0",
+        "--stochastic-depth",
+        "0",
+        "--lr-head",
+        "0.001",
+        "--lr-finetune",
+        "0.0001",
+    ]
+}

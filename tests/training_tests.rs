@@ -1,41 +1,9 @@
 //! Training acceptance, as separate processes over gRPC: a learnable task is learned in both
 //! phases, and two workers with half batches take the same steps as one worker.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
-use cluster_tests::{history, spawn};
-
-/// Real ImageNet Lite0 weights (CI provides them; elsewhere the test skips).
-fn lite0() -> Option<PathBuf> {
-    match std::env::var_os("EFFNET_LITE0_WEIGHTS") {
-        Some(path) => Some(PathBuf::from(path)),
-        None => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must set EFFNET_LITE0_WEIGHTS"
-            );
-            eprintln!("skipped: set EFFNET_LITE0_WEIGHTS to the Lite0 .pth file");
-            None
-        }
-    }
-}
-
-/// `coordinator start --local N` with `args`; returns the history.
-fn local_run(out: &Path, workers: &str, args: &[&str]) -> Vec<serde_json::Value> {
-    let mut all = vec!["start", "--local", workers, "--out", out.to_str().unwrap()];
-    all.extend_from_slice(args);
-    spawn("coordinator", all, &[("CLUSTER_TOKEN", "")])
-        .finish(Duration::from_secs(600))
-        .success();
-    history(out)
-}
-
-fn f(value: &serde_json::Value, key: &str) -> f64 {
-    value[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no {key} in {value}"))
-}
+use cluster_tests::{f, history, lite0, local_run, same_steps};
 
 #[test]
 fn a_learnable_task_is_learned_in_both_phases() {
@@ -89,40 +57,8 @@ fn a_learnable_task_is_learned_in_both_phases() {
 fn two_or_three_workers_on_the_same_global_batch_match_one_worker() {
     let Some(weights) = lite0() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let common = |batch: &'static str| {
-        vec![
-            "--data",
-            "synthetic",
-            "--model",
-            "efficientnet-lite0",
-            "--weights",
-            weights.to_str().unwrap().to_owned().leak(),
-            "--image-size",
-            "32",
-            "--batch-size",
-            batch,
-            "--head-epochs",
-            "1",
-            "--finetune-epochs",
-            "1",
-            "--limit-train",
-            "32",
-            "--limit-val",
-            "16",
-            "--limit-test",
-            "16",
-            "--no-augment",
-            "--dropout",
-            "0",
-            // Stochastic depth draws per rank; equivalence needs every random choice off.
-            "--stochastic-depth",
-            "0",
-            "--lr-head",
-            "0.001",
-            "--lr-finetune",
-            "0.0001",
-        ]
-    };
+    let weights = weights.to_str().unwrap();
+    let common = |batch: &'static str| same_steps(weights, batch);
     let one = local_run(&dir.path().join("one"), "1", &common("16"));
     let two = local_run(&dir.path().join("two"), "2", &common("8"));
     // Three workers on the same global batch of 16 take shares of 6, 5 and 5, weighed by
