@@ -323,9 +323,17 @@ impl Trainer {
         io: &mut RingIo<'_, N, P>,
     ) -> Result<Self> {
         let (dataset, splits) = open_dataset(config, &io.handle)?;
+        // Each backend draws other numbers from the same seed, so the new head (and, with
+        // `--weights none`, the whole network) is drawn on the CPU and then moved: a run on a
+        // GPU starts from the weights the same run on the CPU starts from.
+        let host = match device.is_autodiff() {
+            true => Device::flex().autodiff(),
+            false => Device::flex(),
+        };
+        host.seed(config.seed);
         device.seed(config.seed);
         let weights: WeightsSource = config.weights.parse().unwrap_or(WeightsSource::None);
-        let base = modelfile::load(Some(&config.model), &weights, &device)?;
+        let base = modelfile::load(Some(&config.model), &weights, &host)?;
         let classes: Vec<ClassLabel> = dataset
             .classes
             .iter()
@@ -335,7 +343,11 @@ impl Trainer {
             })
             .collect();
         let head: crate::model::HeadKind = config.head.parse().map_err(cluster)?;
-        let mut model = base.model.with_head(head, classes.len(), config.dropout, &device);
+        let model = base.model.with_head(head, classes.len(), config.dropout, &host);
+        // Burn initialises parameters lazily, on the device they are on when first read:
+        // read them here, or moving them would move the initialiser, not the values.
+        model.visit(&mut Materialize);
+        let mut model = model.to_device(&device);
         if let Some(p) = config.stochastic_depth {
             model.backbone.set_stochastic_depth(p);
         }
@@ -1269,6 +1281,15 @@ fn write_running_stats(
         )));
     }
     Ok(model)
+}
+
+/// Reads every parameter, which initialises those still lazy on the device they are on.
+struct Materialize;
+
+impl burn::module::ModuleVisitor for Materialize {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        let _ = param.val();
+    }
 }
 
 /// Writes the given running statistics into a module by path, leaving everything else.
