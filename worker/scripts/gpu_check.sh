@@ -177,7 +177,7 @@ for b in backends:
     bench = load(f"bench-{b}.json")
     if bench:
         col["device"] = bench["backend"].removeprefix("burn ")
-        for w in bench["workloads"]:
+        for w in bench.get("workloads", []):
             ratio = f" ({w['ratio']:.2f}x torch)" if w.get("ratio") else ""
             col[f"bench {w['workload']} img/s"] = f"{w['images_per_second']:.1f}{ratio}"
             col[f"bench {w['workload']} copies"] = (
@@ -185,11 +185,11 @@ for b in backends:
                 f"{w['transfer_seconds_per_step'] * 1e3:.2f} ms")
         col["torch"] = bench.get("torch") or "not installed"
     report = load(f"run-{b}/report.json")
-    if report:
+    if report and report.get("test_accuracy") is not None:
         col["run: test accuracy"] = f"{report['test_accuracy'] * 100:.1f}% of {report['test_images']}"
         for phase in ("head", "finetune"):
             p = report["phases"].get(phase)
-            if p:
+            if p and p.get("train_images_per_second") is not None:
                 col[f"run: {phase} train img/s"] = f"{p['train_images_per_second']:.1f}"
     cols.append((b, col))
 text = (out / "allreduce.txt").read_text() if (out / "allreduce.txt").exists() else ""
