@@ -25,9 +25,11 @@ def fetch(script, cache, wheels, requirements, pip_args=()):
     cache.mkdir(parents=True, exist_ok=True)
     missing = [name for name in wheels if not (cache / name).is_file()]
     if missing:
+        # pip matches --platform tags exactly: name each manylinux tag the wheels carry.
+        platforms = [arg for tag in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+                     for arg in ("--platform", tag)]
         command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                   "--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", *pip_args,
-                   "-d", str(cache), *requirements]
+                   "--only-binary=:all:", *platforms, *pip_args, "-d", str(cache), *requirements]
         if subprocess.run(command).returncode != 0:
             fail(script, "pip could not download the wheels (offline? no package index?); "
                  f"put {', '.join(missing)} into {cache} by hand and run this again")
