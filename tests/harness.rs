@@ -4,6 +4,8 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod processes;
+
 /// Path of a binary of this workspace, built by the same `cargo test` run.
 pub fn bin(name: &str) -> PathBuf {
     // Test executables live in target/<profile>/deps; binaries one level up.

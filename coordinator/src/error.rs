@@ -42,6 +42,14 @@ pub enum Refusal {
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// The request comes before the run is ready for it (a checkpoint commit that overtook
+    /// another rank's epoch report): the service holds it until the run changes.
+    #[error("{0}")]
+    NotYet(String),
+    /// The request was right when it was sent, but the run has moved on (the ring was
+    /// re-formed, the epoch goes on): not the caller's fault, nothing to retry.
+    #[error("{0}")]
+    Superseded(String),
 }
 
 impl From<Refusal> for Status {
@@ -54,6 +62,8 @@ impl From<Refusal> for Status {
             Refusal::Full(_) => Status::resource_exhausted(message),
             Refusal::UnknownWorker(_) => Status::not_found(message),
             Refusal::BadRequest(_) => Status::invalid_argument(message),
+            Refusal::NotYet(_) => Status::unavailable(message),
+            Refusal::Superseded(_) => Status::aborted(message),
         }
     }
 }

@@ -901,7 +901,7 @@ impl Run {
             )));
         }
         let Some((phase, epoch)) = self.awaiting_checkpoint else {
-            return Err(Refusal::BadRequest("no checkpoint is due now".into()));
+            return Err(self.commit_not_due(commit));
         };
         if commit.phase != phase as i32 || commit.epoch != epoch + 1 {
             return Err(Refusal::BadRequest(format!(
@@ -953,6 +953,36 @@ impl Run {
                 })
                 .collect(),
         })
+    }
+
+    /// Why a commit that arrives while no checkpoint is due cannot be taken now. Rank 0
+    /// commits as soon as its own report is in, so a commit regularly overtakes a slower
+    /// rank's report of the same epoch: that one is held, not refused. One whose epoch was
+    /// taken over by a new ring (a rank was lost meanwhile) is superseded: the epoch goes
+    /// on and its checkpoint is taken when it ends.
+    fn commit_not_due(&self, commit: &CheckpointCommit) -> Refusal {
+        let due_next = match self.plan.get(self.current) {
+            Some(Unit::Epoch {
+                phase,
+                epoch,
+                checkpoint: true,
+                ..
+            }) => commit.phase == *phase as i32 && commit.epoch == epoch + 1,
+            _ => false,
+        };
+        let reported = matches!(self.reports.get(&commit.worker_id), Some(ReportResult::Epoch(_)));
+        if due_next && reported && self.pending_step.is_none() {
+            Refusal::NotYet(format!(
+                "the checkpoint of epoch {} waits for the other ranks' reports",
+                commit.epoch
+            ))
+        } else {
+            Refusal::Superseded(format!(
+                "checkpoint {} is not due any more: the run went on without it (a ring was \
+                 re-formed, or the epoch is redone); the last committed checkpoint stays LATEST",
+                commit.checkpoint
+            ))
+        }
     }
 
     /// The checkpoint the run waited for is committed: record it and start the next unit.
@@ -1574,11 +1604,9 @@ mod tests {
         assert_eq!(run.current, 1);
         assert_eq!(run.awaiting_checkpoint, None);
         assert_eq!(run.stage, Stage::Head);
-        let err = run
-            .prepare_commit(&commit(&ids[0], 1, 4))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("no checkpoint is due"), "{err}");
+        let err = run.prepare_commit(&commit(&ids[0], 1, 4)).unwrap_err();
+        assert!(matches!(err, Refusal::Superseded(_)), "{err}");
+        assert!(err.to_string().contains("not due any more"), "{err}");
 
         // A restarted coordinator continues with head epoch 1 (index 1 of the plan), and
         // workers are told which checkpoint to load.
@@ -1608,6 +1636,39 @@ mod tests {
             err.contains("head epoch 7 is not part of this run's plan"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_commit_that_overtakes_another_ranks_report_is_held_not_refused() {
+        let config = RunConfig {
+            head_epochs: 2,
+            finetune_epochs: 0,
+            checkpoint_every: 1,
+            ..RunConfig::default()
+        };
+        let (mut run, ids) = run_of_two(config);
+        // Rank 0 reported and committed at once; rank 1 is still evaluating.
+        run.report(epoch_report(&ids[0], Phase::Head, 0, 4)).unwrap();
+        let err = run.prepare_commit(&commit(&ids[0], 1, 4)).unwrap_err();
+        assert!(matches!(err, Refusal::NotYet(_)), "{err}");
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
+        run.report(epoch_report(&ids[1], Phase::Head, 0, 4)).unwrap();
+        let plan = run.prepare_commit(&commit(&ids[0], 1, 4)).unwrap();
+        assert_eq!((plan.state.epoch, plan.state.step), (1, 4));
+
+        // A commit whose epoch a new ring took over is superseded, which a worker survives.
+        let (mut run, ids) = run_of_two(RunConfig {
+            head_epochs: 2,
+            finetune_epochs: 0,
+            checkpoint_every: 1,
+            ..RunConfig::default()
+        });
+        run.report(epoch_report(&ids[0], Phase::Head, 0, 4)).unwrap();
+        run.report(broken(&ids[1], 1, 3, 12)).unwrap();
+        assert_eq!(run.generation, 2, "re-formed");
+        let err = run.prepare_commit(&commit(&ids[0], 1, 4)).unwrap_err();
+        assert!(matches!(err, Refusal::Superseded(_)), "{err}");
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::Aborted);
     }
 
     #[test]

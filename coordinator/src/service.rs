@@ -14,6 +14,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::error::Refusal;
 use crate::run::{Checkpointed, Run};
 use checkpoint::CheckpointStore;
 
@@ -47,6 +48,20 @@ impl Shared {
     /// Wait until the run changes.
     pub async fn changed(&self) {
         self.changed.notified().await;
+    }
+
+    /// Ask `check` after every change of the run until it gives an answer. The waiter is
+    /// registered before each look, so a change between the look and the wait is not missed.
+    pub async fn when<T>(&self, mut check: impl FnMut(&Run) -> Option<T>) -> T {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(answer) = check(&self.lock()) {
+                return answer;
+            }
+            notified.await;
+        }
     }
 
     /// Run `f` on the run, then wake the waiters.
@@ -141,11 +156,29 @@ impl Coordinator for CoordinatorService {
         let Some(store) = &self.checkpoints else {
             return Err(Status::failed_precondition("this run keeps no checkpoints"));
         };
-        let (plan, keep) = {
-            let run = self.shared.lock();
-            let plan = run.prepare_commit(request.get_ref()).map_err(Status::from)?;
-            (plan, run.config.keep_checkpoints)
-        };
+        // A commit that overtook a slower rank's epoch report waits for it (or for the run to
+        // move on, which makes it superseded); the worker's call stays open meanwhile.
+        let mut held = false;
+        let decided = self
+            .shared
+            .when(|run| match run.prepare_commit(request.get_ref()) {
+                Err(Refusal::NotYet(why)) => {
+                    if !held {
+                        held = true;
+                        tracing::info!(checkpoint = %request.get_ref().checkpoint, reason = %why,
+                            "checkpoint commit held until every rank has reported");
+                    }
+                    None
+                }
+                other => Some(other.map(|plan| (plan, run.config.keep_checkpoints))),
+            })
+            .await;
+        let (plan, keep) = decided.map_err(|refusal| {
+            if let Refusal::Superseded(why) = &refusal {
+                tracing::warn!(reason = %why, "checkpoint commit superseded");
+            }
+            Status::from(refusal)
+        })?;
         let name = plan.name.clone();
         let started = std::time::Instant::now();
         match crate::checkpoints::commit(store, plan, keep).await {
