@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cluster_tests::processes::{
-    TOKEN, assert_plan, coordinator, coordinator_with_env, sample, scrape, small_coordinator, small_run,
-    token_file, wait_for_steps, worker, worker_with_env,
+    TOKEN, assert_plan, coordinator, coordinator_with_env, sample, scrape, signal, small_coordinator,
+    small_run, token_file, wait_for_steps, worker, worker_with_env,
 };
 use cluster_tests::{Proc, history, logged_address, spawn};
 
@@ -562,11 +562,13 @@ fn status_json(token: &Path, address: &str) -> Option<serde_json::Value> {
     (run.code == Some(0)).then(|| run.json())
 }
 
-/// Repeated random kills, each followed by a replacement worker: the run still takes exactly
-/// its planned steps. `EFFNET_CHAOS_KILLS` (3), `EFFNET_CHAOS_SEED` (7) and
-/// `EFFNET_CHAOS_EPOCHS` (head epochs, 2) make the longer form (see the README).
+/// Repeated random strikes: a kill followed by a replacement worker, or a SIGSTOP that is
+/// continued 6 s later (the stopped worker is removed for holding the ring up, and joins
+/// again): the run still takes exactly its planned steps. `EFFNET_CHAOS_KILLS` (strikes, 3),
+/// `EFFNET_CHAOS_SEED` (7) and `EFFNET_CHAOS_EPOCHS` (head epochs, 2) make the longer form
+/// (see the README).
 #[test]
-fn chaos_random_kills_and_replacements_still_finish_the_plan() {
+fn chaos_random_kills_stops_and_replacements_still_finish_the_plan() {
     let env = |name: &str, default: u64| -> u64 {
         std::env::var(name)
             .ok()
@@ -588,17 +590,29 @@ fn chaos_random_kills_and_replacements_still_finish_the_plan() {
     let token = token_file(dir.path(), TOKEN);
     let out = dir.path().join("run");
     // 96 images, global batch 12: 8 steps an epoch on any ring.
-    let cluster = ["--workers", "3", "--min-workers", "1"];
+    let cluster = ["--workers", "3", "--min-workers", "1", "--step-timeout", "2"];
     let (coordinator, address) = small_coordinator(&token, &cluster, &out, 4, head_epochs, 96);
     let mut alive: Vec<Proc> = (0..3)
         .map(|_| worker(&token, &address, &["join"], &["--cpu"]))
         .collect();
     let mut finished = Vec::new();
+    let mut stopped: Vec<(Proc, Instant)> = Vec::new();
     let mut last_kill_step = 0;
-    let mut done = 0;
+    let (mut done, mut stops) = (0, 0);
     let deadline = Instant::now() + Duration::from_secs(600);
+    let resume = |stopped: &mut Vec<(Proc, Instant)>, alive: &mut Vec<Proc>, all: bool| {
+        while let Some(i) = stopped
+            .iter()
+            .position(|(_, at)| all || at.elapsed() > Duration::from_secs(6))
+        {
+            let (proc, _) = stopped.remove(i);
+            signal(&proc, "CONT");
+            alive.push(proc);
+        }
+    };
     while done < kills {
         assert!(Instant::now() < deadline, "the chaos did not end");
+        resume(&mut stopped, &mut alive, false);
         let Some(status) = status_json(&token, &address) else {
             break;
         };
@@ -610,17 +624,24 @@ fn chaos_random_kills_and_replacements_still_finish_the_plan() {
             break;
         }
         // Strike again once the ring is whole and has trained past the last strike.
-        if ranked == 3 && step >= last_kill_step + 2 + random(3) {
+        if ranked == 3 && stopped.is_empty() && step >= last_kill_step + 2 + random(3) {
             let victim = random(alive.len() as u64) as usize;
             let mut proc = alive.remove(victim);
-            proc.kill();
-            finished.push(proc);
+            if random(2) == 0 {
+                proc.kill();
+                finished.push(proc);
+                alive.push(worker(&token, &address, &["join"], &["--cpu"]));
+            } else {
+                signal(&proc, "STOP");
+                stopped.push((proc, Instant::now()));
+                stops += 1;
+            }
             last_kill_step = step;
             done += 1;
-            alive.push(worker(&token, &address, &["join"], &["--cpu"]));
         }
         std::thread::sleep(Duration::from_millis(100 + random(300)));
     }
+    resume(&mut stopped, &mut alive, true);
     for w in alive {
         w.finish(Duration::from_secs(300)).success();
     }
@@ -630,12 +651,15 @@ fn chaos_random_kills_and_replacements_still_finish_the_plan() {
         .matches("ring re-formed from the survivors")
         .count() as u64;
     assert!(
-        reforms >= done,
-        "{done} kills, {reforms} new rings:\n{}",
+        reforms >= done - stops,
+        "{done} strikes ({stops} stops), {reforms} new rings:\n{}",
         coordinator.stderr
     );
-    assert!(done >= 1, "no kill landed before the run ended");
-    eprintln!("chaos: {done} kills, {reforms} rings re-formed");
+    assert!(done >= 1, "no strike landed before the run ended");
+    eprintln!(
+        "chaos: {done} strikes ({} kills, {stops} stops), {reforms} rings re-formed",
+        done - stops
+    );
     assert_plan(&out, head_epochs + 1, 8);
 }
 

@@ -173,3 +173,12 @@ pub fn sample(body: &str, name: &str) -> Option<f64> {
     body.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+/// Send `signal` (`STOP`, `CONT`) to `proc`.
+pub fn signal(proc: &Proc, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([format!("-{signal}"), proc.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -{signal} {}", proc.id());
+}

@@ -1,12 +1,34 @@
 //! What goes wrong without a fault: ranks that report at different times, runs repeated
 //! until a race shows. Real binaries on loopback.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cluster_tests::processes::{
-    TOKEN, assert_plan, small_coordinator, small_run, token_file, worker_with_env,
+    TOKEN, assert_plan, signal, small_coordinator, small_run, token_file, wait_for_steps, worker_with_env,
 };
-use cluster_tests::spawn;
+use cluster_tests::{Proc, logged_address, spawn};
+
+/// Steps the survivors redid after the ring re-formed: the most any of them had completed
+/// (their "worker lost its ring" reports) less the step the new ring restarted from.
+fn steps_redone(coordinator_log: &str) -> Vec<i64> {
+    let field = |line: &str, key: &str| -> Option<i64> {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        v["fields"][key].as_i64()
+    };
+    let mut completed = Vec::new();
+    let mut redone = Vec::new();
+    for line in coordinator_log.lines() {
+        if line.contains("worker lost its ring") {
+            completed.extend(field(line, "completed_steps"));
+        } else if line.contains("the unit goes on from its last common step")
+            && let Some(restart) = field(line, "restart_step")
+            && let Some(most) = completed.drain(..).max()
+        {
+            redone.push(most - restart);
+        }
+    }
+    redone
+}
 
 #[test]
 fn a_checkpoint_commit_that_overtakes_a_slower_ranks_report_is_held_and_no_worker_is_lost() {
@@ -79,4 +101,95 @@ fn fault_free_local_runs_lose_no_worker() {
         assert_plan(&out, 3, 6);
     }
     eprintln!("soak: {runs} fault-free runs, {lost} workers lost");
+}
+
+/// A worker whose data loader stops answering (as on a storage read that never returns)
+/// keeps its heartbeats going: the others' wait in the all-reduce gives it away. It is
+/// removed, the ring goes on without it, and it joins again.
+#[test]
+fn a_worker_whose_data_reads_stall_is_removed_and_the_run_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let out = dir.path().join("run");
+    // 96 images, global batch 12 on any ring: 8 steps an epoch, 24 in the run.
+    let cluster = ["--workers", "3", "--step-timeout", "3"];
+    let (mut coordinator, address) = small_coordinator(&token, &cluster, &out, 4, 2, 96);
+    // Rank 1's loader hangs after its third batch.
+    let hook = [("EFFNET_TEST_STALL_LOADER", "1:3")];
+    let workers: Vec<Proc> = (0..3)
+        .map(|_| worker_with_env(&token, &address, &["join"], &["--cpu"], &hook))
+        .collect();
+    let line = coordinator.wait_for("held the ring up past the step timeout", Duration::from_secs(120));
+    assert!(line.contains(r#""rank":1"#), "{line}");
+    let mut stalled = 0;
+    for w in workers {
+        let run = w.finish(Duration::from_secs(300)).success();
+        if run.stderr.contains("the data loader stops answering") {
+            stalled += 1;
+            assert!(
+                run.stderr
+                    .contains("removed from the run; joining again as a new worker"),
+                "{}",
+                run.stderr
+            );
+        }
+    }
+    assert_eq!(stalled, 1);
+    let coordinator = coordinator.finish(Duration::from_secs(30)).success();
+    let log = &coordinator.stderr;
+    assert!(log.contains("ring re-formed from the survivors"), "{log}");
+    assert!(
+        steps_redone(log).iter().all(|&r| r <= 1),
+        "{:?}\n{log}",
+        steps_redone(log)
+    );
+    assert_plan(&out, 3, 8);
+}
+
+/// SIGSTOP, then SIGCONT: the stopped worker's silence and the others' wait are caught
+/// within the step timeout (plus the heartbeats' silence window), the ring goes on without
+/// it, and, continued, it joins again; at most one step is redone.
+#[test]
+fn a_stopped_worker_is_caught_within_the_step_timeout_and_rejoins_when_continued() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let out = dir.path().join("run");
+    let step_timeout = 3.0;
+    let timeout = step_timeout.to_string();
+    let cluster = ["--workers", "3", "--step-timeout", timeout.as_str()];
+    let (mut coordinator, address) = small_coordinator(&token, &cluster, &out, 4, 2, 96);
+    let mut workers: Vec<Proc> = (0..3)
+        .map(|i| {
+            let extra: &[&str] = if i == 1 {
+                &["--cpu", "--metrics-listen", "127.0.0.1:0"]
+            } else {
+                &["--cpu"]
+            };
+            worker_with_env(&token, &address, &["join"], extra, &[])
+        })
+        .collect();
+    let metrics = logged_address(&workers[1].wait_for("metrics listening", Duration::from_secs(60)));
+    wait_for_steps(&metrics, 3.0, || workers[1].stderr());
+    signal(&workers[1], "STOP");
+    let stopped = Instant::now();
+    coordinator.wait_for("held the ring up past the step timeout", Duration::from_secs(60));
+    let detected = stopped.elapsed().as_secs_f64();
+    eprintln!("SIGSTOP detected after {detected:.1} s (step timeout {step_timeout} s)");
+    // The limit, the heartbeats' silence window (4 s) and a check period, with slack for 2
+    // loaded cores; the HTTP/2 keepalive route took about 15 s.
+    assert!(detected < step_timeout + 4.0 + 3.0, "{detected:.1} s");
+    signal(&workers[1], "CONT");
+    for w in workers {
+        w.finish(Duration::from_secs(300)).success();
+    }
+    let coordinator = coordinator.finish(Duration::from_secs(30)).success();
+    let log = &coordinator.stderr;
+    let redone = steps_redone(log);
+    assert!(
+        !redone.is_empty() && redone.iter().all(|&r| r <= 1),
+        "{redone:?}\n{log}"
+    );
+    // Continued, the stopped worker joined again and the ring grew back to three.
+    assert!(log.matches("worker joined").count() >= 4, "{log}");
+    assert_plan(&out, 3, 8);
 }

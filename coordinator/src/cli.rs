@@ -72,6 +72,16 @@ pub struct StartArgs {
     /// Seconds without a heartbeat after which a worker is presumed dead.
     #[arg(long, default_value_t = 30.0, env = "CLUSTER_HEARTBEAT_TIMEOUT")]
     pub heartbeat_timeout: f64,
+    /// Seconds a rank may hold the ring up (the others waiting in the all-reduce while it
+    /// completes no step) before it is removed and the ring re-formed without it; 0: ten
+    /// times the ring's recent step time, at least 30 s (600 s until a step time is known).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        env = "CLUSTER_STEP_TIMEOUT",
+        value_name = "SECONDS"
+    )]
+    pub step_timeout: f64,
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port; the address
     /// is logged). With --local, worker i serves its own on the port 1 + i above (free ports
     /// when this one is 0).

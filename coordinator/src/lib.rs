@@ -12,6 +12,7 @@ pub mod progress;
 pub mod report;
 pub mod run;
 pub mod service;
+pub mod stuck;
 
 use std::time::Duration;
 
@@ -42,6 +43,8 @@ pub struct ServeOptions {
     pub tls: TlsFiles,
     /// A ranked worker silent for this long is presumed dead.
     pub heartbeat_timeout: Duration,
+    /// A rank holding the ring up for this long is removed (see [`stuck`]).
+    pub step_timeout: stuck::StepTimeout,
     /// After the run ends, how long to wait for workers to receive their final order.
     pub linger: Duration,
     /// Show a progress bar (interactive terminals).
@@ -101,10 +104,14 @@ pub async fn serve(
     let watchdog = {
         let shared = shared.clone();
         let limit = options.heartbeat_timeout;
+        let step_timeout = options.step_timeout;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                shared.update(|run| run.check_liveness(limit));
+                shared.update(|run| {
+                    run.check_liveness(limit);
+                    run.check_progress(step_timeout, std::time::Instant::now());
+                });
             }
         })
     };

@@ -87,6 +87,9 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
     if !(args.heartbeat_timeout.is_finite() && args.heartbeat_timeout > 0.0) {
         bail!("--heartbeat-timeout must be a positive number of seconds");
     }
+    if !(args.step_timeout.is_finite() && args.step_timeout >= 0.0) {
+        bail!("--step-timeout must be a number of seconds (0: derived from the step times)");
+    }
     if args.run.out.is_none() && config.job == Job::Train {
         // Each run gets its own directory unless told otherwise.
         let stamp = std::time::SystemTime::now()
@@ -165,6 +168,7 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
         token,
         tls: args.security.tls(),
         heartbeat_timeout: Duration::from_secs_f64(args.heartbeat_timeout),
+        step_timeout: coordinator::stuck::StepTimeout::from_seconds(args.step_timeout),
         linger: Duration::from_secs(5),
         // A bar on a terminal; structured logs only when piped or with JSON logs.
         progress: log_format == "text" && std::io::IsTerminal::is_terminal(&std::io::stderr()),

@@ -113,6 +113,8 @@ pub struct Worker {
     /// Holds the run's training state (false for a worker admitted mid-run until a ring
     /// has shared it).
     pub has_state: bool,
+    /// What its last heartbeat said of its progress (waiting in the ring, step time).
+    pub progress: crate::stuck::Reported,
     rate_mark: (u64, Instant),
     orders: UnboundedSender<Result<Order, Status>>,
 }
@@ -291,6 +293,8 @@ pub struct Run {
     /// How many times this run has been restarted from a checkpoint (carried in the
     /// checkpoints, so it counts across coordinator restarts).
     pub restarts: u32,
+    /// The ring's recent median step time, for the automatic step timeout.
+    recent_step_seconds: Option<f64>,
     /// Every checkpoint commit of this coordinator, timed (for metrics).
     pub commit_stats: Vec<crate::metrics::CommitStat>,
     /// Why the run failed.
@@ -338,6 +342,7 @@ impl Run {
             resume_from: None,
             awaiting_checkpoint: None,
             restarts: 0,
+            recent_step_seconds: None,
             commit_stats: Vec::new(),
             error: None,
             checksums: BTreeMap::new(),
@@ -404,6 +409,7 @@ impl Run {
                 steps_per_second: None,
                 has_state: self.stage == Stage::Waiting,
                 rate_mark: (0, Instant::now()),
+                progress: Default::default(),
                 orders,
             },
         );
@@ -560,13 +566,16 @@ impl Run {
         worker_id: &str,
         step: u64,
         checksums: &[(u64, u64, u64)],
+        progress: crate::stuck::Reported,
+        now: Instant,
     ) -> Result<(), Refusal> {
         let worker = self
             .workers
             .get_mut(worker_id)
             .ok_or_else(|| Refusal::UnknownWorker(worker_id.to_string()))?;
-        worker.last_seen = Instant::now();
+        worker.last_seen = now;
         worker.step = step;
+        worker.progress = progress;
         let (mark_step, mark_time) = worker.rate_mark;
         let elapsed = mark_time.elapsed().as_secs_f64();
         if step < mark_step {
@@ -1137,6 +1146,78 @@ impl Run {
         }
     }
 
+    /// Remove the ranks that hold the ring up past the step timeout (see [`crate::stuck`]):
+    /// each is told it was fenced (it joins again as a new worker), the others are told to
+    /// abandon the ring, and the ring is re-formed from them once they have reported.
+    pub fn check_progress(&mut self, timeout: crate::stuck::StepTimeout, now: Instant) {
+        let training = matches!(self.stage, Stage::Head | Stage::Finetune);
+        // Only while a ring trains a unit and nobody has reported it yet (a rank that has
+        // reported waits for no collective).
+        if self.finished()
+            || !training
+            || self.awaiting_checkpoint.is_some()
+            || self.pending_step.is_some()
+            || self.ring_lost_member
+            || !self.reports.is_empty()
+        {
+            return;
+        }
+        let ranked = || self.workers.iter().filter_map(|(id, w)| Some((id, w, w.rank?)));
+        if let Some(median) =
+            crate::stuck::median_step_seconds(ranked().map(|(_, w, _)| w.progress.step_seconds))
+        {
+            self.recent_step_seconds = Some(median);
+        }
+        let limit = crate::stuck::limit(timeout, self.recent_step_seconds);
+        let beats: Vec<crate::stuck::RankBeat> = ranked()
+            .map(|(_, w, rank)| crate::stuck::RankBeat {
+                rank,
+                seen: w.last_seen,
+                waiting_seconds: w.progress.waiting_seconds,
+            })
+            .collect();
+        let Some(stuck) = crate::stuck::stuck_ranks(&beats, limit, now) else {
+            return;
+        };
+        let culprits: Vec<(String, String, u32)> = ranked()
+            .filter(|(_, _, rank)| stuck.ranks.contains(rank))
+            .map(|(id, w, rank)| (id.clone(), w.name.clone(), rank))
+            .collect();
+        let named: Vec<String> = culprits
+            .iter()
+            .map(|(_, name, rank)| format!("rank {rank} ({name})"))
+            .collect();
+        let reason = format!(
+            "{} completed no step while the others waited {:.1} s in the all-reduce (step timeout {:.1} s)",
+            named.join(", "),
+            stuck.waited_seconds,
+            stuck.limit.as_secs_f64()
+        );
+        for (id, name, rank) in &culprits {
+            tracing::warn!(worker = %id, name = %name, rank, waited_seconds = stuck.waited_seconds,
+                step_timeout_seconds = stuck.limit.as_secs_f64(), generation = self.generation,
+                "rank held the ring up past the step timeout; removing it");
+            if let Some(w) = self.workers.get(id) {
+                let _ = w.orders.send(Ok(Order {
+                    order: Some(order::Order::Fenced(v1::Fenced {
+                        reason: reason.clone(),
+                    })),
+                }));
+            }
+        }
+        for (_, w, _) in ranked().filter(|(_, _, rank)| !stuck.ranks.contains(rank)) {
+            let _ = w.orders.send(Ok(Order {
+                order: Some(order::Order::AbortRing(v1::AbortRing {
+                    generation: self.generation,
+                    reason: reason.clone(),
+                })),
+            }));
+        }
+        for (id, _, _) in culprits {
+            self.depart(&id);
+        }
+    }
+
     /// Steps the ring has completed: the slowest ranked worker's last heartbeat, never less
     /// than what finished epochs account for.
     pub fn ring_step(&self) -> u64 {
@@ -1510,15 +1591,71 @@ mod tests {
     }
 
     #[test]
+    fn a_rank_that_holds_the_ring_up_is_fenced_and_the_others_abandon_the_ring() {
+        use crate::stuck::{Reported, StepTimeout};
+        let (mut run, ids, mut streams) = elastic_run(3, 1);
+        let _ = drain(&mut streams[1]);
+        let now = Instant::now() + Duration::from_secs(60);
+        let waiting = |s: f64| Reported {
+            waiting_seconds: s,
+            step_seconds: 0.2,
+        };
+        // Ranks 0 and 2 wait in step 3's all-reduce; rank 1 is at step 2, not in it.
+        run.heartbeat(&ids[0], 2, &[], waiting(2.0), now).unwrap();
+        run.heartbeat(&ids[1], 2, &[], waiting(0.0), now).unwrap();
+        run.heartbeat(&ids[2], 2, &[], waiting(2.0), now).unwrap();
+        let timeout = StepTimeout::Fixed(Duration::from_secs(3));
+        run.check_progress(timeout, now);
+        assert_eq!(run.workers.len(), 3, "2 s of waiting is within the timeout");
+        // A second later, still nothing from rank 1 but its heartbeats.
+        let later = now + Duration::from_millis(1500);
+        run.heartbeat(&ids[1], 2, &[], waiting(0.0), later).unwrap();
+        run.check_progress(timeout, later);
+        assert_eq!(run.workers.len(), 2, "rank 1 removed");
+        let fenced = drain(&mut streams[1]);
+        let [order::Order::Fenced(fenced)] = fenced.as_slice() else {
+            panic!("{fenced:?}")
+        };
+        assert!(
+            fenced.reason.contains("rank 1 (w1) completed no step"),
+            "{}",
+            fenced.reason
+        );
+        assert!(fenced.reason.contains("step timeout 3.0 s"), "{}", fenced.reason);
+        for i in [0, 2] {
+            let orders = drain(&mut streams[i]);
+            assert!(
+                orders
+                    .iter()
+                    .any(|o| matches!(o, order::Order::AbortRing(a) if a.generation == 1)),
+                "{orders:?}"
+            );
+        }
+        // The survivors leave the collective, report, and go on over a ring of two.
+        run.report(broken(&ids[0], 1, 2, 8)).unwrap();
+        run.report(broken(&ids[2], 1, 2, 8)).unwrap();
+        assert_eq!(run.generation, 2);
+        let a = last_assignment(&mut streams[2]);
+        assert_eq!((a.rank, a.world), (1, 2));
+        // The fenced worker's late heartbeat names it unknown: it must join again.
+        let err = run.heartbeat(&ids[1], 3, &[], waiting(0.0), later).unwrap_err();
+        assert!(matches!(err, Refusal::UnknownWorker(_)), "{err}");
+    }
+
+    #[test]
     fn agreeing_step_checksums_keep_the_run_going_and_differing_ones_stop_it() {
         let (mut run, ids) = run_with_two_workers();
         assert_eq!(run.stage, Stage::Head);
-        run.heartbeat(&ids[0], 100, &[(100, 7, 1)]).unwrap();
-        run.heartbeat(&ids[1], 100, &[(100, 7, 1)]).unwrap();
+        run.heartbeat(&ids[0], 100, &[(100, 7, 1)], Default::default(), Instant::now())
+            .unwrap();
+        run.heartbeat(&ids[1], 100, &[(100, 7, 1)], Default::default(), Instant::now())
+            .unwrap();
         assert_eq!(run.stage, Stage::Head);
-        run.heartbeat(&ids[0], 200, &[(200, 8, 1)]).unwrap();
+        run.heartbeat(&ids[0], 200, &[(200, 8, 1)], Default::default(), Instant::now())
+            .unwrap();
         assert_eq!(run.stage, Stage::Head, "waits for the other rank");
-        run.heartbeat(&ids[1], 200, &[(200, 9, 1)]).unwrap();
+        run.heartbeat(&ids[1], 200, &[(200, 9, 1)], Default::default(), Instant::now())
+            .unwrap();
         assert_eq!(run.stage, Stage::Failed);
         let error = run.error.unwrap();
         assert!(error.contains("ranks diverged at step 200"), "{error}");
@@ -1688,7 +1825,8 @@ mod tests {
         for id in &ids {
             let worker = run.workers.get_mut(id).unwrap();
             worker.rate_mark = (4, Instant::now() - Duration::from_secs(2));
-            run.heartbeat(id, 6, &[]).unwrap();
+            run.heartbeat(id, 6, &[], Default::default(), Instant::now())
+                .unwrap();
         }
         let rate = run.workers[&ids[0]].steps_per_second.unwrap();
         assert!((rate - 1.0).abs() < 0.05, "{rate}");

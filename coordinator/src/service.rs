@@ -139,8 +139,13 @@ impl Coordinator for CoordinatorService {
             .iter()
             .map(|c| (c.step, c.weights_checksum, c.generation))
             .collect();
+        let progress = crate::stuck::Reported {
+            waiting_seconds: request.waiting_seconds,
+            step_seconds: request.step_seconds,
+        };
+        let now = std::time::Instant::now();
         self.shared
-            .update(|run| run.heartbeat(&request.worker_id, request.step, &checksums))
+            .update(|run| run.heartbeat(&request.worker_id, request.step, &checksums, progress, now))
             .map_err(Status::from)?;
         Ok(Response::new(HeartbeatReply {}))
     }

@@ -34,6 +34,10 @@ use crate::train::{Beat, EpochOutcome, RingIo, Trainer, broken_before_steps};
 
 type Client = CoordinatorClient<InterceptedService<Channel, ClientAuth>>;
 
+/// How often a worker tells the coordinator its step and whether it waits in the ring: the
+/// coordinator's stuck-rank detection is this much late at most, plus its own check period.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
 fn cluster(message: impl Into<String>) -> Error {
     Error::Cluster(message.into())
 }
@@ -175,6 +179,17 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
         )
         .await
         {
+            Err(Error::Fenced(why)) => {
+                // The run went on without this worker; the coordinator is there and takes
+                // it back as a new member (it gets the training state from rank 0).
+                tracing::warn!(reason = %why, "removed from the run; joining again as a new worker");
+                step.session.fetch_add(1, Ordering::Relaxed);
+                state.peer.reset();
+                state.links = None;
+                state.trainer = None;
+                budget = (options.coordinator_timeout, "--coordinator-timeout");
+                deadline = tokio::time::Instant::now() + budget.0;
+            }
             Err(Error::CoordinatorLost(why)) => {
                 last_error.clone_from(&why);
                 // Whatever this worker was doing belongs to the lost coordinator's run: stop
@@ -266,10 +281,12 @@ async fn session(
         let worker_id = worker_id.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                tokio::time::sleep(HEARTBEAT_INTERVAL).await;
                 let request = HeartbeatRequest {
                     worker_id: worker_id.clone(),
                     step: beat.step.load(Ordering::Relaxed),
+                    waiting_seconds: beat.watch.waiting_seconds(),
+                    step_seconds: beat.watch.step_seconds(),
                     checksums: beat
                         .drain()
                         .into_iter()
@@ -306,7 +323,11 @@ async fn session(
             Some(order::Order::Finish(finish)) => {
                 break Err(cluster(format!("the run was stopped: {}", finish.error)));
             }
-            Some(order::Order::Welcome(_)) | Some(order::Order::Regroup(_)) | None => continue,
+            Some(order::Order::Fenced(fenced)) => break Err(Error::Fenced(fenced.reason)),
+            Some(order::Order::Welcome(_))
+            | Some(order::Order::Regroup(_))
+            | Some(order::Order::AbortRing(_))
+            | None => continue,
             Some(order::Order::Assignment(assignment)) => {
                 let work = state.execute(assignment, &worker_id, step, &mut client);
                 tokio::pin!(work);
@@ -318,6 +339,14 @@ async fn session(
                         order = orders.recv() => match order {
                             Some(Ok(Order { order: Some(order::Order::Finish(finish)) })) if !finish.error.is_empty() => {
                                 break Err(cluster(format!("the run was stopped: {}", finish.error)));
+                            }
+                            Some(Ok(Order { order: Some(order::Order::Fenced(fenced)) })) => {
+                                break Err(Error::Fenced(fenced.reason));
+                            }
+                            Some(Ok(Order { order: Some(order::Order::AbortRing(abort)) })) => {
+                                tracing::warn!(generation = abort.generation, reason = %abort.reason,
+                                    "the coordinator abandoned this ring");
+                                step.watch.abort(abort.generation, &abort.reason);
                             }
                             Some(Ok(Order { order: Some(order::Order::Regroup(regroup)) })) => {
                                 tracing::info!(generation = regroup.generation, "asked to stop after this step for new workers");
@@ -465,6 +494,7 @@ impl State {
                         prev: &mut links.prev,
                         handle,
                         seconds: 0.0,
+                        watch: thread_step.watch.clone(),
                     };
                     let result = (|| {
                         let mut trainer = match (trainer, resume) {

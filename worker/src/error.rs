@@ -118,6 +118,11 @@ pub enum Error {
     #[error("lost the coordinator: {0}")]
     CoordinatorLost(String),
 
+    /// The coordinator removed this worker from the run while it was still connected (it
+    /// held the ring up): what it holds is stale; it joins again as a new worker.
+    #[error("removed from the run: {0}")]
+    Fenced(String),
+
     /// Writing or reading a checkpoint failed.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::Error),

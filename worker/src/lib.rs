@@ -26,6 +26,7 @@ pub mod predict;
 pub mod resume;
 pub mod train;
 pub mod transfer;
+pub mod watch;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -39,6 +39,7 @@ use crate::modelfile::{self, ClassLabel, LoadedModel, WeightsSource};
 use crate::phase::{self, Phase};
 use crate::resume::Parts;
 use crate::transfer::{TransferCounts, Transfers};
+use crate::watch::RingWatch;
 use crate::weights::{ModulePath, RawTensor, WeightsFile, apply_weights, collect_tensors};
 
 /// Batches read ahead of the training step.
@@ -184,16 +185,52 @@ pub struct RingIo<'a, N: Link, P: Link> {
     pub handle: Handle,
     /// Seconds spent in all-reduce, accumulated.
     pub seconds: f64,
+    /// Tells the heartbeat when this thread waits in a collective; ends the collective when
+    /// the coordinator aborts the ring.
+    pub watch: Arc<RingWatch>,
 }
 
 impl<N: Link, P: Link> RingIo<'_, N, P> {
     fn all_reduce(&mut self, step: u64, buf: &mut [f32], average: bool) -> Result<()> {
         let started = Instant::now();
-        let result = self
-            .handle
-            .block_on(all_reduce(&self.ring, step, buf, average, self.next, self.prev));
+        let generation = self.ring.generation;
+        let watch = &self.watch;
+        watch.enter();
+        let result = self.handle.block_on(async {
+            tokio::select! {
+                biased;
+                reason = watch.aborted(generation) => Err(Error::Ring(format!(
+                    "the coordinator abandoned ring generation {generation}: {reason}"
+                ))),
+                done = all_reduce(&self.ring, step, buf, average, self.next, self.prev) => {
+                    done.map_err(|e| Error::Ring(e.to_string()))
+                }
+            }
+        });
+        watch.leave();
         self.seconds += started.elapsed().as_secs_f64();
-        result.map_err(|e| Error::Ring(e.to_string()))
+        result
+    }
+}
+
+/// Test hook: `EFFNET_TEST_STALL_LOADER=RANK:BATCHES` makes that rank's data loader stop
+/// answering, once per process, after it delivered BATCHES batches: the training thread
+/// blocks as on a storage read that never returns.
+fn stall_loader_once(rank: usize) {
+    // Counted whatever the rank: a process that becomes that rank later does not stall.
+    static DELIVERED: AtomicU64 = AtomicU64::new(0);
+    let delivered = DELIVERED.fetch_add(1, Ordering::Relaxed);
+    let Some((stalled_rank, after)) = std::env::var("EFFNET_TEST_STALL_LOADER").ok().and_then(|hook| {
+        let (r, n) = hook.split_once(':')?;
+        Some((r.trim().parse::<usize>().ok()?, n.trim().parse::<u64>().ok()?))
+    }) else {
+        return;
+    };
+    if stalled_rank == rank && delivered == after {
+        tracing::warn!(batches = after, "test hook: the data loader stops answering");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
     }
 }
 
@@ -279,6 +316,8 @@ pub struct Beat {
     /// Bumped when the coordinator is lost: training started under an earlier value stops
     /// at its next step.
     pub session: AtomicU64,
+    /// Collective waits, step times and ring aborts (see [`RingWatch`]).
+    pub watch: Arc<RingWatch>,
 }
 
 impl Beat {
@@ -602,7 +641,10 @@ impl Trainer {
         // The next batch with its variants and, without the cache, its input tensor. Run on
         // a second thread while the gradients are all-reduced, so that a step does not wait
         // for loading and preprocessing after the network.
+        let rank = io.ring.rank;
+        beat.watch.new_epoch();
         let prepare = |prefetch: &mut Prefetcher| -> Option<Result<Prepared>> {
+            stall_loader_once(rank);
             let batch = prefetch.next()?;
             Some(
                 batch
@@ -753,6 +795,7 @@ impl Trainer {
             // The gradient copy above waited for the device, so this is the step's real time
             // (the update's kernels are queued, and overlap the next step's input).
             metrics.step_seconds.observe(step_started.elapsed().as_secs_f64());
+            beat.watch.record_step(step_started.elapsed().as_secs_f64());
             metrics.steps.inc();
             metrics.train_images.inc_by(n as u64);
             if let Some(cache) = &cache {
@@ -1405,6 +1448,7 @@ mod tests {
                         prev: &mut prev,
                         handle,
                         seconds: 0.0,
+                        watch: Default::default(),
                     };
                     let sent = (rank == 0).then_some(payload);
                     let got = bytes_from_rank0(&mut io, 1 << 63, sent).unwrap();

@@ -45,6 +45,7 @@ fn copies_per_epoch(config: &RunConfig, epochs: &[(v1::Phase, u32)]) -> Vec<(u64
         prev: &mut prev,
         handle: runtime.handle().clone(),
         seconds: 0.0,
+        watch: Default::default(),
     };
     let device = Device::flex().autodiff();
     let mut trainer = Trainer::new(config, device, &mut io).unwrap();

@@ -1,0 +1,171 @@
+//! What the coordinator needs to tell a stuck rank from a waiting one: whether the training
+//! thread is inside a ring collective (and since when), its recent step time, and the
+//! coordinator's word that the ring is to be abandoned.
+//!
+//! A rank whose process lives but whose training thread is stuck (a storage read that never
+//! returns, a deadlocked kernel) keeps its heartbeats and HTTP/2 keepalives going from other
+//! tasks, so nothing at the transport level ever notices. Its neighbours do notice: they wait
+//! in the all-reduce. The heartbeat carries both facts, and the coordinator decides.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+/// Shared between the training thread (which enters and leaves collectives and times steps),
+/// the heartbeat task (which reads it) and the session (which aborts rings).
+#[derive(Debug)]
+pub struct RingWatch {
+    origin: Instant,
+    /// Milliseconds after `origin` at which the current collective started, plus one; 0 when
+    /// the training thread is in none.
+    waiting_since: AtomicU64,
+    /// Smoothed seconds per step in the current epoch, as f64 bits; 0 before its first step.
+    step_seconds: AtomicU64,
+    /// The ring generation the coordinator aborted (0: none) and why.
+    aborted: AtomicU64,
+    reason: Mutex<String>,
+    notify: Notify,
+}
+
+impl Default for RingWatch {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            waiting_since: AtomicU64::new(0),
+            step_seconds: AtomicU64::new(0),
+            aborted: AtomicU64::new(0),
+            reason: Mutex::new(String::new()),
+            notify: Notify::new(),
+        }
+    }
+}
+
+impl RingWatch {
+    /// The training thread enters a collective.
+    pub fn enter(&self) {
+        let now = self.origin.elapsed().as_millis() as u64 + 1;
+        self.waiting_since.store(now, Ordering::Relaxed);
+    }
+
+    /// The training thread left the collective.
+    pub fn leave(&self) {
+        self.waiting_since.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the training thread has been in the current collective; 0 outside one.
+    pub fn waiting_seconds(&self) -> f64 {
+        match self.waiting_since.load(Ordering::Relaxed) {
+            0 => 0.0,
+            since => {
+                let now = self.origin.elapsed().as_millis() as u64 + 1;
+                now.saturating_sub(since).max(1) as f64 / 1000.0
+            }
+        }
+    }
+
+    /// A new epoch starts: its steps may take another time than the last one's (the head
+    /// phase's cached steps against fine-tuning's full ones).
+    pub fn new_epoch(&self) {
+        self.step_seconds.store(0, Ordering::Relaxed);
+    }
+
+    /// A step took `seconds`.
+    pub fn record_step(&self, seconds: f64) {
+        let before = self.step_seconds();
+        let smoothed = if before > 0.0 {
+            0.7 * before + 0.3 * seconds
+        } else {
+            seconds
+        };
+        self.step_seconds.store(smoothed.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Recent seconds per step in this epoch; 0 before its first step.
+    pub fn step_seconds(&self) -> f64 {
+        f64::from_bits(self.step_seconds.load(Ordering::Relaxed))
+    }
+
+    /// The coordinator abandoned ring `generation`: its collectives end at once.
+    pub fn abort(&self, generation: u64, reason: &str) {
+        if let Ok(mut r) = self.reason.lock() {
+            reason.clone_into(&mut r);
+        }
+        self.aborted.store(generation, Ordering::Relaxed);
+        self.notify.notify_waiters();
+    }
+
+    /// Completes (with the coordinator's reason) once ring `generation` is aborted.
+    pub async fn aborted(&self, generation: u64) -> String {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.aborted.load(Ordering::Relaxed) == generation {
+                return self.reason.lock().map(|r| r.clone()).unwrap_or_default();
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn waiting_is_timed_only_inside_a_collective() {
+        let watch = RingWatch::default();
+        assert_eq!(watch.waiting_seconds(), 0.0);
+        watch.enter();
+        std::thread::sleep(Duration::from_millis(30));
+        let waited = watch.waiting_seconds();
+        assert!((0.025..1.0).contains(&waited), "{waited}");
+        watch.leave();
+        assert_eq!(watch.waiting_seconds(), 0.0);
+    }
+
+    #[test]
+    fn step_time_is_smoothed_within_an_epoch_and_forgotten_at_the_next() {
+        let watch = RingWatch::default();
+        watch.record_step(1.0);
+        assert_eq!(watch.step_seconds(), 1.0);
+        watch.record_step(2.0);
+        assert!((watch.step_seconds() - 1.3).abs() < 1e-12);
+        watch.new_epoch();
+        assert_eq!(watch.step_seconds(), 0.0);
+    }
+
+    #[test]
+    fn an_abort_ends_a_wait_on_that_generation_only() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let watch = Arc::new(RingWatch::default());
+        runtime.block_on(async {
+            let waiter = tokio::spawn({
+                let watch = watch.clone();
+                async move { watch.aborted(3).await }
+            });
+            tokio::task::yield_now().await;
+            watch.abort(2, "another ring");
+            tokio::task::yield_now().await;
+            assert!(
+                !waiter.is_finished(),
+                "generation 2's abort ended generation 3's wait"
+            );
+            watch.abort(3, "rank 1 is stuck");
+            let reason = tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(reason, "rank 1 is stuck");
+            // Already aborted: answers at once.
+            assert_eq!(watch.aborted(3).await, "rank 1 is stuck");
+        });
+    }
+}
