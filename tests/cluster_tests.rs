@@ -484,6 +484,8 @@ fn a_restarted_coordinator_resumes_the_run_with_the_same_workers() {
         "2",
         "--checkpoint-every",
         "1",
+        "--lease-ttl",
+        "2",
     ];
     let args = small_run(&cluster, &out, 4, 2, 64);
     let mut first = spawn("coordinator", &args, &[]);
@@ -500,6 +502,9 @@ fn a_restarted_coordinator_resumes_the_run_with_the_same_workers() {
         .collect();
     first.wait_for("checkpoint committed", Duration::from_secs(300));
     first.kill();
+    // The killed coordinator's lease on the checkpoint root (2 s, see its arguments) lapses
+    // before another may take the root.
+    std::thread::sleep(Duration::from_millis(2200));
     let mut second = spawn("coordinator", &args, &[]);
     second.wait_for("resuming from checkpoint", Duration::from_secs(30));
     for w in workers {
@@ -954,6 +959,8 @@ fn s3_cluster(dir: &Path, server: &test_s3::S3Server, url: &str, out: &Path) -> 
         "40",
         "--checkpoint-every",
         "1",
+        "--lease-ttl",
+        "2",
         "--checkpoints",
         url,
         "--out",
@@ -1003,6 +1010,8 @@ fn s3_checkpoints_survive_a_killed_upload_and_resume_to_the_same_weights() {
     }
     coordinator.kill();
     server.release();
+    // Its lease on the root (2 s) lapses before the next coordinator takes it.
+    std::thread::sleep(Duration::from_millis(2200));
     let (first, _) = final_weights(&server, "s3://ckpt/resumed");
     assert_eq!(
         (first.phase.as_str(), first.epoch, first.step),

@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use cluster_tests::processes::{
-    TOKEN, assert_plan, signal, small_coordinator, small_run, token_file, wait_for_steps, worker_with_env,
+    TOKEN, assert_plan, coordinator, signal, small_coordinator, small_run, token_file, wait_for_steps,
+    worker_with_env,
 };
 use cluster_tests::{Proc, logged_address, spawn};
 
@@ -192,4 +193,72 @@ fn a_stopped_worker_is_caught_within_the_step_timeout_and_rejoins_when_continued
     // Continued, the stopped worker joined again and the ring grew back to three.
     assert!(log.matches("worker joined").count() >= 4, "{log}");
     assert_plan(&out, 3, 8);
+}
+
+/// Two coordinators on one checkpoint root: the second is refused while the first's lease
+/// is live, naming it; when the first stops renewing (here: stopped past its lease), the
+/// second takes the root over and the first, continued, stops instead of committing.
+#[test]
+fn one_coordinator_per_checkpoint_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let out = dir.path().join("run");
+    let out_arg = out.to_str().unwrap();
+    let first_args = [
+        "--workers",
+        "2",
+        "--data",
+        "synthetic",
+        "--lease-ttl",
+        "2",
+        "--out",
+        out_arg,
+    ];
+    let (mut first, _) = coordinator(&token, &first_args);
+    first.wait_for("took the checkpoint root's lease", Duration::from_secs(10));
+
+    let second_args = ["--workers", "2", "--data", "synthetic", "--out", out_arg];
+    let mut args = vec![
+        "start",
+        "--listen",
+        "127.0.0.1:0",
+        "--token-file",
+        token.to_str().unwrap(),
+    ];
+    args.extend_from_slice(&second_args);
+    let refused = spawn("coordinator", &args, &[])
+        .finish(Duration::from_secs(30))
+        .failure();
+    assert!(
+        refused
+            .stderr
+            .contains("is in use by another coordinator (coordinator on"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        refused.stderr.contains("its lease expires in"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        !refused.stderr.contains("coordinator listening"),
+        "{}",
+        refused.stderr
+    );
+
+    // The first stops renewing; once its lease lapsed a new coordinator takes the root.
+    signal(&first, "STOP");
+    std::thread::sleep(Duration::from_millis(2500));
+    let (mut taker, _) = coordinator(&token, &second_args);
+    let line = taker.wait_for("took the checkpoint root's lease", Duration::from_secs(10));
+    assert!(line.contains(r#""incarnation":2"#), "{line}");
+    signal(&first, "CONT");
+    let first = first.finish(Duration::from_secs(30)).failure();
+    assert!(
+        first.stderr.contains("lost the lease on the checkpoint root"),
+        "{}",
+        first.stderr
+    );
+    drop(taker);
 }

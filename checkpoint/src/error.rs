@@ -47,4 +47,40 @@ pub enum Error {
         /// What the manifest lists.
         present: String,
     },
+
+    /// Another coordinator holds the checkpoint root's lease.
+    #[error(
+        "the checkpoint root {root} is in use by another coordinator ({holder}); its lease expires in \
+         {expires_in_s:.0} s unless renewed. Stop that coordinator, or give this run another \
+         --checkpoints root"
+    )]
+    LeaseHeld {
+        /// The root.
+        root: String,
+        /// Who holds it.
+        holder: String,
+        /// Seconds until it lapses unless renewed.
+        expires_in_s: f64,
+    },
+
+    /// This coordinator's lease on the root was taken over (it lapsed, and another
+    /// coordinator started on the root): it may not commit any more.
+    #[error("lost the lease on the checkpoint root {root} to {by}: another coordinator runs this root now")]
+    LeaseLost {
+        /// The root.
+        root: String,
+        /// Who holds it now.
+        by: String,
+    },
+
+    /// `LATEST` would move backwards (it names a later checkpoint than the one committed).
+    #[error("{latest} names {current}, later than {ours}: refusing to move it backwards")]
+    Backwards {
+        /// The `LATEST` object.
+        latest: String,
+        /// What it names now.
+        current: String,
+        /// What this commit would name.
+        ours: String,
+    },
 }

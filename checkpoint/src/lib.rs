@@ -10,6 +10,7 @@
 //!     state.json
 //!     MANIFEST.json                       size and sha256 of every object, written after them
 //! LATEST                                  names the committed checkpoint, written last
+//! LEASE                                   the coordinator that may commit (see [`Lease`])
 //! ```
 //!
 //! A checkpoint exists once `LATEST` names it; a crash at any point before leaves the previous
@@ -17,9 +18,11 @@
 //! older checkpoint that passes, with a warning.
 
 mod error;
+mod lease;
 mod manifest;
 mod store;
 
 pub use error::{Error, Result};
+pub use lease::{Claim, Lease, LeaseRecord, claim};
 pub use manifest::{FORMAT, Latest, Manifest, ObjectEntry};
 pub use store::{CheckpointStore, Good, PART_SIZE, Retention, unique_hex};

@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use storage::Location;
 
 use crate::error::{Error, Result};
+use crate::lease::Lease;
 use crate::manifest::{FORMAT, Latest, Manifest, ObjectEntry};
 
 /// Objects larger than this go up as multipart uploads of parts this size: S3 needs parts of
@@ -216,7 +217,22 @@ impl CheckpointStore {
             object: self.root.describe(LATEST),
             reason: e.to_string(),
         })?;
-        self.root.put(LATEST, text).await?;
+        // Compare-and-swap from what was read, and never backwards: a commit racing another
+        // (which the lease rules out) fails rather than undoing a later checkpoint.
+        let current = self.root.get_versioned(LATEST).await?;
+        if let Some((bytes, _)) = &current
+            && let Ok(named) = serde_json::from_slice::<Latest>(bytes)
+            && named.checkpoint > manifest.name
+        {
+            return Err(Error::Backwards {
+                latest: self.root.describe(LATEST),
+                current: named.checkpoint,
+                ours: manifest.name,
+            });
+        }
+        self.root
+            .put_if(LATEST, text, current.as_ref().map(|(_, v)| v))
+            .await?;
         tracing::info!(checkpoint = %self.root.describe(&manifest.name), step = manifest.step, "checkpoint committed");
         Ok(manifest)
     }
@@ -377,6 +393,16 @@ impl CheckpointStore {
         })
     }
 
+    /// Take the root's lease for `holder` (see [`Lease`]), for `ttl` from `now_unix_ms`.
+    pub async fn take_lease(
+        &self,
+        holder: &str,
+        ttl: std::time::Duration,
+        now_unix_ms: u64,
+    ) -> Result<Lease> {
+        Lease::take(&self.root, holder, ttl, now_unix_ms).await
+    }
+
     /// Delete what `retention` does not keep among the committed checkpoints of run `run_id`,
     /// and uncommitted prefixes (torn uploads) older than the newest commit. Never touches
     /// the checkpoint `LATEST` names, nor other runs' checkpoints. Returns what was deleted.
@@ -402,7 +428,12 @@ impl CheckpointStore {
         if let Some(latest) = &latest {
             keep.insert(latest.checkpoint.clone());
         }
-        let newest = ours.last().map(|m| m.name.clone());
+        // The bound for torn uploads is the last commit on the root (the lease holder's):
+        // nothing newer is deleted, whichever run it belongs to.
+        let newest = latest
+            .as_ref()
+            .map(|l| l.checkpoint.clone())
+            .or_else(|| ours.last().map(|m| m.name.clone()));
         let committed_names: BTreeSet<&str> = committed.iter().map(|m| m.name.as_str()).collect();
         let mut doomed: Vec<String> = ours
             .iter()

@@ -1,7 +1,7 @@
 //! The coordinator's side of checkpoints: at start, a fresh run or a resume from the newest
 //! good checkpoint; during the run, committing what rank 0 uploaded.
 
-use checkpoint::{CheckpointStore, Manifest, Retention};
+use checkpoint::{CheckpointStore, Lease, Manifest, Retention};
 use cluster_proto::run::{Job, RunConfig};
 
 use crate::error::Error;
@@ -16,20 +16,68 @@ pub struct Prepared {
     pub run: Run,
     /// The checkpoint root.
     pub store: Option<CheckpointStore>,
+    /// This coordinator's lease on the root (with the store).
+    pub lease: Option<Lease>,
 }
 
-/// Open the checkpoint root of `config` and decide: resume from its newest good checkpoint,
-/// or (with `fresh`, or when there is none) start a new run. Starting fresh never deletes
-/// anything; the new run's retention only ever touches its own checkpoints.
-pub async fn prepare(config: RunConfig, expected: usize, fresh: bool) -> Result<Prepared, Error> {
+/// Unix milliseconds now: the lease's clock.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// Who this coordinator is, in the lease and in messages to a second one.
+pub fn lease_holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    format!(
+        "coordinator on {} (pid {})",
+        if host.is_empty() { "?" } else { &host },
+        std::process::id()
+    )
+}
+
+/// Take the lease on the checkpoint root of `config` (`lease_ttl`), then decide: resume from
+/// its newest good checkpoint, or (with `fresh`, or when there is none) start a new run.
+/// Starting fresh never deletes anything; the new run's retention only ever touches its own
+/// checkpoints. Ring generations start at the lease's incarnation (in the high 32 bits), so
+/// they never repeat across coordinators of one root.
+pub async fn prepare(
+    config: RunConfig,
+    expected: usize,
+    fresh: bool,
+    lease_ttl: std::time::Duration,
+) -> Result<Prepared, Error> {
     if config.job != Job::Train {
         return Ok(Prepared {
             run: Run::new(new_run_id(), config, expected),
             store: None,
+            lease: None,
         });
     }
     let url = config.checkpoint_url();
     let store = CheckpointStore::open(&url)?;
+    let lease = store
+        .take_lease(&lease_holder(), lease_ttl, now_unix_ms())
+        .await?;
+    tracing::info!(root = %url, incarnation = lease.incarnation(), ttl_seconds = lease_ttl.as_secs_f64(),
+        "took the checkpoint root's lease");
+    let mut prepared = decide(config, expected, fresh, store).await?;
+    prepared.run.generation = lease.incarnation() << 32;
+    prepared.lease = Some(lease);
+    Ok(prepared)
+}
+
+async fn decide(
+    config: RunConfig,
+    expected: usize,
+    fresh: bool,
+    store: CheckpointStore,
+) -> Result<Prepared, Error> {
+    let url = config.checkpoint_url();
     if fresh {
         let (existing, _) = store.list().await?;
         if !existing.is_empty() {
@@ -39,6 +87,7 @@ pub async fn prepare(config: RunConfig, expected: usize, fresh: bool) -> Result<
         return Ok(Prepared {
             run: Run::new(new_run_id(), config, expected),
             store: Some(store),
+            lease: None,
         });
     }
     let Some(good) = store.latest_good().await? else {
@@ -46,6 +95,7 @@ pub async fn prepare(config: RunConfig, expected: usize, fresh: bool) -> Result<
         return Ok(Prepared {
             run: Run::new(new_run_id(), config, expected),
             store: Some(store),
+            lease: None,
         });
     };
     for skipped in &good.skipped {
@@ -78,6 +128,7 @@ pub async fn prepare(config: RunConfig, expected: usize, fresh: bool) -> Result<
     Ok(Prepared {
         run,
         store: Some(store),
+        lease: None,
     })
 }
 

@@ -82,6 +82,16 @@ pub struct StartArgs {
         value_name = "SECONDS"
     )]
     pub step_timeout: f64,
+    /// Seconds the coordinator's lease on the checkpoint root lasts unless renewed (every
+    /// third of it). A second coordinator on the root is refused while it is live; one
+    /// restarted after a crash can start once it has lapsed.
+    #[arg(
+        long,
+        default_value_t = 30.0,
+        env = "CLUSTER_LEASE_TTL",
+        value_name = "SECONDS"
+    )]
+    pub lease_ttl: f64,
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port; the address
     /// is logged). With --local, worker i serves its own on the port 1 + i above (free ports
     /// when this one is 0).

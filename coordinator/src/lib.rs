@@ -73,10 +73,15 @@ pub async fn serve(
     run.min_workers = options.min_workers;
     run.max_workers = options.max_workers;
     let shared = Shared::new(run);
+    let lease = std::sync::Arc::new(tokio::sync::Mutex::new(prepared.lease));
     let service = InterceptedService::new(
-        CoordinatorServer::new(CoordinatorService::new(shared.clone(), prepared.store))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        CoordinatorServer::new(CoordinatorService::new(
+            shared.clone(),
+            prepared.store,
+            lease.clone(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
         ServerAuth::new(options.token.clone()),
     );
     let mut server = net::server(options.tls.server()?)?;
@@ -116,6 +121,8 @@ pub async fn serve(
         })
     };
 
+    let renewer = tokio::spawn(renew_lease(lease.clone(), shared.clone()));
+
     tokio::pin!(interrupt);
     let progress = progress::Progress::new(options.progress);
     loop {
@@ -136,6 +143,15 @@ pub async fn serve(
         }
     }
     watchdog.abort();
+    renewer.abort();
+    if let Some(held) = lease.lock().await.take() {
+        match held.release().await {
+            Ok(()) => tracing::info!("released the checkpoint root's lease"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release the checkpoint root's lease; it lapses by itself")
+            }
+        }
+    }
     if let Some(metrics) = metrics {
         metrics.abort();
     }
@@ -153,4 +169,32 @@ pub async fn serve(
     );
     debug_assert!(matches!(run.stage, Stage::Done | Stage::Failed));
     Ok(Outcome { run })
+}
+
+/// Renew the checkpoint root's lease every third of its time to live. A renewal that finds
+/// the lease taken over stops the run: another coordinator commits to this root now. Other
+/// failures (the store briefly unreachable) are retried at the next period.
+async fn renew_lease(lease: service::SharedLease, shared: Shared) {
+    let Some(ttl) = lease.lock().await.as_ref().map(checkpoint::Lease::ttl) else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        let mut held = lease.lock().await;
+        let Some(current) = held.as_mut() else {
+            return;
+        };
+        match current.renew(checkpoints::now_unix_ms()).await {
+            Ok(()) => {}
+            Err(e @ checkpoint::Error::LeaseLost { .. }) => {
+                held.take();
+                drop(held);
+                let reason = format!("{e}; this coordinator stops (its workers stop with it)");
+                tracing::error!(reason = %reason, "lease lost");
+                shared.update(|run| run.finish(Some(reason)));
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not renew the checkpoint root's lease; retrying"),
+        }
+    }
 }

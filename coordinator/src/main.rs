@@ -107,7 +107,11 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
     };
     // Resume or start fresh before any worker is started: a checkpoint root that cannot be
     // read, or one of another run, stops here with nothing spawned.
-    let prepared = coordinator::checkpoints::prepare(config.clone(), workers, args.fresh)
+    if !(args.lease_ttl.is_finite() && args.lease_ttl >= 1.0) {
+        bail!("--lease-ttl must be at least 1 second");
+    }
+    let lease_ttl = Duration::from_secs_f64(args.lease_ttl);
+    let prepared = coordinator::checkpoints::prepare(config.clone(), workers, args.fresh, lease_ttl)
         .await
         .context("checkpoints")?;
     let listen = args.listen.unwrap_or_else(|| {

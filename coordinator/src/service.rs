@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Refusal;
 use crate::run::{Checkpointed, Run};
-use checkpoint::CheckpointStore;
+use checkpoint::{CheckpointStore, Lease};
 
 /// The run, shared between handlers, with a signal for "something changed".
 #[derive(Clone)]
@@ -72,17 +72,26 @@ impl Shared {
     }
 }
 
+/// The coordinator's lease on the checkpoint root, shared by the renewals and the commits
+/// (both rewrite `LEASE`, so they take turns); `None` once lost or released.
+pub type SharedLease = Arc<tokio::sync::Mutex<Option<Lease>>>;
+
 /// The gRPC service.
 #[derive(Clone)]
 pub struct CoordinatorService {
     shared: Shared,
     checkpoints: Option<CheckpointStore>,
+    lease: SharedLease,
 }
 
 impl CoordinatorService {
-    /// Serve `shared`, committing checkpoints under `checkpoints`.
-    pub fn new(shared: Shared, checkpoints: Option<CheckpointStore>) -> Self {
-        Self { shared, checkpoints }
+    /// Serve `shared`, committing checkpoints under `checkpoints` while holding `lease`.
+    pub fn new(shared: Shared, checkpoints: Option<CheckpointStore>, lease: SharedLease) -> Self {
+        Self {
+            shared,
+            checkpoints,
+            lease,
+        }
     }
 }
 
@@ -186,7 +195,27 @@ impl Coordinator for CoordinatorService {
         })?;
         let name = plan.name.clone();
         let started = std::time::Instant::now();
-        match crate::checkpoints::commit(store, plan, keep).await {
+        // Only the lease holder moves LATEST: renew it first (which proves it is still ours),
+        // and keep it locked until the commit is done.
+        let mut lease = self.lease.lock().await;
+        let renewed = match lease.as_mut() {
+            Some(held) => held.renew(crate::checkpoints::now_unix_ms()).await,
+            None => Err(checkpoint::Error::LeaseLost {
+                root: store.describe(""),
+                by: "another coordinator".into(),
+            }),
+        };
+        if let Err(e) = renewed {
+            let reason = format!(
+                "checkpoint {} not committed: {e}; the previous checkpoint is untouched",
+                store.describe(&name)
+            );
+            self.shared.update(|run| run.finish(Some(reason.clone())));
+            return Err(Status::failed_precondition(reason));
+        }
+        let committed = crate::checkpoints::commit(store, plan, keep).await;
+        drop(lease);
+        match committed {
             Ok(manifest) => {
                 let stat = crate::metrics::CommitStat {
                     seconds: started.elapsed().as_secs_f64(),

@@ -94,6 +94,7 @@ impl DataStore {
             store,
             prefix: ObjectPath::default(),
             display: "synthetic".into(),
+            local_dir: None,
         }
         .into())
     }

@@ -35,6 +35,15 @@ pub enum Error {
         source: object_store::Error,
     },
 
+    /// A conditional write found the object other than it expected: someone else wrote it.
+    #[error("{object} was changed by someone else (expected {expected})")]
+    Conflict {
+        /// The object, named as the user would.
+        object: String,
+        /// What the write expected ("no object", "the version read before").
+        expected: &'static str,
+    },
+
     /// An object could not be listed or deleted.
     #[error("cannot {action} {object}: {}", explain(source))]
     Manage {
@@ -49,6 +58,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether a conditional write found the object other than expected (created, changed
+    /// or deleted by someone else).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Conflict { .. })
+    }
+
     /// Whether the error says the object does not exist (as opposed to a failure to reach it).
     pub fn is_not_found(&self) -> bool {
         matches!(

@@ -3,10 +3,12 @@
 //! in-process store per name, for tests). Everything goes through `object_store`, so the
 //! dataset reader and the checkpoint writer treat every kind the same way.
 
+mod conditional;
 mod error;
 mod location;
 mod profile;
 
+pub use conditional::Version;
 pub use error::{Error, Result};
 pub use location::{Location, S3_MAX_RETRIES, is_local};
 pub use object_store;

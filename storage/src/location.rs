@@ -26,6 +26,9 @@ pub struct Location {
     pub prefix: ObjectPath,
     /// The location as the user wrote it, for messages.
     pub display: String,
+    /// The directory, when the store is a local one: conditional writes lock files there
+    /// (object_store's local store has no compare-and-swap).
+    pub local_dir: Option<std::path::PathBuf>,
 }
 
 impl Location {
@@ -51,6 +54,7 @@ impl Location {
                 store: memory_store(name),
                 prefix: ObjectPath::from(prefix.trim_matches('/')),
                 display: spec.to_string(),
+                local_dir: None,
             });
         }
         let path = spec.strip_prefix("file://").unwrap_or(spec);
@@ -71,6 +75,7 @@ impl Location {
             store: Arc::new(store),
             prefix: ObjectPath::default(),
             display: spec.to_string(),
+            local_dir: Some(dir.to_path_buf()),
         })
     }
 
@@ -98,6 +103,12 @@ impl Location {
             store: self.store.clone(),
             prefix: self.path(relative),
             display: self.describe(relative),
+            local_dir: self.local_dir.as_ref().map(|d| {
+                relative
+                    .split('/')
+                    .filter(|p| !p.is_empty())
+                    .fold(d.clone(), |dir, part| dir.join(part))
+            }),
         }
     }
 
@@ -311,6 +322,7 @@ fn open_s3<K: AsRef<str>, V: AsRef<str>>(spec: &str, rest: &str, s3_options: &[(
         store: Arc::new(store),
         prefix: ObjectPath::from(prefix.trim_matches('/')),
         display: spec.to_string(),
+        local_dir: None,
     })
 }
 
