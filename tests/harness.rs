@@ -4,6 +4,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod manifests;
 pub mod processes;
 
 /// Path of a binary of this workspace, built by the same `cargo test` run.
@@ -124,7 +125,20 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let mut command = Command::new(bin(name));
+    spawn_path(&bin(name), args, env)
+}
+
+/// Start `program` (any executable, e.g. a sandbox around this workspace's binaries) with
+/// `args` and extra environment `env`.
+pub fn spawn_path<I, S>(program: &Path, args: I, env: &[(&str, &str)]) -> Proc
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let name = program
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let mut command = Command::new(program);
     command
         .args(args)
         .stdin(std::process::Stdio::null())
@@ -135,7 +149,7 @@ where
     }
     let mut child = command
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
     let (stdout, out_reader) = collect(child.stdout.take().expect("piped stdout"));
     let (stderr, err_reader) = collect(child.stderr.take().expect("piped stderr"));
     Proc {

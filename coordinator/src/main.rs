@@ -8,7 +8,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use cluster_proto::auth::{ClientAuth, Token};
 use cluster_proto::net;
-use cluster_proto::run::Job;
+use cluster_proto::run::{Job, RunConfig};
 use cluster_proto::v1::StatusRequest;
 use cluster_proto::v1::coordinator_client::CoordinatorClient;
 use coordinator::cli::{Cli, Command, StartArgs, StatusArgs};
@@ -90,7 +90,9 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
     if !(args.step_timeout.is_finite() && args.step_timeout >= 0.0) {
         bail!("--step-timeout must be a number of seconds (0: derived from the step times)");
     }
-    if args.run.out.is_none() && config.job == Job::Train {
+    // Set by --out / CLUSTER_OUT, or by the run file.
+    let out_given = args.run.out.is_some() || config.out != RunConfig::default().out;
+    if !out_given && config.job == Job::Train {
         // Each run gets its own directory unless told otherwise.
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -81,14 +81,20 @@ pub fn report(run: &Run) -> Value {
 }
 
 fn write_json(dir: &Path, name: &str, value: &impl serde::Serialize) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| format!("cannot encode {name}: {e}"))?;
+    write_file(dir, name, text.as_bytes())
+}
+
+/// Write `bytes` as `dir/name`, atomically.
+fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), String> {
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.partial"));
-    let text = serde_json::to_string_pretty(value).map_err(|e| format!("cannot encode {name}: {e}"))?;
-    std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, &path).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-/// Write `history.json`, `curves.png` and, when the run was tested, `report.json` into the
+/// Write `history.json`, `curves.png`, rank 0's `predictions.png` and, when the run was
+/// tested, `report.json` into the
 /// run's output directory (each atomically: a reader never sees half a file).
 pub fn write_outputs(run: &Run) -> Result<(), String> {
     let dir = Path::new(&run.config.out);
@@ -111,6 +117,9 @@ pub fn write_outputs(run: &Run) -> Result<(), String> {
     }
     if run.history.last().is_some_and(|e| e.test_accuracy.is_some()) {
         write_json(dir, "report.json", &report(run))?;
+    }
+    if let Some(png) = &run.prediction_grid {
+        write_file(dir, "predictions.png", png)?;
     }
     Ok(())
 }

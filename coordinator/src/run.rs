@@ -284,6 +284,8 @@ pub struct Run {
     pub history: Vec<EpochSummary>,
     /// Benchmark results (rank 0's measurements).
     pub bench: Option<BenchResult>,
+    /// Rank 0's grid of test predictions (PNG), from the last tested epoch.
+    pub prediction_grid: Option<Vec<u8>>,
     /// The latest committed checkpoint.
     pub last_checkpoint: Option<Checkpointed>,
     /// The checkpoint this run resumed from: workers load it instead of fresh weights.
@@ -338,6 +340,7 @@ impl Run {
             start_step: 0,
             history: Vec::new(),
             bench: None,
+            prediction_grid: None,
             last_checkpoint: None,
             resume_from: None,
             awaiting_checkpoint: None,
@@ -704,6 +707,9 @@ impl Run {
                         _ => None,
                     })
                     .collect();
+                if let Some(grid) = results.iter().find(|r| !r.prediction_grid_png.is_empty()) {
+                    self.prediction_grid = Some(grid.prediction_grid_png.clone());
+                }
                 let checksums: Vec<u64> = results.iter().map(|r| r.weights_checksum).collect();
                 if checksums.iter().any(|c| *c != checksums[0]) {
                     let listed: Vec<String> = reports

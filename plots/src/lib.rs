@@ -222,6 +222,28 @@ const TITLE: u32 = 26;
 /// Up to 25 images in a 5 x 5 grid, upscaled, each titled "Actual: x / Pred: y" (green when
 /// right, red when wrong).
 pub fn prediction_grid(predictions: &[Prediction], path: &Path) -> Result<()> {
+    let (width, height, rgb) = draw_prediction_grid(predictions)?;
+    save(path, width, height, rgb)
+}
+
+/// [`prediction_grid`] as PNG bytes, for a process that must not write files (a worker).
+pub fn prediction_grid_png(predictions: &[Prediction]) -> Result<Vec<u8>> {
+    let (width, height, rgb) = draw_prediction_grid(predictions)?;
+    let image = image::RgbImage::from_raw(width, height, rgb).ok_or_else(|| Error::Draw {
+        what: "predictions",
+        reason: "buffer size".into(),
+    })?;
+    let mut png = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut png, image::ImageFormat::Png)
+        .map_err(|e| Error::Draw {
+            what: "predictions",
+            reason: e.to_string(),
+        })?;
+    Ok(png.into_inner())
+}
+
+fn draw_prediction_grid(predictions: &[Prediction]) -> Result<(u32, u32, Vec<u8>)> {
     if predictions.is_empty() {
         return Err(Error::Empty("no predictions"));
     }
@@ -268,7 +290,7 @@ pub fn prediction_grid(predictions: &[Prediction], path: &Path) -> Result<()> {
         root.present()
             .map_err(|e| draw_error("predictions")(e.to_string()))?;
     }
-    save(path, width, height, rgb)
+    Ok((width, height, rgb))
 }
 
 #[cfg(test)]

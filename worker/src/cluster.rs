@@ -4,7 +4,6 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -533,17 +532,15 @@ impl State {
                         }
                         let mut result = trainer.epoch(&epoch_work, &mut io, &thread_step);
                         if matches!(result, Ok(EpochOutcome::Done(_))) && epoch_work.test && rank == 0 {
-                            // The tutorial's picture of the result: rank 0 draws it, as it
-                            // writes checkpoints.
-                            let out = PathBuf::from(&config_for_thread.out);
-                            let grid = std::fs::create_dir_all(&out)
-                                .map_err(|source| Error::Io {
-                                    path: out.clone(),
-                                    source,
-                                })
-                                .and_then(|()| trainer.prediction_grid(&out.join("predictions.png")));
-                            if let Err(e) = grid {
-                                result = Err(e);
+                            // The tutorial's picture of the result: rank 0 draws it and sends it
+                            // with its report; the coordinator writes it beside the other
+                            // outputs (a worker's filesystem may be read-only but for caches).
+                            match (trainer.prediction_grid(), &mut result) {
+                                (Ok(png), Ok(EpochOutcome::Done(done))) => {
+                                    done.prediction_grid_png = png.unwrap_or_default();
+                                }
+                                (Err(e), _) => result = Err(e),
+                                _ => {}
                             }
                         }
                         Ok::<_, Error>((Some(trainer), result))

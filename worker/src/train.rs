@@ -902,6 +902,7 @@ impl Trainer {
             train_seconds,
             feature_cache_hits: cache_stats.hits - stats_before.hits,
             feature_cache_misses: cache_stats.misses - stats_before.misses,
+            prediction_grid_png: Vec::new(),
             classes: if work.test {
                 self.dataset.classes.clone()
             } else {
@@ -1136,11 +1137,11 @@ impl Trainer {
 
     /// Predict the first 25 test images with the current model and draw them in a 5 x 5 grid,
     /// titled with the actual and predicted classes, into `path` (PNG).
-    pub fn prediction_grid(&self, path: &std::path::Path) -> Result<()> {
+    pub fn prediction_grid(&self) -> Result<Option<Vec<u8>>> {
         let loaded = self.model.as_ref().ok_or_else(|| cluster("no model"))?;
         let items: Vec<usize> = self.splits.test.iter().take(25).copied().collect();
         if items.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let handle = Handle::current();
         let samples = handle
@@ -1179,7 +1180,9 @@ impl Trainer {
                 rgb: s.rgb,
             })
             .collect();
-        plots::prediction_grid(&predictions, path).map_err(|e| cluster(e.to_string()))
+        plots::prediction_grid_png(&predictions)
+            .map(Some)
+            .map_err(|e| cluster(e.to_string()))
     }
 
     /// What rank 0 uploads in a checkpoint: the model and the current phase's optimizer.
