@@ -31,10 +31,23 @@ pub fn coordinator_with_env(token: &Path, args: &[&str], env: &[(&str, &str)]) -
         token.to_str().unwrap(),
     ];
     all.extend_from_slice(args);
+    // A run without --out would go to runs/run-<time> below the test's working directory
+    // (the source tree), where two coordinators started in one second would share a root.
+    let scratch = scratch_dir();
+    if !args.contains(&"--out") {
+        all.extend(["--out", scratch.to_str().unwrap()]);
+    }
     let mut proc = spawn("coordinator", all, env);
     let line = proc.wait_for("coordinator listening", Duration::from_secs(30));
     let address = logged_address(&line);
     (proc, address)
+}
+
+/// A fresh directory under the system's temporary directory.
+pub fn scratch_dir() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("effnet-test-{}-{n}", std::process::id()))
 }
 
 pub fn worker(token: &Path, address: &str, command: &[&str], extra: &[&str]) -> Proc {

@@ -95,6 +95,13 @@ pub async fn serve(
                 let _ = stop_rx.await;
             }),
     );
+    if !options.tls.enabled() && address.is_some_and(|a| !a.ip().is_loopback()) {
+        tracing::warn!(
+            "plaintext: the join token and all traffic cross the network unencrypted; use \
+             --tls-cert/--tls-key/--tls-ca, or a network only the run's nodes reach (the \
+             Kubernetes manifests ship a NetworkPolicy)"
+        );
+    }
     let address = address.map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(run = %run_id, address = %address, workers = options.workers, tls = options.tls.enabled(),
         "coordinator listening");

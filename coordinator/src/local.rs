@@ -166,6 +166,32 @@ pub async fn supervise(workers: LocalWorkers, mut children: Vec<Child>, restarts
     }
 }
 
+/// Write the run's join token to `out/token`, readable by this user only, so that
+/// `coordinator status --token-file OUT/token` can reach a local run whose token was made up.
+pub fn write_token(
+    out: &std::path::Path,
+    token: &cluster_proto::auth::Token,
+) -> Result<std::path::PathBuf, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(out)
+        .map_err(|e| format!("cannot create the output directory {}: {e}", out.display()))?;
+    let path = out.join("token");
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| {
+            // An older file keeps its mode through open(): set it in any case.
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            writeln!(f, "{}", token.expose())
+        });
+    written.map_err(|e| format!("cannot write the join token to {}: {e}", path.display()))?;
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

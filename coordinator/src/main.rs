@@ -107,15 +107,10 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
         }
         (_, Err(e)) => return Err(e.into()),
     };
-    // Resume or start fresh before any worker is started: a checkpoint root that cannot be
-    // read, or one of another run, stops here with nothing spawned.
     if !(args.lease_ttl.is_finite() && args.lease_ttl >= 1.0) {
         bail!("--lease-ttl must be at least 1 second");
     }
     let lease_ttl = Duration::from_secs_f64(args.lease_ttl);
-    let prepared = coordinator::checkpoints::prepare(config.clone(), workers, args.fresh, lease_ttl)
-        .await
-        .context("checkpoints")?;
     let listen = args.listen.unwrap_or_else(|| {
         if args.local.is_some() {
             SocketAddr::from(([127, 0, 0, 1], 0))
@@ -143,13 +138,32 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
             config.global_batch
         );
     }
+    if args.local.is_some() && args.security.tls().enabled() {
+        bail!("--local runs every process on this machine over loopback; drop the --tls-* options");
+    }
+    // The TLS files are checked before the checkpoint root's lease is taken: a start that
+    // fails on them must not leave a live lease behind for the corrected one to wait out.
+    args.security.tls().server().context("TLS")?;
+    let local_binary = match args.local {
+        Some(_) => {
+            let binary =
+                coordinator::local::worker_binary(args.worker_bin.as_deref()).map_err(|e| anyhow!(e))?;
+            let token_path = coordinator::local::write_token(std::path::Path::new(&config.out), &token)
+                .map_err(|e| anyhow!(e))?;
+            tracing::info!(path = %token_path.display(),
+                "join token written (mode 0600): coordinator status --token-file reaches this run");
+            Some(binary)
+        }
+        None => None,
+    };
+    // Resume or start fresh before any worker is started: a checkpoint root that cannot be
+    // read, or one of another run, stops here with nothing spawned.
+    let prepared = coordinator::checkpoints::prepare(config.clone(), workers, args.fresh, lease_ttl)
+        .await
+        .context("checkpoints")?;
     let mut children = Vec::new();
     let mut supervisor = None;
-    if let Some(n) = args.local {
-        if args.security.tls().enabled() {
-            bail!("--local runs every process on this machine over loopback; drop the --tls-* options");
-        }
-        let binary = coordinator::local::worker_binary(args.worker_bin.as_deref()).map_err(|e| anyhow!(e))?;
+    if let (Some(n), Some(binary)) = (args.local, local_binary) {
         let address = listener.local_addr().context("listener address")?.to_string();
         let local = coordinator::local::LocalWorkers {
             binary: binary.clone(),

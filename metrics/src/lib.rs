@@ -69,10 +69,42 @@ pub fn encode(registry: &Registry) -> String {
     text
 }
 
+/// What one metrics endpoint allows, so that slow or silent clients cannot hold the process's
+/// file descriptors or tasks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Connections served at once; further ones wait in the kernel's backlog, unaccepted.
+    pub max_connections: usize,
+    /// Time a client has to send its request headers.
+    pub header_timeout: std::time::Duration,
+    /// Time one connection may take in all (one request: keep-alive is off).
+    pub connection_timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            header_timeout: std::time::Duration::from_secs(5),
+            connection_timeout: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
 /// Serve `GET /metrics` on `listener`, rendering every scrape with `render`, until the task
-/// is dropped. Other paths get 404.
+/// is dropped. Other paths get 404. Within the default [`Limits`].
 pub async fn serve(listener: TcpListener, render: Render) {
+    serve_with(listener, render, Limits::default()).await
+}
+
+/// [`serve`] within `limits`.
+pub async fn serve_with(listener: TcpListener, render: Render, limits: Limits) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     loop {
+        // A connection is accepted only with a free slot.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let socket = match listener.accept().await {
             Ok((socket, _)) => socket,
             Err(e) => {
@@ -84,13 +116,17 @@ pub async fn serve(listener: TcpListener, render: Render) {
         };
         let render = render.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let render = render.clone();
                 async move { Ok::<_, std::convert::Infallible>(respond(&req, &*render)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(socket), service)
-                .await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(socket), service);
+            let _ = tokio::time::timeout(limits.connection_timeout, connection).await;
         });
     }
 }
@@ -126,6 +162,44 @@ mod tests {
         let mut response = String::new();
         stream.read_to_string(&mut response).await.unwrap();
         response
+    }
+
+    #[tokio::test]
+    async fn silent_clients_are_cut_off_and_cannot_crowd_out_a_scrape() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let render: Render = Arc::new(|| "# EOF\n".to_string());
+        let limits = Limits {
+            max_connections: 4,
+            header_timeout: std::time::Duration::from_millis(300),
+            connection_timeout: std::time::Duration::from_secs(5),
+        };
+        let server = tokio::spawn(serve_with(listener, render, limits));
+        // Ten clients connect and send nothing: more than the endpoint serves at once.
+        let mut silent = Vec::new();
+        for _ in 0..10 {
+            silent.push(tokio::net::TcpStream::connect(address).await.unwrap());
+        }
+        let started = std::time::Instant::now();
+        let scraped = tokio::time::timeout(std::time::Duration::from_secs(10), get(address, "/metrics"))
+            .await
+            .expect("a scrape gets through once the silent clients time out");
+        assert!(scraped.starts_with("HTTP/1.0 200"), "{scraped}");
+        let waited = started.elapsed();
+        assert!(waited < std::time::Duration::from_secs(5), "{waited:?}");
+        // The silent clients were hung up on (EOF, or a reset once the server closed).
+        for mut client in silent {
+            let mut buf = [0u8; 64];
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), client.read(&mut buf))
+                .await
+                .expect("the server closes a silent connection");
+            assert!(
+                read.as_ref()
+                    .map_or(true, |&n| n == 0 || buf[..n].starts_with(b"HTTP/1.1 408")),
+                "{read:?}"
+            );
+        }
+        server.abort();
     }
 
     #[tokio::test]

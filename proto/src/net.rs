@@ -33,6 +33,10 @@ pub struct TlsFiles {
     /// The CA that signed every node's certificate (PEM). Servers then also require client
     /// certificates signed by it (mutual TLS).
     pub ca: Option<PathBuf>,
+    /// `--tls-client-auth none`: a server accepts clients without certificates. Never by
+    /// default: a server with a certificate but no CA is refused instead of silently taking
+    /// any client.
+    pub no_client_auth: bool,
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>> {
@@ -77,11 +81,23 @@ impl TlsFiles {
         let identity = self
             .identity()?
             .ok_or(Error::TlsIncomplete("--tls-cert and --tls-key on a serving node"))?;
-        let mut config = ServerTlsConfig::new().identity(identity);
-        if let Some(ca) = &self.ca {
-            config = config.client_ca_root(Certificate::from_pem(read("CA", ca)?));
+        let config = ServerTlsConfig::new().identity(identity);
+        match (&self.ca, self.no_client_auth) {
+            (Some(ca), false) => Ok(Some(
+                config.client_ca_root(Certificate::from_pem(read("CA", ca)?)),
+            )),
+            (None, false) => Err(Error::TlsIncomplete(
+                "--tls-ca on a serving node, to require client certificates (mutual TLS); or \
+                 --tls-client-auth none to accept clients without one",
+            )),
+            (_, true) => {
+                tracing::warn!(
+                    "--tls-client-auth none: TLS without client certificates; any client that \
+                     has the join token is served"
+                );
+                Ok(Some(config))
+            }
         }
-        Ok(Some(config))
     }
 
     /// Client configuration: the CA is required to verify servers; certificate and key, when
@@ -116,10 +132,15 @@ pub struct SecurityArgs {
     /// This node's TLS private key (PEM).
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
-    /// CA certificate (PEM) that signed every node's certificate; with it, servers require
-    /// client certificates too.
+    /// CA certificate (PEM) that signed every node's certificate; servers require client
+    /// certificates signed by it.
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
+    /// `require` (default): a TLS server demands client certificates signed by --tls-ca and
+    /// will not start without one; `none`: it accepts clients without certificates (they
+    /// still need the join token).
+    #[arg(long, value_name = "MODE", value_parser = ["require", "none"], default_value = "require")]
+    pub tls_client_auth: String,
 }
 
 impl SecurityArgs {
@@ -129,6 +150,7 @@ impl SecurityArgs {
             cert: self.tls_cert.clone(),
             key: self.tls_key.clone(),
             ca: self.tls_ca.clone(),
+            no_client_auth: self.tls_client_auth == "none",
         }
     }
 
@@ -233,10 +255,37 @@ mod tests {
         let missing = TlsFiles {
             cert: Some("/nonexistent/c.pem".into()),
             key: Some("/nonexistent/k.pem".into()),
-            ca: None,
+            ..Default::default()
         };
         let err = missing.server().unwrap_err().to_string();
         assert!(err.contains("certificate file /nonexistent/c.pem"), "{err}");
         assert!(TlsFiles::default().server().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_tls_server_without_a_ca_is_refused_unless_client_auth_is_off() {
+        let dir = std::env::temp_dir().join(format!("effnet-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.join("c.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("k.pem"), key.serialize_pem()).unwrap();
+        let files = TlsFiles {
+            cert: Some(dir.join("c.pem")),
+            key: Some(dir.join("k.pem")),
+            ..Default::default()
+        };
+        let err = files.server().unwrap_err().to_string();
+        assert!(err.contains("--tls-ca on a serving node"), "{err}");
+        assert!(err.contains("--tls-client-auth none"), "{err}");
+        let open = TlsFiles {
+            no_client_auth: true,
+            ..files
+        };
+        assert!(open.server().unwrap().is_some());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

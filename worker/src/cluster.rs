@@ -100,6 +100,13 @@ async fn bind_peer(advertise: Option<&str>, coordinator: &str) -> Result<(TcpLis
     Ok((listener, format!("{ip}:{port}")))
 }
 
+/// Whether `host:port` names this machine's loopback interface.
+fn is_loopback(address: &str) -> bool {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The local address the OS routes to the coordinator from: reachable by the other workers
 /// when they share its network (no packets are sent).
 async fn local_ip_towards(coordinator: &str) -> Option<IpAddr> {
@@ -116,6 +123,11 @@ async fn local_ip_towards(coordinator: &str) -> Option<IpAddr> {
 /// Join the coordinator with `device` and work until the run ends.
 pub async fn join(options: JoinOptions, device: Device, device_name: String) -> Result<JoinOutcome> {
     let (listener, advertise) = bind_peer(options.advertise.as_deref(), &options.coordinator).await?;
+    if !options.tls.enabled() && !is_loopback(&advertise) {
+        tracing::warn!(advertise = %advertise,
+            "plaintext: the join token, gradients and weights cross the network unencrypted; use \
+             --tls-cert/--tls-key/--tls-ca, or a network only the run's nodes reach");
+    }
     let peer = PeerService::new();
     let (_health_reporter, health) = net::health(&["cluster.v1.Peer"]).await;
     let server = net::server(options.tls.server().map_err(|e| cluster(e.to_string()))?)
