@@ -568,7 +568,7 @@ fn status_json(token: &Path, address: &str) -> Option<serde_json::Value> {
 }
 
 /// Repeated random strikes: a kill followed by a replacement worker, or a SIGSTOP that is
-/// continued 6 s later (the stopped worker is removed for holding the ring up, and joins
+/// continued 8 s later (the stopped worker is removed for holding the ring up, and joins
 /// again): the run still takes exactly its planned steps. `EFFNET_CHAOS_KILLS` (strikes, 3),
 /// `EFFNET_CHAOS_SEED` (7) and `EFFNET_CHAOS_EPOCHS` (head epochs, 2) make the longer form
 /// (see the README).
@@ -595,7 +595,7 @@ fn chaos_random_kills_stops_and_replacements_still_finish_the_plan() {
     let token = token_file(dir.path(), TOKEN);
     let out = dir.path().join("run");
     // 96 images, global batch 12: 8 steps an epoch on any ring.
-    let cluster = ["--workers", "3", "--min-workers", "1", "--step-timeout", "2"];
+    let cluster = ["--workers", "3", "--min-workers", "1", "--step-timeout", "4"];
     let (coordinator, address) = small_coordinator(&token, &cluster, &out, 4, head_epochs, 96);
     let mut alive: Vec<Proc> = (0..3)
         .map(|_| worker(&token, &address, &["join"], &["--cpu"]))
@@ -608,7 +608,7 @@ fn chaos_random_kills_stops_and_replacements_still_finish_the_plan() {
     let resume = |stopped: &mut Vec<(Proc, Instant)>, alive: &mut Vec<Proc>, all: bool| {
         while let Some(i) = stopped
             .iter()
-            .position(|(_, at)| all || at.elapsed() > Duration::from_secs(6))
+            .position(|(_, at)| all || at.elapsed() > Duration::from_secs(8))
         {
             let (proc, _) = stopped.remove(i);
             signal(&proc, "CONT");

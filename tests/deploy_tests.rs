@@ -234,3 +234,60 @@ fn scaling_is_one_patch_that_the_coordinator_follows() {
         4
     );
 }
+
+/// The names of `container`'s ports.
+fn port_names(container: &Value) -> Vec<String> {
+    container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_network_policy_admits_the_run_to_its_grpc_ports_and_anyone_to_metrics() {
+    let Some(objects) = render("base") else {
+        return;
+    };
+    let policy = find(&objects, "NetworkPolicy", "effnet-run");
+    let selected = |labels: &Value, selector: &Value| -> bool {
+        selector["matchExpressions"].as_array().unwrap().iter().all(|e| {
+            assert_eq!(e["operator"], "In", "{e}");
+            e["values"]
+                .as_array()
+                .unwrap()
+                .contains(&labels[e["key"].as_str().unwrap()])
+        })
+    };
+    let rules = policy["spec"]["ingress"].as_array().unwrap();
+    for (kind, name) in [
+        ("Deployment", "effnet-coordinator"),
+        ("StatefulSet", "effnet-worker"),
+    ] {
+        let template = &find(&objects, kind, name)["spec"]["template"];
+        let labels = &template["metadata"]["labels"];
+        assert!(
+            selected(labels, &policy["spec"]["podSelector"]),
+            "{name} is not covered"
+        );
+        let names = port_names(&template["spec"]["containers"][0]);
+        // Every port of the pod is named in a rule: gRPC ports only from the run's pods.
+        for port in &names {
+            let rule = rules
+                .iter()
+                .find(|r| {
+                    r["ports"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|p| p["port"] == port.as_str())
+                })
+                .unwrap_or_else(|| panic!("{name}'s port {port} is in no rule"));
+            let from_run_only = rule["from"]
+                .as_array()
+                .is_some_and(|from| from.iter().all(|f| selected(labels, &f["podSelector"])));
+            assert_eq!(from_run_only, port != "metrics", "{name} port {port}: {rule}");
+        }
+    }
+}

@@ -122,6 +122,11 @@ fn a_worker_whose_data_reads_stall_is_removed_and_the_run_finishes() {
         .collect();
     let line = coordinator.wait_for("held the ring up past the step timeout", Duration::from_secs(120));
     assert!(line.contains(r#""rank":1"#), "{line}");
+    let caught: serde_json::Value = serde_json::from_str(&line).unwrap();
+    eprintln!(
+        "stalled loader caught after the others waited {:.1} s (step timeout 3 s)",
+        caught["fields"]["waited_seconds"].as_f64().unwrap()
+    );
     let mut stalled = 0;
     for w in workers {
         let run = w.finish(Duration::from_secs(300)).success();

@@ -106,6 +106,16 @@ async fn decide(
     let describe = store.describe(&format!("{}/{STATE}", manifest.name));
     let mut state: SavedState = serde_json::from_slice(&bytes)
         .map_err(|e| Error::Resume(format!("{describe}: not a run state: {e}")))?;
+    // The global batch decides every step's samples. Not given now: the checkpoint's (which
+    // a resume with another --workers keeps); given: it must match.
+    let mut config = config;
+    if config.global_batch == 0 && state.config.global_batch != 0 {
+        tracing::info!(
+            global_batch = state.config.global_batch,
+            "keeping the checkpoint's global batch (images per step, whatever the worker count)"
+        );
+        config.global_batch = state.config.global_batch;
+    }
     let differences = state.config.resume_differences(&config);
     if !differences.is_empty() {
         return Err(Error::Resume(format!(
@@ -177,4 +187,79 @@ pub async fn commit(
 /// root never mix.
 pub fn new_run_id() -> String {
     format!("run-{}", checkpoint::unique_hex(6))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A root holding one committed checkpoint of a run of 2 workers x batch 32.
+    async fn root_with_checkpoint(url: &str) -> RunConfig {
+        let config = RunConfig {
+            checkpoints: url.to_string(),
+            head_epochs: 2,
+            ..RunConfig::default()
+        };
+        let store = CheckpointStore::open(url).unwrap();
+        let state = SavedState {
+            run_id: "r".into(),
+            phase: "head".into(),
+            epoch: 1,
+            step: 10,
+            sampler_epoch: 1,
+            sampler_consumed: 0,
+            seed: config.seed,
+            config: RunConfig {
+                global_batch: 64,
+                ..config.clone()
+            },
+            history: Vec::new(),
+            restarts: 0,
+        };
+        let name = CheckpointStore::new_name(10, "head", 1);
+        let entry = store
+            .upload(&name, STATE, &serde_json::to_vec(&state).unwrap())
+            .await
+            .unwrap();
+        store
+            .commit(Manifest {
+                format: checkpoint::FORMAT,
+                name,
+                run_id: "r".into(),
+                phase: "head".into(),
+                epoch: 1,
+                step: 10,
+                val_accuracy: None,
+                committed_unix_ms: 0,
+                objects: vec![entry],
+            })
+            .await
+            .unwrap();
+        config
+    }
+
+    #[tokio::test]
+    async fn a_resume_with_another_worker_count_keeps_the_global_batch_or_is_refused() {
+        let config = root_with_checkpoint("memory://resume-global-batch").await;
+        let ttl = Duration::from_secs(30);
+        // Three workers now, no --global-batch: the checkpoint's 64 images per step stay.
+        let prepared = prepare(config.clone(), 3, false, ttl).await.unwrap();
+        assert_eq!(prepared.run.global_batch, 64);
+        assert_eq!(prepared.run.steps_done, 10);
+        prepared.lease.unwrap().release().await.unwrap();
+        // An explicit other global batch is a different run.
+        let other = RunConfig {
+            global_batch: 96,
+            ..config
+        };
+        let err = match prepare(other, 3, false, ttl).await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("resumed with another global batch"),
+        };
+        assert!(
+            err.contains("global_batch = 64 (checkpoint) vs 96 (now)"),
+            "{err}"
+        );
+    }
 }

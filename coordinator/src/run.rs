@@ -297,6 +297,9 @@ pub struct Run {
     pub restarts: u32,
     /// The ring's recent median step time, for the automatic step timeout.
     recent_step_seconds: Option<f64>,
+    /// The generation in which stuck ranks were spared for holding the only training state
+    /// (said once per generation).
+    spared_generation: u64,
     /// Every checkpoint commit of this coordinator, timed (for metrics).
     pub commit_stats: Vec<crate::metrics::CommitStat>,
     /// Why the run failed.
@@ -346,6 +349,7 @@ impl Run {
             awaiting_checkpoint: None,
             restarts: 0,
             recent_step_seconds: None,
+            spared_generation: u64::MAX,
             commit_stats: Vec::new(),
             error: None,
             checksums: BTreeMap::new(),
@@ -953,7 +957,11 @@ impl Run {
                 sampler_epoch: global_epoch,
                 sampler_consumed: 0,
                 seed: self.config.seed,
-                config: self.config.clone(),
+                // Resolved: a resume with another worker count keeps this global batch.
+                config: RunConfig {
+                    global_batch: self.global_batch,
+                    ..self.config.clone()
+                },
                 history: self.history.clone(),
                 restarts: self.restarts,
             },
@@ -1180,6 +1188,7 @@ impl Run {
                 rank,
                 seen: w.last_seen,
                 waiting_seconds: w.progress.waiting_seconds,
+                current: w.progress.generation == self.generation,
             })
             .collect();
         let Some(stuck) = crate::stuck::stuck_ranks(&beats, limit, now) else {
@@ -1189,6 +1198,19 @@ impl Run {
             .filter(|(_, _, rank)| stuck.ranks.contains(rank))
             .map(|(id, w, rank)| (id.clone(), w.name.clone(), rank))
             .collect();
+        // Removing every rank that holds the training state would end the run: a slow holder
+        // is waited for (a dead one is caught by its closed streams or --peer-timeout).
+        let holders_left = ranked()
+            .filter(|(_, w, rank)| w.has_state && !stuck.ranks.contains(rank))
+            .count();
+        if holders_left == 0 {
+            if self.spared_generation != self.generation {
+                self.spared_generation = self.generation;
+                tracing::warn!(ranks = ?stuck.ranks, waited_seconds = stuck.waited_seconds,
+                    "ranks hold the ring up, but they alone hold the training state; not removing them");
+            }
+            return;
+        }
         let named: Vec<String> = culprits
             .iter()
             .map(|(_, name, rank)| format!("rank {rank} ({name})"))
@@ -1605,6 +1627,7 @@ mod tests {
         let waiting = |s: f64| Reported {
             waiting_seconds: s,
             step_seconds: 0.2,
+            generation: 1,
         };
         // Ranks 0 and 2 wait in step 3's all-reduce; rank 1 is at step 2, not in it.
         run.heartbeat(&ids[0], 2, &[], waiting(2.0), now).unwrap();
@@ -1646,6 +1669,25 @@ mod tests {
         // The fenced worker's late heartbeat names it unknown: it must join again.
         let err = run.heartbeat(&ids[1], 3, &[], waiting(0.0), later).unwrap_err();
         assert!(matches!(err, Refusal::UnknownWorker(_)), "{err}");
+    }
+
+    #[test]
+    fn the_only_holders_of_the_training_state_are_never_removed_for_slowness() {
+        use crate::stuck::{Reported, StepTimeout};
+        let (mut run, ids, _streams) = elastic_run(2, 1);
+        // Rank 1 joined mid-run and waits for rank 0's state, which is slow to come.
+        run.workers.get_mut(&ids[1]).unwrap().has_state = false;
+        let now = Instant::now() + Duration::from_secs(60);
+        let beat = |s: f64| Reported {
+            waiting_seconds: s,
+            step_seconds: 0.2,
+            generation: 1,
+        };
+        run.heartbeat(&ids[0], 2, &[], beat(0.0), now).unwrap();
+        run.heartbeat(&ids[1], 2, &[], beat(30.0), now).unwrap();
+        run.check_progress(StepTimeout::Fixed(Duration::from_secs(3)), now);
+        assert_eq!(run.workers.len(), 2, "rank 0 alone holds the state");
+        assert_eq!(run.stage, Stage::Head);
     }
 
     #[test]

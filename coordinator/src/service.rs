@@ -151,6 +151,7 @@ impl Coordinator for CoordinatorService {
         let progress = crate::stuck::Reported {
             waiting_seconds: request.waiting_seconds,
             step_seconds: request.step_seconds,
+            generation: request.generation,
         };
         let now = std::time::Instant::now();
         self.shared

@@ -49,6 +49,9 @@ pub struct Reported {
     pub waiting_seconds: f64,
     /// Its recent step time in the current epoch (0: none yet).
     pub step_seconds: f64,
+    /// The ring generation it is working in; what it says of waiting counts only for the
+    /// current one (a heartbeat from before a re-formed ring describes the old ring).
+    pub generation: u64,
 }
 
 /// One ranked worker's last heartbeat.
@@ -60,6 +63,8 @@ pub struct RankBeat {
     pub seen: Instant,
     /// How long it had been waiting in a collective then (0: it was not in one).
     pub waiting_seconds: f64,
+    /// That heartbeat was about the current ring generation.
+    pub current: bool,
 }
 
 /// The ranks found stuck.
@@ -92,7 +97,7 @@ pub fn stuck_ranks(beats: &[RankBeat], limit: Duration, now: Instant) -> Option<
     let waited = |b: &RankBeat| b.waiting_seconds + now.saturating_duration_since(b.seen).as_secs_f64();
     let waited_seconds = beats
         .iter()
-        .filter(|b| b.waiting_seconds > 0.0 && !silent(b))
+        .filter(|b| b.current && b.waiting_seconds > 0.0 && !silent(b))
         .map(waited)
         .fold(0.0, f64::max);
     if waited_seconds <= limit.as_secs_f64() {
@@ -100,7 +105,7 @@ pub fn stuck_ranks(beats: &[RankBeat], limit: Duration, now: Instant) -> Option<
     }
     let mut ranks: Vec<u32> = beats
         .iter()
-        .filter(|b| b.waiting_seconds == 0.0 || silent(b))
+        .filter(|b| silent(b) || (b.current && b.waiting_seconds == 0.0))
         .map(|b| b.rank)
         .collect();
     ranks.sort_unstable();
@@ -133,7 +138,25 @@ mod tests {
             rank,
             seen: now - Duration::from_millis(ago_ms),
             waiting_seconds,
+            current: true,
         }
+    }
+
+    #[test]
+    fn heartbeats_about_an_earlier_ring_are_no_evidence_either_way() {
+        let now = Instant::now() + Duration::from_secs(100);
+        let limit = Duration::from_secs(3);
+        // Rank 0's last word is its long wait in the ring that was just replaced; ranks 1 and
+        // 2 are starting the new one.
+        let old = RankBeat {
+            current: false,
+            ..beat(0, now, 500, 3.9)
+        };
+        let starting = [old.clone(), beat(1, now, 100, 0.0), beat(2, now, 100, 0.0)];
+        assert_eq!(stuck_ranks(&starting, limit, now), None);
+        // Nor is a rank still reporting the old ring blamed for the new one's wait.
+        let waiting = [old, beat(1, now, 100, 5.0), beat(2, now, 100, 5.0)];
+        assert_eq!(stuck_ranks(&waiting, limit, now), None);
     }
 
     #[test]

@@ -298,6 +298,7 @@ async fn session(
                     step: beat.step.load(Ordering::Relaxed),
                     waiting_seconds: beat.watch.waiting_seconds(),
                     step_seconds: beat.watch.step_seconds(),
+                    generation: beat.watch.generation(),
                     checksums: beat
                         .drain()
                         .into_iter()
@@ -507,6 +508,13 @@ impl State {
                         seconds: 0.0,
                         watch: thread_step.watch.clone(),
                     };
+                    io.watch.start_unit(generation);
+                    // Sharing the first weights or a joining worker's state: every rank
+                    // counts as waiting for the coordinator's stuck-rank check.
+                    let exchange = trainer.is_none() || epoch_work.sync;
+                    if exchange {
+                        io.watch.begin_exchange();
+                    }
                     let result = (|| {
                         let mut trainer = match (trainer, resume) {
                             (Some(t), _) => t,
@@ -542,6 +550,7 @@ impl State {
                             let broken = broken_before_steps(&epoch_work, Some(&trainer), reason);
                             return Ok::<_, Error>((Some(trainer), Ok(EpochOutcome::Broken(broken))));
                         }
+                        io.watch.end_exchange();
                         let mut result = trainer.epoch(&epoch_work, &mut io, &thread_step);
                         if matches!(result, Ok(EpochOutcome::Done(_))) && epoch_work.test && rank == 0 {
                             // The tutorial's picture of the result: rank 0 draws it and sends it
@@ -557,6 +566,7 @@ impl State {
                         }
                         Ok::<_, Error>((Some(trainer), result))
                     })();
+                    io.watch.end_exchange();
                     (links, result)
                 })
                 .await

@@ -21,8 +21,14 @@ pub struct RingWatch {
     /// Milliseconds after `origin` at which the current collective started, plus one; 0 when
     /// the training thread is in none.
     waiting_since: AtomicU64,
+    /// The same for a state exchange in progress (the first weights, a joining worker's
+    /// state): every rank counts as waiting through it, so none is blamed for the sender's
+    /// serialising or a receiver's loading between the exchange's collectives.
+    exchange_since: AtomicU64,
     /// Smoothed seconds per step in the current epoch, as f64 bits; 0 before its first step.
     step_seconds: AtomicU64,
+    /// The ring generation of the unit being worked on (0: none yet).
+    generation: AtomicU64,
     /// The ring generation the coordinator aborted (0: none) and why.
     aborted: AtomicU64,
     reason: Mutex<String>,
@@ -34,7 +40,9 @@ impl Default for RingWatch {
         Self {
             origin: Instant::now(),
             waiting_since: AtomicU64::new(0),
+            exchange_since: AtomicU64::new(0),
             step_seconds: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             aborted: AtomicU64::new(0),
             reason: Mutex::new(String::new()),
             notify: Notify::new(),
@@ -43,6 +51,18 @@ impl Default for RingWatch {
 }
 
 impl RingWatch {
+    /// A unit of ring `generation` starts: what the heartbeat says of waiting is about it.
+    pub fn start_unit(&self, generation: u64) {
+        self.leave();
+        self.end_exchange();
+        self.generation.store(generation, Ordering::Relaxed);
+    }
+
+    /// The ring generation of the unit being worked on (0: none yet).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
     /// The training thread enters a collective.
     pub fn enter(&self) {
         let now = self.origin.elapsed().as_millis() as u64 + 1;
@@ -54,15 +74,26 @@ impl RingWatch {
         self.waiting_since.store(0, Ordering::Relaxed);
     }
 
-    /// How long the training thread has been in the current collective; 0 outside one.
+    /// A state exchange starts (see `exchange_since`).
+    pub fn begin_exchange(&self) {
+        let now = self.origin.elapsed().as_millis() as u64 + 1;
+        self.exchange_since.store(now, Ordering::Relaxed);
+    }
+
+    /// The state exchange is over.
+    pub fn end_exchange(&self) {
+        self.exchange_since.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the training thread has been in the current collective, or state exchange;
+    /// 0 outside both.
     pub fn waiting_seconds(&self) -> f64 {
-        match self.waiting_since.load(Ordering::Relaxed) {
+        let now = self.origin.elapsed().as_millis() as u64 + 1;
+        let since = |at: &AtomicU64| match at.load(Ordering::Relaxed) {
             0 => 0.0,
-            since => {
-                let now = self.origin.elapsed().as_millis() as u64 + 1;
-                now.saturating_sub(since).max(1) as f64 / 1000.0
-            }
-        }
+            since => now.saturating_sub(since).max(1) as f64 / 1000.0,
+        };
+        since(&self.waiting_since).max(since(&self.exchange_since))
     }
 
     /// A new epoch starts: its steps may take another time than the last one's (the head
@@ -125,6 +156,12 @@ mod tests {
         let waited = watch.waiting_seconds();
         assert!((0.025..1.0).contains(&waited), "{waited}");
         watch.leave();
+        assert_eq!(watch.waiting_seconds(), 0.0);
+        // Through a state exchange a rank counts as waiting, between its collectives too.
+        watch.begin_exchange();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(watch.waiting_seconds() >= 0.025);
+        watch.end_exchange();
         assert_eq!(watch.waiting_seconds(), 0.0);
     }
 
