@@ -23,6 +23,11 @@ const PARTS_IN_FLIGHT: usize = 4;
 const MANIFEST: &str = "MANIFEST.json";
 const LATEST: &str = "LATEST";
 
+/// `LATEST` names one checkpoint: anything larger is not ours.
+const MAX_LATEST_BYTES: u64 = 64 << 10;
+/// A manifest lists a few objects; even thousands fit well under this.
+const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+
 /// Which checkpoints pruning keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
@@ -239,7 +244,7 @@ impl CheckpointStore {
 
     /// What `LATEST` says, if it exists.
     pub async fn latest(&self) -> Result<Option<Latest>> {
-        match self.root.get_bytes(LATEST).await {
+        match self.root.get_bytes_at_most(LATEST, MAX_LATEST_BYTES).await {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
                 .map_err(|e| Error::Format {
@@ -254,7 +259,7 @@ impl CheckpointStore {
     /// The manifest of checkpoint `name`.
     pub async fn manifest(&self, name: &str) -> Result<Manifest> {
         let relative = format!("{name}/{MANIFEST}");
-        let bytes = self.root.get_bytes(&relative).await?;
+        let bytes = self.root.get_bytes_at_most(&relative, MAX_MANIFEST_BYTES).await?;
         let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Format {
             object: self.root.describe(&relative),
             reason: format!("not a checkpoint manifest: {e}"),

@@ -83,3 +83,21 @@ async fn a_local_root_has_one_lease_holder_and_latest_only_moves_forward() {
 async fn a_memory_root_has_one_lease_holder() {
     one_holder_at_a_time(&CheckpointStore::open("memory://lease-test").unwrap()).await;
 }
+
+#[tokio::test]
+async fn oversized_pointers_and_manifests_are_refused_before_they_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
+    std::fs::write(dir.path().join("LATEST"), vec![b' '; 100 << 10]).unwrap();
+    let err = store.latest().await.unwrap_err().to_string();
+    assert!(
+        err.contains("LATEST is 102400 bytes, more than the 65536"),
+        "{err}"
+    );
+    let name = CheckpointStore::new_name(1, "head", 1);
+    std::fs::create_dir_all(dir.path().join(&name)).unwrap();
+    let manifest = std::fs::File::create(dir.path().join(&name).join("MANIFEST.json")).unwrap();
+    manifest.set_len(17 << 20).unwrap();
+    let err = store.manifest(&name).await.unwrap_err().to_string();
+    assert!(err.contains("MANIFEST.json is 17825792 bytes"), "{err}");
+}

@@ -44,6 +44,19 @@ pub enum Error {
         expected: &'static str,
     },
 
+    /// An object is larger than its kind may be.
+    #[error(
+        "{object} is {size} bytes, more than the {max} such a file may have: it is not one of ours, or it is damaged"
+    )]
+    TooLarge {
+        /// The object, named as the user would.
+        object: String,
+        /// Its size.
+        size: u64,
+        /// The most allowed.
+        max: u64,
+    },
+
     /// An object could not be listed or deleted.
     #[error("cannot {action} {object}: {}", explain(source))]
     Manage {

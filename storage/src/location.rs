@@ -156,6 +156,27 @@ impl Location {
             .map_err(read_err)
     }
 
+    /// The whole object at `relative`, refused with [`Error::TooLarge`] before anything is
+    /// read when it is larger than `max` bytes (small files that name or describe others,
+    /// which a damaged or hostile store could make huge).
+    pub async fn get_bytes_at_most(&self, relative: &str, max: u64) -> Result<bytes::Bytes> {
+        let size = self.head(relative).await?.size;
+        let too_large = |size: u64| Error::TooLarge {
+            object: self.describe(relative),
+            size,
+            max,
+        };
+        if size > max {
+            return Err(too_large(size));
+        }
+        let bytes = self.get_bytes(relative).await?;
+        // It may have been replaced between the two requests.
+        if bytes.len() as u64 > max {
+            return Err(too_large(bytes.len() as u64));
+        }
+        Ok(bytes)
+    }
+
     /// Size and other metadata of the object at `relative`.
     pub async fn head(&self, relative: &str) -> Result<ObjectMeta> {
         self.store
