@@ -74,7 +74,8 @@ pub struct StartArgs {
     pub heartbeat_timeout: f64,
     /// Seconds a rank may hold the ring up (the others waiting in the all-reduce while it
     /// completes no step) before it is removed and the ring re-formed without it; 0: ten
-    /// times the ring's recent step time, at least 30 s (600 s until a step time is known).
+    /// times the ring's recent step time, at least 30 s (600 s until a step of the current
+    /// epoch has been timed).
     #[arg(
         long,
         default_value_t = 0.0,

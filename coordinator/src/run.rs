@@ -1177,11 +1177,14 @@ impl Run {
             return;
         }
         let ranked = || self.workers.iter().filter_map(|(id, w)| Some((id, w, w.rank?)));
-        if let Some(median) =
-            crate::stuck::median_step_seconds(ranked().map(|(_, w, _)| w.progress.step_seconds))
-        {
-            self.recent_step_seconds = Some(median);
-        }
+        // Step times of this unit only (workers report none before their first step of
+        // it): the first steps of a phase compile kernels and fill caches, which the last
+        // phase's step time says nothing about.
+        self.recent_step_seconds = crate::stuck::median_step_seconds(
+            ranked()
+                .filter(|(_, w, _)| w.progress.generation == self.generation)
+                .map(|(_, w, _)| w.progress.step_seconds),
+        );
         let limit = crate::stuck::limit(timeout, self.recent_step_seconds);
         let beats: Vec<crate::stuck::RankBeat> = ranked()
             .map(|(_, w, rank)| crate::stuck::RankBeat {

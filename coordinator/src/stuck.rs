@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 pub const AUTO_FACTOR: f64 = 10.0;
 /// ...but never less than this.
 pub const AUTO_FLOOR: Duration = Duration::from_secs(30);
-/// Before any step time is known (the first steps of a run download data and weights,
-/// build caches and compile kernels), the automatic timeout is this.
+/// Before a step time of the current unit is known (the first steps of a run or a phase
+/// download data and weights, build caches and compile kernels), the automatic timeout is
+/// this.
 pub const AUTO_FIRST: Duration = Duration::from_secs(600);
 /// A rank whose last heartbeat is older than this (workers send one a second) counts as not
 /// waiting, whatever that heartbeat said: its process may be stopped.
