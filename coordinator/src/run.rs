@@ -295,8 +295,6 @@ pub struct Run {
     /// How many times this run has been restarted from a checkpoint (carried in the
     /// checkpoints, so it counts across coordinator restarts).
     pub restarts: u32,
-    /// The ring's recent median step time, for the automatic step timeout.
-    recent_step_seconds: Option<f64>,
     /// The generation in which stuck ranks were spared for holding the only training state
     /// (said once per generation).
     spared_generation: u64,
@@ -348,7 +346,6 @@ impl Run {
             resume_from: None,
             awaiting_checkpoint: None,
             restarts: 0,
-            recent_step_seconds: None,
             spared_generation: u64::MAX,
             commit_stats: Vec::new(),
             error: None,
@@ -1180,12 +1177,12 @@ impl Run {
         // Step times of this unit only (workers report none before their first step of
         // it): the first steps of a phase compile kernels and fill caches, which the last
         // phase's step time says nothing about.
-        self.recent_step_seconds = crate::stuck::median_step_seconds(
+        let recent_step_seconds = crate::stuck::median_step_seconds(
             ranked()
                 .filter(|(_, w, _)| w.progress.generation == self.generation)
                 .map(|(_, w, _)| w.progress.step_seconds),
         );
-        let limit = crate::stuck::limit(timeout, self.recent_step_seconds);
+        let limit = crate::stuck::limit(timeout, recent_step_seconds);
         let beats: Vec<crate::stuck::RankBeat> = ranked()
             .map(|(_, w, rank)| crate::stuck::RankBeat {
                 rank,

@@ -712,7 +712,6 @@ async fn checkpoint(
 /// Test hook: `EFFNET_TEST_DELAY_REPORT=RANK:MILLISECONDS` holds that rank's epoch reports
 /// back, so that tests can make another rank's checkpoint commit overtake them.
 fn report_delay(rank: usize) -> Option<Duration> {
-    let hook = std::env::var("EFFNET_TEST_DELAY_REPORT").ok()?;
-    let (r, ms) = hook.split_once(':')?;
-    (r.trim().parse::<usize>().ok()? == rank).then_some(Duration::from_millis(ms.trim().parse().ok()?))
+    let (delayed, ms) = crate::train::rank_hook("EFFNET_TEST_DELAY_REPORT")?;
+    (delayed == rank).then_some(Duration::from_millis(ms))
 }

@@ -213,6 +213,13 @@ impl<N: Link, P: Link> RingIo<'_, N, P> {
     }
 }
 
+/// A test hook's `RANK:N` value in environment variable `name`, if set and well formed.
+pub(crate) fn rank_hook(name: &str) -> Option<(usize, u64)> {
+    let hook = std::env::var(name).ok()?;
+    let (rank, n) = hook.split_once(':')?;
+    Some((rank.trim().parse().ok()?, n.trim().parse().ok()?))
+}
+
 /// Test hook: `EFFNET_TEST_STALL_LOADER=RANK:BATCHES` makes that rank's data loader stop
 /// answering, once per process, after it delivered BATCHES batches: the training thread
 /// blocks as on a storage read that never returns.
@@ -220,10 +227,7 @@ fn stall_loader_once(rank: usize) {
     // Counted whatever the rank: a process that becomes that rank later does not stall.
     static DELIVERED: AtomicU64 = AtomicU64::new(0);
     let delivered = DELIVERED.fetch_add(1, Ordering::Relaxed);
-    let Some((stalled_rank, after)) = std::env::var("EFFNET_TEST_STALL_LOADER").ok().and_then(|hook| {
-        let (r, n) = hook.split_once(':')?;
-        Some((r.trim().parse::<usize>().ok()?, n.trim().parse::<u64>().ok()?))
-    }) else {
+    let Some((stalled_rank, after)) = rank_hook("EFFNET_TEST_STALL_LOADER") else {
         return;
     };
     if stalled_rank == rank && delivered == after {

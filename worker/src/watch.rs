@@ -63,10 +63,14 @@ impl RingWatch {
         self.generation.load(Ordering::Relaxed)
     }
 
+    /// Milliseconds since `origin`, plus one: never 0, which means "not waiting".
+    fn stamp(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64 + 1
+    }
+
     /// The training thread enters a collective.
     pub fn enter(&self) {
-        let now = self.origin.elapsed().as_millis() as u64 + 1;
-        self.waiting_since.store(now, Ordering::Relaxed);
+        self.waiting_since.store(self.stamp(), Ordering::Relaxed);
     }
 
     /// The training thread left the collective.
@@ -76,8 +80,7 @@ impl RingWatch {
 
     /// A state exchange starts (see `exchange_since`).
     pub fn begin_exchange(&self) {
-        let now = self.origin.elapsed().as_millis() as u64 + 1;
-        self.exchange_since.store(now, Ordering::Relaxed);
+        self.exchange_since.store(self.stamp(), Ordering::Relaxed);
     }
 
     /// The state exchange is over.
@@ -88,7 +91,7 @@ impl RingWatch {
     /// How long the training thread has been in the current collective, or state exchange;
     /// 0 outside both.
     pub fn waiting_seconds(&self) -> f64 {
-        let now = self.origin.elapsed().as_millis() as u64 + 1;
+        let now = self.stamp();
         let since = |at: &AtomicU64| match at.load(Ordering::Relaxed) {
             0 => 0.0,
             since => now.saturating_sub(since).max(1) as f64 / 1000.0,
