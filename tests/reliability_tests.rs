@@ -45,9 +45,10 @@ fn a_checkpoint_commit_that_overtakes_a_slower_ranks_report_is_held_and_no_worke
         2,
         48,
     );
-    // Whichever worker is rank 1 reports each epoch 2 s late, so rank 0's commit (sent right
-    // after its own report) always arrives before the epoch is summarised.
-    let hook = [("EFFNET_TEST_DELAY_REPORT", "1:2000")];
+    // Whichever worker is rank 1 reports each epoch 6 s late, so rank 0's commit (sent right
+    // after its own report, and its upload, which took over 2 s on two loaded cores) arrives
+    // before the epoch is summarised.
+    let hook = [("EFFNET_TEST_DELAY_REPORT", "1:6000")];
     let workers: Vec<_> = (0..2)
         .map(|_| worker_with_env(&token, &address, &["join"], &["--cpu"], &hook))
         .collect();
