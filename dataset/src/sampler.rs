@@ -198,32 +198,31 @@ impl SamplerConfig {
 }
 
 /// Deal the samples of one global step (`shares[r]` is rank `r`'s share) again, so that each
-/// lands on the rank `home` names for it wherever that rank's share has room; the rest fill
-/// the remaining places in order. Every share keeps its size, so the step's global batch and
-/// each rank's weight in the average are unchanged; only which rank computes which sample
-/// moves. The result is a function of its inputs alone, the same on every rank.
+/// lands on the rank `home` names for it. Shares may come out of unequal size: a rank weighs
+/// its mean gradient by its share, so the step's average over the global batch is unchanged;
+/// only which rank computes which sample moves. A rank that would be left with nothing takes
+/// one sample from the largest share. The result is a function of its inputs alone, the same
+/// on every rank.
 ///
 /// A rank that keeps per-sample state between epochs (a feature cache) then sees the same
-/// samples again, however the epoch's shuffle falls.
+/// samples again, however the epoch's shuffle falls. (Keeping the shares' sizes instead left
+/// about one image in eight away from home with two ranks of 16, and each of those cost a
+/// backbone pass every epoch.)
 pub fn deal_by_home(shares: &[Vec<usize>], home: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
     let world = shares.len();
-    let mut out: Vec<Vec<usize>> = shares.iter().map(|s| Vec::with_capacity(s.len())).collect();
-    let mut rest = Vec::new();
+    let mut out: Vec<Vec<usize>> = vec![Vec::new(); world];
     for &item in shares.iter().flatten() {
-        let h = home(item) % world.max(1);
-        if out[h].len() < shares[h].len() {
-            out[h].push(item);
-        } else {
-            rest.push(item);
-        }
+        out[home(item) % world.max(1)].push(item);
     }
-    let mut rest = rest.into_iter();
-    for (r, share) in out.iter_mut().enumerate() {
-        while share.len() < shares[r].len() {
-            match rest.next() {
-                Some(item) => share.push(item),
-                None => break,
-            }
+    for r in 0..world {
+        if !out[r].is_empty() {
+            continue;
+        }
+        let largest = (0..world).max_by_key(|&q| (out[q].len(), std::cmp::Reverse(q)));
+        if let Some(q) = largest.filter(|&q| out[q].len() > 1)
+            && let Some(item) = out[q].pop()
+        {
+            out[r].push(item);
         }
     }
     out
@@ -282,7 +281,7 @@ mod tests {
     }
 
     #[test]
-    fn dealing_by_home_keeps_every_sample_and_every_share_size() {
+    fn dealing_by_home_keeps_every_sample_and_sends_each_home() {
         let c = cfg(103, false);
         let state = SamplerState {
             epoch: 3,
@@ -290,33 +289,32 @@ mod tests {
         };
         let world = 3;
         let shares: Vec<Vec<StepShare>> = (0..world).map(|r| c.global_steps(state, 20, world, r)).collect();
-        let mut at_home = 0;
-        let mut total = 0;
         for step in 0..shares[0].len() {
             let before: Vec<Vec<usize>> = shares.iter().map(|s| s[step].indices.clone()).collect();
             let after = deal_by_home(&before, |i| home_rank(i, world));
-            let sizes = |v: &Vec<Vec<usize>>| v.iter().map(Vec::len).collect::<Vec<_>>();
-            assert_eq!(sizes(&after), sizes(&before));
             let mut a: Vec<usize> = before.concat();
             let mut b: Vec<usize> = after.concat();
             a.sort_unstable();
             b.sort_unstable();
             assert_eq!(a, b, "the same samples, step {step}");
-            // As many at home as the share sizes allow.
-            let mut wanted = vec![0usize; world];
-            for &i in &a {
-                wanted[home_rank(i, world)] += 1;
-            }
-            let best: usize = (0..world).map(|r| wanted[r].min(before[r].len())).sum();
-            let got: usize = (0..world)
-                .map(|r| after[r].iter().filter(|&&i| home_rank(i, world) == r).count())
+            // Every sample at home, but for one per rank that no sample of the step calls
+            // home (each rank computes something).
+            let homeless = (0..world)
+                .filter(|&r| a.iter().all(|&i| home_rank(i, world) != r))
+                .count();
+            let away: usize = (0..world)
+                .map(|r| after[r].iter().filter(|&&i| home_rank(i, world) != r).count())
                 .sum();
-            assert_eq!(got, best, "step {step}");
-            at_home += got;
-            total += a.len();
+            assert_eq!(away, homeless, "step {step}: {after:?}");
+            assert!(
+                after.iter().all(|share| !share.is_empty()),
+                "step {step}: {after:?}"
+            );
             assert_eq!(after, deal_by_home(&before, |i| home_rank(i, world)));
         }
-        assert!(at_home * 10 >= total * 8, "{at_home} of {total} at home");
+        // A rank whose home has no sample in the step takes one from the largest share.
+        let after = deal_by_home(&[vec![0, 1], vec![2, 3]], |_| 0);
+        assert_eq!(after, [vec![0, 1, 2], vec![3]]);
         // One rank: nothing moves.
         let one = vec![vec![5, 1, 4]];
         assert_eq!(deal_by_home(&one, |i| home_rank(i, 1)), one);

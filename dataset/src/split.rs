@@ -83,6 +83,19 @@ pub fn split(scheme: SplitScheme, official_train: &[usize], official_test: &[usi
     }
 }
 
+/// `items` in a seeded random order: what the tutorial split slices when the file order is
+/// sorted by class (image folders), so that train[:10%] is a mix of classes, as it is in
+/// CIFAR-10's own files, and not the first class alone.
+pub fn mixed_order(items: &[usize], seed: u64) -> Vec<usize> {
+    let mut mixed = items.to_vec();
+    let mut rng = SplitMix64::new(seed ^ 0x0D0E_5EED_F01D);
+    for i in (1..mixed.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        mixed.swap(i, j);
+    }
+    mixed
+}
+
 /// Keep at most `limit` of `items`, as evenly over classes as possible: round-robin over the
 /// classes, taking each class's items in their split order.
 pub fn balanced_limit(items: &[usize], labels: &[u16], limit: usize) -> Vec<usize> {
@@ -137,6 +150,21 @@ mod tests {
         assert_eq!(all, train);
         assert_eq!(s, split(SplitScheme::default(), &train, &test, 7));
         assert_ne!(s.val, split(SplitScheme::default(), &train, &test, 8).val);
+    }
+
+    #[test]
+    fn a_mixed_order_is_a_seeded_permutation_that_mixes_sorted_classes() {
+        // 10 classes of 100 items each, sorted by class as image folders are.
+        let items: Vec<usize> = (0..1000).collect();
+        let mixed = mixed_order(&items, 3);
+        assert_eq!(mixed, mixed_order(&items, 3));
+        assert_ne!(mixed, mixed_order(&items, 4));
+        let mut sorted = mixed.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, items);
+        let s = split(SplitScheme::Tutorial, &mixed, &[], 0);
+        let classes: std::collections::BTreeSet<usize> = s.test.iter().map(|i| i / 100).collect();
+        assert_eq!(classes.len(), 10, "the tutorial's test slice holds every class");
     }
 
     #[test]
