@@ -141,7 +141,7 @@ fn check(dir: &str) {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), run_toml).unwrap();
     let config =
-        coordinator::config::load_file(file.path()).unwrap_or_else(|e| panic!("{dir}: run.toml: {e}"));
+        coordinator::config::load_file(file.path(), None).unwrap_or_else(|e| panic!("{dir}: run.toml: {e}"));
     config.validate().unwrap();
     assert!(
         config.checkpoint_url().starts_with("s3://"),

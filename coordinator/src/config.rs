@@ -12,6 +12,12 @@ pub struct RunArgs {
     /// TOML file with run settings (field names as the flags, with underscores).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Start from a recipe's settings; the file and every flag still override them.
+    /// `keras-tutorial`: the Keras EfficientNet tutorial's protocol (its split, batch 32, 224
+    /// px, its head, Adam 2e-5 for 10 head epochs, then 50 epochs at 1e-6 with decay, BatchNorm
+    /// frozen, random flips then a quarter turn).
+    #[arg(long, env = "CLUSTER_RECIPE", value_name = "NAME")]
+    pub recipe: Option<String>,
     /// What to run: `train` or `allreduce-bench`.
     #[arg(long, env = "CLUSTER_JOB", value_parser = parse_job)]
     pub job: Option<Job>,
@@ -55,6 +61,12 @@ pub struct RunArgs {
     /// Learning rate of phase 2.
     #[arg(long, env = "CLUSTER_LR_FINETUNE")]
     pub lr_finetune: Option<f64>,
+    /// Phase 2's learning rate is lr / (1 + DECAY * iterations), as Keras's `decay` argument.
+    #[arg(long, env = "CLUSTER_LR_DECAY_FINETUNE", value_name = "DECAY")]
+    pub lr_decay_finetune: Option<f64>,
+    /// Adam's epsilon (PyTorch's 1e-8 by default; Keras uses 1e-7).
+    #[arg(long, env = "CLUSTER_ADAM_EPSILON")]
+    pub adam_epsilon: Option<f64>,
     /// Seed for initialisation, shuffling, augmentation and splits.
     #[arg(long, env = "CLUSTER_SEED")]
     pub seed: Option<u64>,
@@ -73,6 +85,11 @@ pub struct RunArgs {
     /// Turn off random flips and rotations.
     #[arg(long, env = "CLUSTER_NO_AUGMENT")]
     pub no_augment: bool,
+    /// Training augmentation: `symmetries` (random flips and quarter turns: 8 variants) or
+    /// `flips-rot90` (random flips, then one quarter turn on every image: the Keras tutorial's
+    /// code, 4 variants).
+    #[arg(long, env = "CLUSTER_AUGMENTATION")]
+    pub augmentation: Option<String>,
     /// Phase 1: each image is seen in at most K of its 8 flip/rotation variants (8: any).
     #[arg(long, env = "CLUSTER_HEAD_VARIANTS", value_name = "K")]
     pub head_variants: Option<u8>,
@@ -127,18 +144,34 @@ fn parse_job(value: &str) -> Result<Job, String> {
     }
 }
 
-/// Read a TOML run file.
-pub fn load_file(path: &Path) -> Result<RunConfig, String> {
+/// Read a TOML run file over the defaults of `recipe` (or of the recipe the file names, when
+/// `recipe` is `None`).
+pub fn load_file(path: &Path, recipe: Option<&str>) -> Result<RunConfig, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    let file: toml::Table = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let recipe = recipe
+        .map(str::to_string)
+        .or_else(|| {
+            file.get("recipe")
+                .and_then(toml::Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let mut merged = toml::Table::try_from(RunConfig::recipe(&recipe)?)
+        .map_err(|e| format!("cannot represent the run configuration in TOML: {e}"))?;
+    merged.extend(file);
+    merged.insert("recipe".into(), toml::Value::String(recipe));
+    toml::Value::Table(merged)
+        .try_into()
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 impl RunArgs {
     /// The configuration: defaults, overridden by the file, overridden by flags and env.
     pub fn resolve(&self) -> Result<RunConfig, String> {
         let mut c = match &self.config {
-            Some(path) => load_file(path)?,
-            None => RunConfig::default(),
+            Some(path) => load_file(path, self.recipe.as_deref())?,
+            None => RunConfig::recipe(self.recipe.as_deref().unwrap_or_default())?,
         };
         macro_rules! set {
             ($($field:ident),*) => {$(
@@ -159,6 +192,9 @@ impl RunArgs {
             finetune_epochs,
             lr_head,
             lr_finetune,
+            lr_decay_finetune,
+            adam_epsilon,
+            augmentation,
             seed,
             split,
             checkpoint_every,
@@ -229,6 +265,62 @@ mod tests {
         assert_eq!(config.batch_size, 16);
         assert_eq!(config.head_epochs, 3);
         assert_eq!(config.finetune_epochs, RunConfig::default().finetune_epochs);
+    }
+
+    #[test]
+    fn a_recipe_sets_defaults_that_the_file_and_flags_override() {
+        let keras = RunConfig::recipe(cluster_proto::run::KERAS_TUTORIAL).unwrap();
+        let flag = RunArgs {
+            recipe: Some("keras-tutorial".into()),
+            lr_head: Some(1e-3),
+            ..RunArgs::default()
+        };
+        let config = flag.resolve().unwrap();
+        assert_eq!(config.lr_head, 1e-3);
+        assert_eq!(
+            RunConfig {
+                lr_head: keras.lr_head,
+                ..config
+            },
+            keras
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, "recipe = \"keras-tutorial\"\nhead = \"linear\"\n").unwrap();
+        let from_file = RunArgs {
+            config: Some(path.clone()),
+            head_epochs: Some(3),
+            ..RunArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            (from_file.head.as_str(), from_file.head_epochs, from_file.lr_head),
+            ("linear", 3, 2e-5),
+            "file over recipe, flag over file"
+        );
+        assert_eq!(from_file.recipe, "keras-tutorial");
+        std::fs::write(&path, "batch_size = 8\n").unwrap();
+        let plain = RunArgs {
+            config: Some(path),
+            ..RunArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            (plain.batch_size, plain.lr_head, plain.recipe.as_str()),
+            (8, 1e-3, "")
+        );
+        let err = RunArgs {
+            recipe: Some("fastai".into()),
+            ..RunArgs::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            err.contains("recipe \"fastai\"") && err.contains("keras-tutorial"),
+            "{err}"
+        );
     }
 
     #[test]

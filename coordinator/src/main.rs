@@ -60,6 +60,17 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
         .run
         .resolve()
         .map_err(|e| anyhow!("invalid run configuration: {e}"))?;
+    if config.job == Job::Train && config.from_scratch() {
+        // A random backbone frozen in inference mode passes almost nothing on, and a head
+        // trained on it stays at chance (10% on ten classes): say what runs instead.
+        tracing::info!(
+            lr = config.lr_head,
+            epochs = config.head_epochs,
+            "--weights none: no pretrained features to freeze, so phase 1 trains the whole network \
+             from scratch (BatchNorm in training mode, no feature cache) at --lr-head; \
+             phase 2 then fine-tunes with BatchNorm frozen as usual"
+        );
+    }
     if let Some(passes) = config.head_passes_per_image()
         && config.augment
         && config.head_variants > 1

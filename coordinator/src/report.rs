@@ -64,6 +64,9 @@ pub fn report(run: &Run) -> Value {
         "run_id": run.run_id,
         "model": run.config.model,
         "weights": run.config.weights,
+        // Phase 1 trained the whole network, not a head on frozen features.
+        "from_scratch": run.config.from_scratch(),
+        "recipe": run.config.recipe,
         "data": run.config.data,
         "workers": run.expected,
         // What the workers ran on (`cpu`, `cuda:0`, `vulkan:0 (llvmpipe ...)`), in the order

@@ -14,6 +14,15 @@ pub enum Job {
     AllreduceBench,
 }
 
+/// `augmentation` value: random flips and a random number of quarter turns (the 8 symmetries
+/// of a square).
+pub const SYMMETRIES: &str = "symmetries";
+/// `augmentation` value: random left-right and up-down flips, then one quarter turn on every
+/// image, as the Keras tutorial's code does (4 variants per image, none upright).
+pub const FLIPS_ROT90: &str = "flips-rot90";
+/// The recipe that sets everything the Keras EfficientNet transfer-learning tutorial does.
+pub const KERAS_TUTORIAL: &str = "keras-tutorial";
+
 /// Everything that defines a run. Every field has a default, so a TOML file or the command
 /// line only names what differs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +60,14 @@ pub struct RunConfig {
     pub lr_head: f64,
     /// Adam learning rate of phase 2.
     pub lr_finetune: f64,
+    /// Phase 2's learning rate decays as Keras's legacy optimizers' `decay` does:
+    /// `lr_finetune / (1 + lr_decay_finetune * iterations)`, iterations counted from the start
+    /// of the phase. 0: constant.
+    pub lr_decay_finetune: f64,
+    /// Adam's epsilon (added to the root of the second moment). PyTorch's default is 1e-8,
+    /// Keras's 1e-7; Burn's own default of 1e-5 damps steps whose gradients are that small,
+    /// which fine-tuning's are.
+    pub adam_epsilon: f64,
     /// Seed of initialisation, shuffling, augmentation and splits.
     pub seed: u64,
     /// Split scheme: `official` (official test set, validation carved from train) or
@@ -68,10 +85,12 @@ pub struct RunConfig {
     pub synthetic_train: usize,
     /// Test images of the generated dataset.
     pub synthetic_test: usize,
-    /// Random flips and quarter turns while training.
+    /// Augment training images (see `augmentation`).
     pub augment: bool,
+    /// How training images are augmented: [`SYMMETRIES`] or [`FLIPS_ROT90`].
+    pub augmentation: String,
     /// Phase 1: each image is seen in at most this many of its 8 flip and rotation variants
-    /// (a fixed random subset per image; 8: any, as the tutorial). With the feature cache a
+    /// (a fixed random subset per image; 8: any), with the `symmetries` augmentation. With the feature cache a
     /// phase-1 image costs at most this many backbone passes over the whole phase.
     pub head_variants: u8,
     /// Checkpoint every this many epochs (0: only at the end of each phase).
@@ -105,6 +124,9 @@ pub struct RunConfig {
     pub bench_warmup: u32,
     /// All-reduce benchmark: timed iterations per size.
     pub bench_iterations: u32,
+    /// The recipe the run's settings started from (`keras-tutorial`), empty for none; for
+    /// the record: what it set is in the other fields.
+    pub recipe: String,
 }
 
 impl Default for RunConfig {
@@ -124,6 +146,8 @@ impl Default for RunConfig {
             finetune_epochs: 50,
             lr_head: 1e-3,
             lr_finetune: 1e-5,
+            lr_decay_finetune: 0.0,
+            adam_epsilon: 1e-8,
             seed: 42,
             split: "official".into(),
             val_fraction: 0.1,
@@ -133,6 +157,7 @@ impl Default for RunConfig {
             synthetic_train: 2000,
             synthetic_test: 500,
             augment: true,
+            augmentation: SYMMETRIES.into(),
             head_variants: 8,
             checkpoint_every: 0,
             checksum_every: 100,
@@ -148,23 +173,69 @@ impl Default for RunConfig {
             bench_sizes_mb: vec![1.0, 4.0, 16.0, 64.0],
             bench_warmup: 2,
             bench_iterations: 10,
+            recipe: String::new(),
         }
     }
 }
 
 impl RunConfig {
+    /// The defaults with recipe `name` applied (empty: the defaults).
+    pub fn recipe(name: &str) -> Result<Self, String> {
+        match name {
+            "" => Ok(Self::default()),
+            KERAS_TUTORIAL => Ok(Self {
+                split: "tutorial".into(),
+                image_size: 224,
+                // The tutorial's batch is the optimizer's: 32 images a step whatever the
+                // number of workers.
+                batch_size: 32,
+                global_batch: 32,
+                head: "tutorial".into(),
+                dropout: 0.2,
+                head_epochs: 10,
+                lr_head: 2e-5,
+                finetune_epochs: 50,
+                lr_finetune: 1e-6,
+                // Keras's legacy `decay` argument, set to the learning rate over the epochs
+                // (the idiom such tutorials use: Adam(1e-6, decay=1e-6 / 50)).
+                lr_decay_finetune: 1e-6 / 50.0,
+                adam_epsilon: 1e-7,
+                augment: true,
+                augmentation: FLIPS_ROT90.into(),
+                recipe: KERAS_TUTORIAL.into(),
+                ..Self::default()
+            }),
+            other => Err(format!("recipe {other:?}: the only recipe is {KERAS_TUTORIAL}")),
+        }
+    }
+
+    /// Whether the run starts from random weights, and so trains the whole network in phase
+    /// 1 instead of a head on frozen features (a random backbone's features are noise).
+    pub fn from_scratch(&self) -> bool {
+        self.weights == "none"
+    }
+
+    /// Different images the training augmentation makes of one image (1 without).
+    pub fn augment_variants(&self) -> u8 {
+        match (self.augment, self.augmentation.as_str()) {
+            (false, _) => 1,
+            (true, FLIPS_ROT90) => 4,
+            (true, _) => 8,
+        }
+    }
+
     /// Expected backbone passes per training image over the head phase with the feature
     /// cache (each epoch draws one of `head_variants` symmetries, and only unseen ones cost a
     /// pass); `None` when no head phase runs from the cache.
     pub fn head_passes_per_image(&self) -> Option<f64> {
-        if self.job != Job::Train || !self.feature_cache || self.head_epochs == 0 {
+        if self.job != Job::Train || !self.feature_cache || self.head_epochs == 0 || self.from_scratch() {
             return None;
         }
         let epochs = f64::from(self.head_epochs);
-        if !self.augment {
+        let k = f64::from(self.head_variants.max(1).min(self.augment_variants()));
+        if k <= 1.0 {
             return Some(1.0);
         }
-        let k = f64::from(self.head_variants.max(1));
         Some(k * (1.0 - (1.0 - 1.0 / k).powf(epochs)))
     }
 
@@ -202,6 +273,8 @@ impl RunConfig {
                 "feature_cache_memory_mb",
                 "feature_cache_disk_mb",
                 "feature_cache_dir",
+                // What a recipe set is compared field by field.
+                "recipe",
             ] {
                 a.remove(free);
                 b.remove(free);
@@ -248,6 +321,28 @@ impl RunConfig {
         }
         if !["official", "tutorial"].contains(&self.split.as_str()) {
             problems.push(format!("split {:?}: expected official or tutorial", self.split));
+        }
+        if ![SYMMETRIES, FLIPS_ROT90].contains(&self.augmentation.as_str()) {
+            problems.push(format!(
+                "augmentation {:?}: expected {SYMMETRIES} or {FLIPS_ROT90}",
+                self.augmentation
+            ));
+        }
+        if self.augmentation == FLIPS_ROT90 && self.head_variants != 8 {
+            problems.push(format!(
+                "head_variants {} subsets the 8 symmetries of augmentation {SYMMETRIES}; \
+                 {FLIPS_ROT90} has 4 variants per image and no subsets",
+                self.head_variants
+            ));
+        }
+        if !(self.adam_epsilon.is_finite() && self.adam_epsilon > 0.0) {
+            problems.push(format!("adam_epsilon {} must be positive", self.adam_epsilon));
+        }
+        if !(self.lr_decay_finetune.is_finite() && self.lr_decay_finetune >= 0.0) {
+            problems.push(format!(
+                "lr_decay_finetune {} must be a non-negative number",
+                self.lr_decay_finetune
+            ));
         }
         if !(1..=8).contains(&self.head_variants) {
             problems.push(format!(
@@ -349,6 +444,44 @@ mod tests {
         assert_eq!(passes(1, true, true), Some(1.0));
         assert_eq!(passes(8, false, true), Some(1.0));
         assert_eq!(passes(8, true, false), None);
+        // The Keras tutorial's augmentation: 4 variants, 4 (1 - (3/4)^10) passes.
+        let keras = RunConfig {
+            head_epochs: 10,
+            augmentation: FLIPS_ROT90.into(),
+            ..RunConfig::default()
+        };
+        assert!((keras.head_passes_per_image().unwrap() - 3.7747).abs() < 1e-3);
+        // From scratch there is no frozen backbone to cache.
+        let scratch = RunConfig {
+            weights: "none".into(),
+            ..RunConfig::default()
+        };
+        assert!(scratch.from_scratch());
+        assert_eq!(scratch.head_passes_per_image(), None);
+    }
+
+    #[test]
+    fn the_keras_recipe_sets_the_tutorials_protocol() {
+        let keras = RunConfig::recipe(KERAS_TUTORIAL).unwrap();
+        assert_eq!(
+            (
+                keras.split.as_str(),
+                keras.image_size,
+                keras.global_batch,
+                keras.head.as_str()
+            ),
+            ("tutorial", 224, 32, "tutorial")
+        );
+        assert_eq!((keras.head_epochs, keras.lr_head), (10, 2e-5));
+        assert_eq!((keras.finetune_epochs, keras.lr_finetune), (50, 1e-6));
+        assert_eq!(
+            (keras.augmentation.as_str(), keras.adam_epsilon),
+            (FLIPS_ROT90, 1e-7)
+        );
+        assert!(keras.lr_decay_finetune > 0.0 && keras.validate().is_ok());
+        assert_eq!(RunConfig::recipe("").unwrap(), RunConfig::default());
+        let err = RunConfig::recipe("keras").unwrap_err();
+        assert!(err.contains("keras-tutorial"), "{err}");
     }
 
     #[test]
@@ -357,14 +490,29 @@ mod tests {
             batch_size: 0,
             head: "mlp".into(),
             head_variants: 9,
+            augmentation: "rot180".into(),
+            adam_epsilon: 0.0,
             ..RunConfig::default()
         };
         let err = config.validate().unwrap_err();
         assert!(
             err.contains("batch_size")
                 && err.contains("head \"mlp\"")
-                && err.contains("head_variants 9 must be between 1 and 8"),
+                && err.contains("head_variants 9 must be between 1 and 8")
+                && err.contains("augmentation \"rot180\": expected symmetries or flips-rot90")
+                && err.contains("adam_epsilon 0 must be positive"),
             "{err}"
+        );
+        let pooled_keras = RunConfig {
+            augmentation: FLIPS_ROT90.into(),
+            head_variants: 2,
+            ..RunConfig::default()
+        };
+        assert!(
+            pooled_keras
+                .validate()
+                .unwrap_err()
+                .contains("has 4 variants per image")
         );
         assert!(RunConfig::default().validate().is_ok());
     }

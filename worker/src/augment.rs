@@ -1,9 +1,11 @@
 //! Preprocessing on the worker's device: decoded samples become a resized, optionally
 //! augmented `[batch, 3, size, size]` tensor of raw 0..255 values (the model scales them).
 //!
-//! Augmentation is the tutorial's: random left-right and up-down flips and a random multiple
-//! of 90 degrees of rotation. Each sample's choice comes from `(seed, epoch, dataset index)`,
-//! so a run is reproducible whatever the number of workers or the batch a sample lands in.
+//! Augmentation: random left-right and up-down flips and a random multiple of 90 degrees of
+//! rotation (the 8 symmetries of a square), or the Keras tutorial's code exactly: random flips,
+//! then one quarter turn on every image. Each sample's choice comes from
+//! `(seed, epoch, dataset index)`, so a run is reproducible whatever the number of workers or
+//! the batch a sample lands in.
 
 // Host-device copies go through `Transfers`, which counts them (transfer_tests.rs).
 #![deny(clippy::disallowed_methods)]
@@ -16,27 +18,69 @@ use dataset::source::Sample;
 
 use crate::transfer::Transfers;
 
+/// How many quarter turns a training image gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Turns {
+    /// None.
+    #[default]
+    None,
+    /// 0, 1, 2 or 3, drawn per image.
+    Random,
+    /// Exactly one, counter-clockwise, on every image (`tf.image.rot90` as the Keras tutorial's
+    /// code calls it: after the random flips, not instead of them).
+    One,
+}
+
 /// Which random transforms to apply while training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Augment {
     /// Random left-right and up-down flips, each with probability 1/2.
     pub flips: bool,
-    /// Random rotation by 0, 90, 180 or 270 degrees.
-    pub rot90: bool,
+    /// The quarter turns after the flips.
+    pub turns: Turns,
 }
 
 impl Augment {
-    /// The tutorial's augmentation: flips and rotations.
-    pub fn tutorial() -> Self {
+    /// Random flips and a random number of quarter turns: the 8 symmetries of a square
+    /// (`--augmentation symmetries`, the default).
+    pub fn symmetries() -> Self {
         Self {
             flips: true,
-            rot90: true,
+            turns: Turns::Random,
+        }
+    }
+
+    /// Random flips, then one quarter turn on every image: what the Keras tutorial's code does
+    /// (`--augmentation flips-rot90`). Four variants per image, none of them upright.
+    pub fn flips_rot90() -> Self {
+        Self {
+            flips: true,
+            turns: Turns::One,
         }
     }
 
     /// No augmentation (evaluation).
     pub fn none() -> Self {
         Self::default()
+    }
+
+    /// The training augmentation a run's configuration asks for.
+    pub fn of_run(config: &cluster_proto::run::RunConfig) -> Self {
+        match (config.augment, config.augmentation.as_str()) {
+            (false, _) => Self::none(),
+            (true, cluster_proto::run::FLIPS_ROT90) => Self::flips_rot90(),
+            (true, _) => Self::symmetries(),
+        }
+    }
+
+    /// How many different images its draws make of one image (both flips together are a
+    /// half turn, so random flips and turns give 8, not 16).
+    pub fn variants(self) -> u8 {
+        match (self.flips, self.turns) {
+            (false, Turns::None | Turns::One) => 1,
+            (false, Turns::Random) | (true, Turns::None | Turns::One) => 4,
+            (true, Turns::Random) => 8,
+        }
     }
 }
 
@@ -62,7 +106,11 @@ impl Variant {
         Self {
             flip_lr: augment.flips && bits & 1 == 1,
             flip_ud: augment.flips && bits & 2 == 2,
-            quarter_turns: if augment.rot90 { ((bits >> 2) & 3) as u8 } else { 0 },
+            quarter_turns: match augment.turns {
+                Turns::None => 0,
+                Turns::Random => ((bits >> 2) & 3) as u8,
+                Turns::One => 1,
+            },
         }
     }
 
@@ -70,7 +118,7 @@ impl Variant {
     /// the 8 symmetries: a fixed random subset of `pool` per image (from `seed` and `index`),
     /// one of them drawn per epoch. `pool` 8 (or more) is [`draw`](Self::draw) itself.
     pub fn draw_pooled(augment: Augment, pool: u8, seed: u64, epoch: u64, index: usize) -> Self {
-        if pool >= 8 || augment != Augment::tutorial() {
+        if pool >= 8 || augment != Augment::symmetries() {
             return Self::draw(augment, seed, epoch, index);
         }
         let mut rng = SplitMix64::new(
@@ -179,6 +227,11 @@ pub fn to_input(
     Tensor::cat(images, 0)
 }
 
+/// Bilinear with half-pixel centres (`align_corners = false`), as `tf.image.resize`, PyTorch's
+/// `F.interpolate` and torchvision's `Resize` sample. Burn's options default to aligned
+/// corners, which stretches a 32-pixel image over 223/31 of its width instead of 224/32: every
+/// upscaled CIFAR image was a slightly different picture from the one the pretrained models'
+/// pipelines make.
 fn resize(x: Tensor<4>, size: usize) -> Tensor<4> {
     let [_, _, h, w] = x.dims();
     if (h, w) == (size, size) {
@@ -186,7 +239,9 @@ fn resize(x: Tensor<4>, size: usize) -> Tensor<4> {
     }
     interpolate(
         x,
-        InterpolateOptions::new(InterpolateMode::Bilinear).with_output_size([size, size]),
+        InterpolateOptions::new(InterpolateMode::Bilinear)
+            .with_align_corners(false)
+            .with_output_size([size, size]),
     )
 }
 
@@ -312,7 +367,7 @@ mod tests {
 
     #[test]
     fn pooled_draws_stay_in_a_fixed_subset_per_image() {
-        let aug = Augment::tutorial();
+        let aug = Augment::symmetries();
         for index in 0..50 {
             let seen = |pool: u8| -> std::collections::BTreeSet<u8> {
                 (0..64)
@@ -343,6 +398,41 @@ mod tests {
     }
 
     #[test]
+    fn resizing_samples_at_half_pixel_centres_as_pytorch_and_tensorflow_do() {
+        let device = Device::flex();
+        // One row [0, 10] to 4 pixels: torch.nn.functional.interpolate(..., mode="bilinear",
+        // align_corners=False) and tf.image.resize give [0, 2.5, 7.5, 10] (aligned corners
+        // would give [0, 3.33, 6.67, 10]).
+        let s = sample(2, 2, |x, _, _| (10 * x) as u8);
+        let v = values(to_input(&Transfers::default(), &[s], 4, &[], &device));
+        assert_eq!(v[..4], [0.0, 2.5, 7.5, 10.0]);
+    }
+
+    #[test]
+    fn flips_then_one_turn_make_four_variants_none_upright() {
+        let aug = Augment::flips_rot90();
+        assert_eq!(aug.variants(), 4);
+        let ids: std::collections::BTreeSet<u8> = (0..200)
+            .map(|i| Variant::draw(aug, 7, 0, i))
+            .inspect(|v| assert_eq!(v.quarter_turns, 1, "{v:?}"))
+            .map(Variant::id)
+            .collect();
+        assert_eq!(
+            ids.len(),
+            4,
+            "random flips then a quarter turn: 4 different images"
+        );
+        assert!(
+            !ids.contains(&Variant::default().id()),
+            "no variant is the image itself"
+        );
+        assert_eq!(Augment::symmetries().variants(), 8);
+        assert_eq!(Augment::none().variants(), 1);
+        // The pool of --head-variants subsets the 8 symmetries only; this draws as is.
+        assert_eq!(Variant::draw_pooled(aug, 2, 7, 3, 5), Variant::draw(aug, 7, 3, 5));
+    }
+
+    #[test]
     fn resizing_keeps_constant_images_constant_and_mixes_sizes() {
         let device = Device::flex();
         let a = sample(32, 32, |_, _, c| [200, 100, 50][c]);
@@ -358,7 +448,7 @@ mod tests {
 
     #[test]
     fn draws_are_reproducible_and_cover_all_variants() {
-        let aug = Augment::tutorial();
+        let aug = Augment::symmetries();
         assert_eq!(Variant::draw(aug, 7, 3, 11), Variant::draw(aug, 7, 3, 11));
         let seen: std::collections::BTreeSet<(bool, bool, u8)> = (0..200)
             .map(|i| Variant::draw(aug, 7, 0, i))

@@ -31,6 +31,9 @@ pub enum Command {
     /// Test loss, accuracy and per-class accuracy of a trained model (a model file or a
     /// checkpoint URL) on a dataset's test split.
     Evaluate(EvaluateArgs),
+    /// Print a model's layers, output shapes and parameter counts as Keras's `summary()`
+    /// does, with the trainable and non-trainable totals of each training phase.
+    Summary(SummaryArgs),
     /// Measure throughput.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -192,6 +195,27 @@ pub struct PredictArgs {
     /// JPEG or PNG images.
     #[arg(required = true, value_name = "IMAGE")]
     pub images: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct SummaryArgs {
+    /// Architecture: efficientnet-b0..b7 or efficientnet-lite0..lite4.
+    #[arg(long, default_value = "efficientnet-b0")]
+    pub model: String,
+    /// The head on top: `linear`, `tutorial`, or `none` for the backbone alone (Keras's
+    /// `include_top=False`).
+    #[arg(long, default_value = "linear", value_parser = ["linear", "tutorial", "none"])]
+    pub head: String,
+    /// Only this phase's totals (default: phase 1 and phase 2). `scratch` is phase 1 of a run
+    /// with `--weights none`.
+    #[arg(long, value_parser = ["head", "finetune", "scratch"])]
+    pub phase: Option<String>,
+    /// Classes of the head's output.
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// Input size in pixels, for the output shapes.
+    #[arg(long, default_value_t = 224)]
+    pub image_size: usize,
 }
 
 #[derive(Subcommand, Debug)]

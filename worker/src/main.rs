@@ -62,6 +62,7 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Predict(args) => run_predict(args),
         Command::Evaluate(args) => run_evaluate(args),
+        Command::Summary(args) => run_summary(args),
         Command::Bench(BenchCommand::Model(args)) => run_bench_model(args),
         Command::Bench(BenchCommand::Data(args)) => run_bench_data(args),
         Command::Bench(BenchCommand::Allreduce(args)) => run_bench_allreduce(args),
@@ -150,6 +151,32 @@ fn run_evaluate(args: EvaluateArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_summary(args: SummaryArgs) -> Result<()> {
+    use worker::phase::Phase;
+    let cfg = EfficientNetConfig::from_name(&args.model)?;
+    let head = match args.head.as_str() {
+        "none" => None,
+        name => Some(
+            name.parse::<worker::model::HeadKind>()
+                .map_err(anyhow::Error::msg)?,
+        ),
+    };
+    let phases = match args.phase.as_deref() {
+        Some("head") => vec![Phase::Head],
+        Some("finetune") => vec![Phase::FineTune],
+        Some("scratch") => vec![Phase::Scratch],
+        _ => vec![Phase::Head, Phase::FineTune],
+    };
+    if args.classes == 0 || args.image_size < 32 {
+        bail!("--classes must be at least 1 and --image-size at least 32");
+    }
+    print!(
+        "{}",
+        worker::summary::summarize(&cfg, head, args.classes, args.image_size, &phases)
+    );
+    Ok(())
+}
+
 fn run_bench_data(args: BenchDataArgs) -> Result<()> {
     let device = args.device.choice().select()?.device;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -164,7 +191,7 @@ fn run_bench_data(args: BenchDataArgs) -> Result<()> {
     let augment = if args.no_augment {
         Augment::none()
     } else {
-        Augment::tutorial()
+        Augment::symmetries()
     };
     let images = args.images.min(ds.train.len());
     eprintln!("reading {images} images of {} ...", args.data);

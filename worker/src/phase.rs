@@ -4,6 +4,11 @@
 //! statistics, stochastic depth off); only the head trains. Phase 2 (fine-tune): everything
 //! trains except BatchNorm, whose weights are frozen and whose running statistics are neither
 //! used from the batch nor updated, as in the tutorial.
+//!
+//! A run without pretrained weights (`--weights none`) has no features worth freezing: a
+//! random backbone in inference mode passes almost nothing on, and a head trained on it stays
+//! at chance. Its phase 1 is [`Phase::Scratch`] instead: the whole network trains, BatchNorm in
+//! training mode (batch statistics, running statistics updated).
 
 use burn::module::{Flag, Module, ModuleVisitor, Param, ParamGroup, ParamId};
 use burn::tensor::Tensor;
@@ -17,6 +22,32 @@ pub enum Phase {
     Head,
     /// Everything but BatchNorm trained.
     FineTune,
+    /// Everything trained, BatchNorm included: phase 1 of a run from random initialisation.
+    Scratch,
+}
+
+impl Phase {
+    /// The phase that runs where the coordinator's plan says `phase`: phase 1 of a run that
+    /// trains from scratch is [`Phase::Scratch`].
+    pub fn in_run(self, from_scratch: bool) -> Self {
+        match self {
+            Phase::Head if from_scratch => Phase::Scratch,
+            other => other,
+        }
+    }
+
+    /// Whether the backbone is frozen (its outputs can be cached).
+    pub fn backbone_frozen(self) -> bool {
+        self == Phase::Head
+    }
+
+    /// 1 or 2: where the phase sits in the coordinator's plan (scratch is phase 1).
+    pub fn number(self) -> u8 {
+        match self {
+            Phase::Head | Phase::Scratch => 1,
+            Phase::FineTune => 2,
+        }
+    }
 }
 
 /// Set `model` up for `phase`.
@@ -33,6 +64,7 @@ pub fn prepare(model: Classifier, phase: Phase) -> Classifier {
             let batchnorm = batchnorm_group(&model);
             model.unfreeze().freeze_group(batchnorm)
         }
+        Phase::Scratch => model.unfreeze(),
     }
 }
 

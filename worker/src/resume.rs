@@ -14,6 +14,8 @@ use burn::optim::ModuleOptimizer;
 use burn::tensor::{Device, Tensor};
 use checkpoint::{CheckpointStore, Manifest, ObjectEntry};
 
+use cluster_proto::run::RunConfig;
+
 use crate::error::{Error, Result};
 use crate::modelfile::{self, LoadedModel};
 use crate::phase::Phase;
@@ -55,8 +57,14 @@ pub async fn upload(
     ])
 }
 
-/// Load checkpoint `name` for training: every object verified against the manifest.
-pub async fn restore(store: &CheckpointStore, name: &str, device: &Device) -> Result<(Manifest, Restored)> {
+/// Load checkpoint `name` of a run configured as `config` for training: every object verified
+/// against the manifest.
+pub async fn restore(
+    store: &CheckpointStore,
+    name: &str,
+    device: &Device,
+    config: &RunConfig,
+) -> Result<(Manifest, Restored)> {
     let manifest = store.manifest(name).await?;
     let phase = phase_named(&manifest.phase).ok_or_else(|| {
         Error::Cluster(format!(
@@ -76,6 +84,7 @@ pub async fn restore(store: &CheckpointStore, name: &str, device: &Device) -> Re
         },
         phase,
         device,
+        config,
         &|object| store.describe(&format!("{name}/{object}")),
     )?;
     Ok((manifest, restored))
@@ -118,10 +127,7 @@ impl Parts {
     /// One buffer: the phase, three lengths (little-endian u64) and the three parts.
     pub fn pack(&self, phase: Phase) -> Vec<u8> {
         let mut out = Vec::with_capacity(25 + self.weights.len() + self.optimizer.len() + self.ids.len());
-        out.push(match phase {
-            Phase::Head => 1,
-            Phase::FineTune => 2,
-        });
+        out.push(phase.number());
         for part in [&self.weights, &self.optimizer, &self.ids] {
             out.extend_from_slice(&(part.len() as u64).to_le_bytes());
         }
@@ -171,14 +177,18 @@ impl Parts {
     }
 }
 
-/// Rebuild a rank's training state from `parts` (taken in `phase`); `describe` names each
-/// part in errors.
+/// Rebuild a rank's training state from `parts` (taken in `phase` of a run configured as
+/// `config`); `describe` names each part in errors.
 pub fn from_parts(
     parts: &Parts,
     phase: Phase,
     device: &Device,
+    config: &RunConfig,
     describe: &dyn Fn(&str) -> String,
 ) -> Result<Restored> {
+    // Checkpoints and state transfers name the plan's phase; phase 1 of a run from scratch
+    // trains the whole network.
+    let phase = phase.in_run(config.from_scratch());
     let mut model = modelfile::from_bytes(None, Path::new(&describe(WEIGHTS)), &parts.weights, device)?;
     let ids: BTreeMap<String, u64> = serde_json::from_slice(&parts.ids).map_err(|e| {
         Error::Cluster(format!(
@@ -188,7 +198,7 @@ pub fn from_parts(
     })?;
     model.model = crate::phase::prepare(model.model, phase);
     model.model = with_param_ids(model.model, &ids)?;
-    let optimizer = burn::optim::AdamConfig::new()
+    let optimizer = crate::optim::adam(config)
         .init()
         .from_bytes(burn::tensor::Bytes::from_bytes_vec(parts.optimizer.clone()))
         .map_err(|e| Error::Cluster(format!("{}: not an optimizer record: {e:?}", describe(OPTIMIZER))))?;

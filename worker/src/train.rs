@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use cluster_proto::run::RunConfig;
 use cluster_proto::v1::{self, EpochResult, EpochWork};
@@ -36,6 +36,7 @@ use crate::grads::{flatten, unflatten};
 use crate::metrics::WorkerMetrics;
 use crate::model::Classifier;
 use crate::modelfile::{self, ClassLabel, LoadedModel, WeightsSource};
+use crate::optim;
 use crate::phase::{self, Phase};
 use crate::resume::Parts;
 use crate::transfer::{TransferCounts, Transfers};
@@ -260,7 +261,13 @@ pub fn open_dataset(config: &RunConfig, handle: &Handle) -> Result<(Arc<Dataset>
             val_fraction: config.val_fraction,
         }
     };
-    let mut splits = split(scheme, &dataset.train, &dataset.test, config.seed);
+    // Image folders are read sorted by class: slicing that order would make the tutorial's
+    // test set one class. CIFAR's files (and the synthetic set) are mixed already.
+    let official_train = match (scheme, dataset.files.is_empty()) {
+        (SplitScheme::Tutorial, true) => dataset::split::mixed_order(&dataset.train, config.seed),
+        _ => dataset.train.clone(),
+    };
+    let mut splits = split(scheme, &official_train, &dataset.test, config.seed);
     let limits = Limits {
         train: config.limit_train,
         val: config.limit_val,
@@ -426,7 +433,7 @@ impl Trainer {
         store: &checkpoint::CheckpointStore,
         name: &str,
     ) -> Result<Self> {
-        let (manifest, restored) = handle.block_on(crate::resume::restore(store, name, &device))?;
+        let (manifest, restored) = handle.block_on(crate::resume::restore(store, name, &device, config))?;
         let mut trainer = Self::with_model(config, device, handle, restored.model, &store.describe(name))?;
         trainer.phase = Some(restored.phase);
         trainer.optimizer = Some(restored.optimizer);
@@ -535,7 +542,8 @@ impl Trainer {
             Ok(v1::Phase::Head) => Phase::Head,
             Ok(v1::Phase::Finetune) => Phase::FineTune,
             _ => return Err(cluster(format!("unknown phase {} in the assignment", work.phase))),
-        };
+        }
+        .in_run(self.config.from_scratch());
         self.roll_back_to(work.first_step)?;
         let mut loaded = self
             .model
@@ -543,11 +551,11 @@ impl Trainer {
             .ok_or_else(|| cluster("the model was lost by an earlier error"))?;
         if self.phase != Some(phase) {
             loaded.model = phase::prepare(loaded.model, phase);
-            self.optimizer = Some(AdamConfig::new().init());
+            self.optimizer = Some(optim::adam(&self.config).init());
             self.phase = Some(phase);
         }
         // Features are valid only while the backbone is frozen.
-        let cached = phase == Phase::Head && self.config.feature_cache;
+        let cached = phase.backbone_frozen() && self.config.feature_cache;
         if !cached {
             self.cache = None;
         } else if self.cache.is_none() {
@@ -561,20 +569,16 @@ impl Trainer {
         // Phase 1 runs the frozen backbone in inference mode on the plain device, outside the
         // autodiff graph that only the head needs (phase 1 never changes the backbone, so one
         // copy serves the epoch); it computes the cache's misses, or every batch without one.
-        let frozen = (phase == Phase::Head).then(|| loaded.model.valid());
+        let frozen = phase.backbone_frozen().then(|| loaded.model.valid());
         // Where a batch's input tensor is made: the frozen backbone's device in phase 1.
-        let input_device = if phase == Phase::Head {
+        let input_device = if phase.backbone_frozen() {
             inner.clone()
         } else {
             self.device.clone()
         };
-        let lr = match phase {
-            Phase::Head => self.config.lr_head,
-            Phase::FineTune => self.config.lr_finetune,
-        };
         // Epochs count across phases, so shuffles and augmentations never repeat.
         let global_epoch = match phase {
-            Phase::Head => u64::from(work.epoch),
+            Phase::Head | Phase::Scratch => u64::from(work.epoch),
             Phase::FineTune => u64::from(self.config.head_epochs) + u64::from(work.epoch),
         };
         // Dropout and stochastic depth draw from the backend's generator: seeding it per
@@ -610,15 +614,15 @@ impl Trainer {
             .into_iter()
             .map(|s| s.indices.into_iter().map(|i| self.splits.train[i]).collect())
             .collect();
-        let augment = if self.config.augment {
-            Augment::tutorial()
-        } else {
-            Augment::none()
-        };
+        let augment = Augment::of_run(&self.config);
         let pool = match phase {
             Phase::Head => self.config.head_variants,
-            Phase::FineTune => 8,
+            Phase::FineTune | Phase::Scratch => 8,
         };
+        // Optimizer steps of this phase before this epoch's next one (the learning rate of a
+        // decaying phase depends on it): whole epochs, then what earlier rings consumed.
+        let phase_iterations = u64::from(work.epoch) * self.splits.train.len().div_ceil(global_batch) as u64
+            + work.consumed / global_batch as u64;
         let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
         let optimizer = self
             .optimizer
@@ -634,10 +638,7 @@ impl Trainer {
         let mut prefetch = Prefetcher::spawn(self.dataset.clone(), batch_list, PREFETCH)
             .map_err(|e| cluster(format!("data loader: {e}")))?;
         let metrics = &beat.metrics;
-        metrics.phase.set(match phase {
-            Phase::Head => 1,
-            Phase::FineTune => 2,
-        });
+        metrics.phase.set(i64::from(phase.number()));
         let session = beat.session.load(Ordering::Relaxed);
         let size = self.config.image_size as usize;
         let (config, device, transfers) = (&self.config, &input_device, &self.transfers);
@@ -767,6 +768,7 @@ impl Trainer {
                 model: model.clone(),
                 optimizer: optimizer.clone(),
             });
+            let lr = optim::learning_rate(config, phase, phase_iterations + steps);
             model = match head_only {
                 true => {
                     let mut model = model;
@@ -970,7 +972,7 @@ impl Trainer {
         let bytes = bytes_from_rank0(io, tag, packed)?;
         if io.ring.rank != 0 {
             let (phase, parts) = Parts::unpack(&bytes)?;
-            let restored = crate::resume::from_parts(&parts, phase, &self.device, &|part| {
+            let restored = crate::resume::from_parts(&parts, phase, &self.device, &self.config, &|part| {
                 format!("<{part} from rank 0>")
             })?;
             if restored.model.classes.len() != self.dataset.classes.len() {
@@ -1045,7 +1047,7 @@ impl Trainer {
 
     /// This rank's shares of the epoch's steps with each global batch dealt by home rank
     /// (see [`deal_by_home`]): the same global batches, but an image lands on the same rank
-    /// epoch after epoch wherever the shares allow, so that rank's cached features serve it.
+    /// epoch after epoch, so that rank's cached features serve it.
     fn steps_by_home(
         &self,
         sampler: &SamplerConfig,
