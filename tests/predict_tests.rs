@@ -226,6 +226,51 @@ fn bad_input_fails_cleanly_with_the_offending_file() {
 }
 
 #[test]
+fn summary_prints_the_layers_and_each_phases_trainable_count() {
+    let out = run(
+        "worker",
+        ["summary", "--model", "efficientnet-b0", "--head", "none"],
+    )
+    .success();
+    let text = &out.stdout;
+    assert!(
+        text.contains("Model: \"efficientnet-b0 (backbone)\"")
+            && text.contains("backbone.blocks.15.depthwise.conv (DepthwiseConv2D)")
+            && text.contains("(None, 1280, 7, 7)"),
+        "{text}"
+    );
+    // Keras prints 4,049,571 for EfficientNetB0(include_top=False): 7 more, its
+    // Normalization layer's mean, variance and count.
+    assert!(text.contains("Total params: 4,049,564"), "{text}");
+    assert!(text.contains("Trainable params in phase head: 0"), "{text}");
+    assert!(
+        text.contains("Trainable params in phase finetune: 3,965,532"),
+        "{text}"
+    );
+    let out = run(
+        "worker",
+        [
+            "summary",
+            "--model",
+            "efficientnet-lite0",
+            "--phase",
+            "head",
+            "--image-size",
+            "96",
+        ],
+    )
+    .success();
+    assert!(
+        out.stdout.contains("head.fc (Dense)") && out.stdout.contains("(None, 1280, 3, 3)"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("Trainable params: 12,810"), "{}", out.stdout);
+    let out = run("worker", ["summary", "--model", "resnet50"]).failure();
+    assert!(out.stderr.contains("unknown model 'resnet50'"), "{}", out.stderr);
+}
+
+#[test]
 fn gpu_request_on_a_cpu_build_is_refused() {
     let out = run("worker", ["predict", "--weights", "none", "--gpu", "0", "x.png"]).failure();
     assert!(out.stderr.contains("without CUDA support"), "{}", out.stderr);

@@ -82,30 +82,59 @@ pub fn latest_manifest(out: &Path) -> checkpoint::Manifest {
         .manifest
 }
 
+/// A model file of a randomly initialised EfficientNet-B0 beside `out` (written once).
+///
+/// Small runs start from it rather than from `--weights none`, which trains the whole network
+/// from scratch in phase 1: a backbone from a file is frozen in phase 1 as pretrained weights
+/// are, so head steps stay the cheap ones these tests' step timeouts were set for, and the
+/// tests exercise the feature cache on the way.
+pub fn random_b0(out: &Path) -> PathBuf {
+    let path = out.with_file_name("random-b0.safetensors");
+    if !path.exists() {
+        let device = burn::tensor::Device::flex();
+        let config = worker::config::EfficientNetConfig::from_name("efficientnet-b0").unwrap();
+        let model = worker::modelfile::LoadedModel {
+            model: worker::model::Classifier::new(&config, 10, &device),
+            config,
+            classes: (0..10)
+                .map(|i| worker::modelfile::ClassLabel {
+                    label: format!("class {i}"),
+                    wnid: None,
+                })
+                .collect(),
+        };
+        worker::modelfile::save(&path, &model).unwrap();
+    }
+    path
+}
+
 /// `first`, then the run arguments of a small training run on generated data from random
-/// initialisation: 32 px images, `batch` per worker, `train` training images (24 validation,
-/// 24 test), the weights compared after every step, outputs in `out`.
+/// initialisation (a frozen random backbone in phase 1: [`random_b0`]): 32 px images, `batch`
+/// per worker, `train` training images (24 validation, 24 test), the weights compared after
+/// every step, outputs in `out`.
 pub fn small_run(first: &[&str], out: &Path, batch: u32, head_epochs: u64, train: u32) -> Vec<String> {
+    let weights = random_b0(out);
     first
         .iter()
         .copied()
-        .chain([
-            "--data",
-            "synthetic",
-            "--weights",
-            "none",
-            "--image-size",
-            "32",
-            "--finetune-epochs",
-            "1",
-            "--limit-val",
-            "24",
-            "--limit-test",
-            "24",
-            "--checksum-every",
-            "1",
-        ])
+        .chain(["--data", "synthetic"])
         .map(String::from)
+        .chain(["--weights".into(), weights.to_string_lossy().into_owned()])
+        .chain(
+            [
+                "--image-size",
+                "32",
+                "--finetune-epochs",
+                "1",
+                "--limit-val",
+                "24",
+                "--limit-test",
+                "24",
+                "--checksum-every",
+                "1",
+            ]
+            .map(String::from),
+        )
         .chain([
             "--batch-size".into(),
             batch.to_string(),

@@ -116,6 +116,28 @@ fn finetune_phase_trains_everything_but_batchnorm() {
 }
 
 #[test]
+fn scratch_phase_trains_everything_and_batchnorm_follows_the_batch() {
+    // Phase 1 of a run from random weights: nothing is frozen, BatchNorm included.
+    let device = Device::flex().autodiff();
+    let m = prepare(prepare(model(&device), Phase::Head), Phase::Scratch);
+    let trained = with_grads(&m, &grads(&m, &device));
+    let parameters: Vec<String> = collect_tensors(&m)
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| !n.contains("running_"))
+        .collect();
+    assert_eq!(
+        trained, parameters,
+        "every parameter, BatchNorm's gamma and beta too"
+    );
+    let moved = stats_moved_by_step(m, &device);
+    assert!(
+        moved.iter().any(|n| n == "backbone.stem.bn.running_mean"),
+        "{moved:?}"
+    );
+}
+
+#[test]
 fn an_unfrozen_model_would_train_batchnorm() {
     // The control for the two tests above: without the phases, BatchNorm trains and its
     // statistics follow the batch.

@@ -9,10 +9,12 @@ use cluster_proto::v1::{self, EpochWork};
 use collective::{Ring, local};
 use worker::train::{Beat, EpochOutcome, RingIo, Trainer};
 
-fn config(feature_cache: bool) -> RunConfig {
+/// A run on the generated set; `weights` is `none` (phase 1 then trains from scratch) or a
+/// model file (its backbone is frozen in phase 1, as pretrained weights are).
+fn config(feature_cache: bool, weights: &str) -> RunConfig {
     RunConfig {
         model: "efficientnet-lite0".into(),
-        weights: "none".into(),
+        weights: weights.into(),
         data: "synthetic".into(),
         image_size: 32,
         batch_size: 4,
@@ -74,7 +76,7 @@ fn copies_per_epoch(config: &RunConfig, epochs: &[(v1::Phase, u32)]) -> Vec<(u64
 #[test]
 fn a_step_copies_its_gradients_once_each_way_and_reads_no_loss() {
     let epochs = [(v1::Phase::Head, 0), (v1::Phase::Finetune, 0)];
-    for (steps, downloads, uploads) in copies_per_epoch(&config(false), &epochs) {
+    for (steps, downloads, uploads) in copies_per_epoch(&config(false, "none"), &epochs) {
         assert_eq!(steps, 4);
         // Down: the gradients. Up: the batch, its labels, the reduced gradients.
         assert_eq!(downloads, steps, "copies to the host in {steps} steps");
@@ -87,7 +89,24 @@ fn a_cached_head_step_uploads_no_pixels() {
     // The first epoch fills the cache from the backbone (the pixels go up for the misses);
     // the second finds every feature map in device memory.
     let epochs = [(v1::Phase::Head, 0), (v1::Phase::Head, 1)];
-    let counts = copies_per_epoch(&config(true), &epochs);
+    // A randomly initialised model file: frozen in phase 1 like pretrained weights, so its
+    // features are cached (with `--weights none` phase 1 trains everything, uncached).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("random-lite0.safetensors");
+    let device = Device::flex();
+    let cfg = worker::config::EfficientNetConfig::from_name("efficientnet-lite0").unwrap();
+    let random = worker::modelfile::LoadedModel {
+        model: worker::model::Classifier::new(&cfg, 10, &device),
+        config: cfg,
+        classes: (0..10)
+            .map(|i| worker::modelfile::ClassLabel {
+                label: format!("class {i}"),
+                wnid: None,
+            })
+            .collect(),
+    };
+    worker::modelfile::save(&path, &random).unwrap();
+    let counts = copies_per_epoch(&config(true, path.to_str().unwrap()), &epochs);
     let (steps, downloads, uploads) = counts[0];
     assert_eq!(
         (downloads, uploads),
