@@ -581,17 +581,20 @@ impl Run {
         worker.step = step;
         worker.progress = progress;
         let (mark_step, mark_time) = worker.rate_mark;
-        let elapsed = mark_time.elapsed().as_secs_f64();
+        let elapsed = now.saturating_duration_since(mark_time).as_secs_f64();
         if step < mark_step {
-            worker.rate_mark = (step, Instant::now());
-        } else if elapsed >= 1.0 {
-            // Smoothed, so the pause for evaluation between epochs does not swing it to 0.
-            let now = (step - mark_step) as f64 / elapsed;
+            worker.rate_mark = (step, now);
+        } else if step > mark_step && elapsed >= 1.0 {
+            // Measured over windows that hold a step, and smoothed: a step slower than the
+            // heartbeat would otherwise halve the rate every second without one (a 30 s
+            // step put the ETA at millions of hours), and the pause for evaluation between
+            // epochs does not swing it to 0 either.
+            let measured = (step - mark_step) as f64 / elapsed;
             worker.steps_per_second = Some(match worker.steps_per_second {
-                Some(rate) => 0.5 * rate + 0.5 * now,
-                None => now,
+                Some(rate) => 0.5 * rate + 0.5 * measured,
+                None => measured,
             });
-            worker.rate_mark = (step, Instant::now());
+            worker.rate_mark = (step, now);
         }
         let Some(rank) = worker.rank else {
             return Ok(());
@@ -1886,5 +1889,25 @@ mod tests {
         assert_eq!(status.step, 6);
         assert_eq!(status.val_accuracy, Some(0.75));
         assert!((status.workers[0].images_per_second - rate * 32.0).abs() < 1e-9);
+        // Steps slower than the heartbeat: one every 10 s, a heartbeat every second.
+        let start = Instant::now();
+        for id in &ids {
+            run.workers.get_mut(id).unwrap().rate_mark = (6, start);
+        }
+        for second in 1..=80u64 {
+            let step = 6 + second / 10;
+            for id in &ids {
+                run.heartbeat(
+                    id,
+                    step,
+                    &[],
+                    Default::default(),
+                    start + Duration::from_secs(second),
+                )
+                .unwrap();
+            }
+        }
+        let rate = run.workers[&ids[0]].steps_per_second.unwrap();
+        assert!((rate - 0.1).abs() < 0.02, "one step in 10 s, measured {rate}");
     }
 }
