@@ -462,6 +462,7 @@ impl CheckpointStore {
             for (object, _) in self.root.list(name).await? {
                 self.root.delete(&object).await?;
             }
+            self.root.remove_empty_prefix(name);
             tracing::info!(checkpoint = %self.root.describe(name), "old checkpoint deleted by retention");
         }
         Ok(doomed)

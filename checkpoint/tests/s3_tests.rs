@@ -319,6 +319,19 @@ async fn retention_keeps_the_last_k_the_best_and_latest_and_other_runs() {
     assert_eq!(left, [old_run.name.as_str(), &names[1], &names[3], &names[4]]);
     assert!(!url.join(&torn).join("w").exists());
     assert!(!url.join(&names[0]).join("w").exists());
+    // No empty directory stays behind to be listed (and "deleted") again at the next prune.
+    assert!(!url.join(&names[0]).exists() && !url.join(&torn).exists());
+    let again = store
+        .prune(
+            "r1",
+            Retention {
+                keep_last: 2,
+                keep_best: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "{again:?}");
 
     // LATEST is never deleted, even when retention would not keep it.
     let deleted = store

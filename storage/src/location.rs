@@ -237,6 +237,21 @@ impl Location {
             .collect())
     }
 
+    /// Remove the directory of prefix `relative` of a local store once its objects are
+    /// deleted (object stores have no directories; a local one leaves them behind, and an
+    /// empty one would list as a prefix forever). Not empty, missing, or not local: nothing
+    /// to do.
+    pub fn remove_empty_prefix(&self, relative: &str) {
+        let Some(dir) = &self.local_dir else { return };
+        let path = dir.join(relative);
+        // Deepest first; each removal fails harmlessly on a directory that still holds files.
+        let mut dirs: Vec<std::path::PathBuf> = walk_dirs(&path);
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for d in dirs.iter().chain(std::iter::once(&path)) {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+
     /// Delete the object at `relative`; a missing object is not an error.
     pub async fn delete(&self, relative: &str) -> Result<()> {
         match self.store.delete(&self.path(relative)).await {
@@ -248,6 +263,21 @@ impl Location {
             }),
         }
     }
+}
+
+/// Every directory below `dir` (not `dir` itself).
+fn walk_dirs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(walk_dirs(&path));
+                out.push(path);
+            }
+        }
+    }
+    out
 }
 
 /// Whether `spec` names a local directory (rather than a store reached by URL).
