@@ -1192,6 +1192,7 @@ impl Run {
                 seen: w.last_seen,
                 waiting_seconds: w.progress.waiting_seconds,
                 current: w.progress.generation == self.generation,
+                exchanging: w.progress.exchanging,
             })
             .collect();
         let Some(stuck) = crate::stuck::stuck_ranks(&beats, limit, now) else {
@@ -1631,6 +1632,7 @@ mod tests {
             waiting_seconds: s,
             step_seconds: 0.2,
             generation: 1,
+            exchanging: false,
         };
         // Ranks 0 and 2 wait in step 3's all-reduce; rank 1 is at step 2, not in it.
         run.heartbeat(&ids[0], 2, &[], waiting(2.0), now).unwrap();
@@ -1678,13 +1680,14 @@ mod tests {
     fn the_only_holders_of_the_training_state_are_never_removed_for_slowness() {
         use crate::stuck::{Reported, StepTimeout};
         let (mut run, ids, _streams) = elastic_run(2, 1);
-        // Rank 1 joined mid-run and waits for rank 0's state, which is slow to come.
+        // Rank 1 joined mid-run, holds no state yet, and waits in a collective for rank 0.
         run.workers.get_mut(&ids[1]).unwrap().has_state = false;
         let now = Instant::now() + Duration::from_secs(60);
         let beat = |s: f64| Reported {
             waiting_seconds: s,
             step_seconds: 0.2,
             generation: 1,
+            exchanging: false,
         };
         run.heartbeat(&ids[0], 2, &[], beat(0.0), now).unwrap();
         run.heartbeat(&ids[1], 2, &[], beat(30.0), now).unwrap();

@@ -152,6 +152,7 @@ impl Coordinator for CoordinatorService {
             waiting_seconds: request.waiting_seconds,
             step_seconds: request.step_seconds,
             generation: request.generation,
+            exchanging: request.exchanging,
         };
         let now = std::time::Instant::now();
         self.shared

@@ -7,7 +7,9 @@
 //! tasks, may go on. Every heartbeat says whether the rank waits in a collective and for how
 //! long. When some rank has waited longer than the step timeout, the ranks that are not
 //! waiting, or whose heartbeats stopped, are the stuck ones. When every rank waits, no rank is
-//! to blame (a link is down): the ring's own peer timeout deals with that.
+//! to blame (a link is down): the ring's own peer timeout deals with that. A rank in a state
+//! exchange (sending, receiving or loading the training state) is busy: neither evidence
+//! nor blamed.
 
 use std::time::{Duration, Instant};
 
@@ -53,6 +55,8 @@ pub struct Reported {
     /// The ring generation it is working in; what it says of waiting counts only for the
     /// current one (a heartbeat from before a re-formed ring describes the old ring).
     pub generation: u64,
+    /// It was in a state exchange (sending, receiving or loading the training state).
+    pub exchanging: bool,
 }
 
 /// One ranked worker's last heartbeat.
@@ -66,6 +70,8 @@ pub struct RankBeat {
     pub waiting_seconds: f64,
     /// That heartbeat was about the current ring generation.
     pub current: bool,
+    /// It was in a state exchange: busy, neither evidence of a held-up ring nor to blame.
+    pub exchanging: bool,
 }
 
 /// The ranks found stuck.
@@ -98,7 +104,7 @@ pub fn stuck_ranks(beats: &[RankBeat], limit: Duration, now: Instant) -> Option<
     let waited = |b: &RankBeat| b.waiting_seconds + now.saturating_duration_since(b.seen).as_secs_f64();
     let waited_seconds = beats
         .iter()
-        .filter(|b| b.current && b.waiting_seconds > 0.0 && !silent(b))
+        .filter(|b| b.current && !b.exchanging && b.waiting_seconds > 0.0 && !silent(b))
         .map(waited)
         .fold(0.0, f64::max);
     if waited_seconds <= limit.as_secs_f64() {
@@ -106,7 +112,7 @@ pub fn stuck_ranks(beats: &[RankBeat], limit: Duration, now: Instant) -> Option<
     }
     let mut ranks: Vec<u32> = beats
         .iter()
-        .filter(|b| silent(b) || (b.current && b.waiting_seconds == 0.0))
+        .filter(|b| silent(b) || (b.current && !b.exchanging && b.waiting_seconds == 0.0))
         .map(|b| b.rank)
         .collect();
     ranks.sort_unstable();
@@ -140,6 +146,7 @@ mod tests {
             seen: now - Duration::from_millis(ago_ms),
             waiting_seconds,
             current: true,
+            exchanging: false,
         }
     }
 
@@ -158,6 +165,28 @@ mod tests {
         // Nor is a rank still reporting the old ring blamed for the new one's wait.
         let waiting = [old, beat(1, now, 100, 5.0), beat(2, now, 100, 5.0)];
         assert_eq!(stuck_ranks(&waiting, limit, now), None);
+    }
+
+    #[test]
+    fn a_state_exchange_is_neither_waiting_nor_holding_up() {
+        let now = Instant::now() + Duration::from_secs(100);
+        let limit = Duration::from_secs(3);
+        let exchanging = |rank| RankBeat {
+            exchanging: true,
+            ..beat(rank, now, 900, 0.0)
+        };
+        // Rank 0 has sent the state and computes its first step; ranks 1 and 2 still load
+        // it, 7 s into the exchange. Nobody waits for rank 0 yet.
+        let loading = [beat(0, now, 100, 0.0), exchanging(1), exchanging(2)];
+        assert_eq!(stuck_ranks(&loading, limit, now), None);
+        // Rank 1 is through and waits in the first all-reduce: rank 2, still loading, is
+        // busy, and rank 0 is within the limit.
+        let first = [beat(0, now, 100, 0.0), beat(1, now, 100, 1.0), exchanging(2)];
+        assert_eq!(stuck_ranks(&first, limit, now), None);
+        // Past the limit, the rank that computes is the one holding the ring up; the one
+        // still loading is not blamed.
+        let late = [beat(0, now, 100, 0.0), beat(1, now, 100, 4.0), exchanging(2)];
+        assert_eq!(stuck_ranks(&late, limit, now).map(|s| s.ranks), Some(vec![0]));
     }
 
     #[test]

@@ -299,6 +299,7 @@ async fn session(
                     waiting_seconds: beat.watch.waiting_seconds(),
                     step_seconds: beat.watch.step_seconds(),
                     generation: beat.watch.generation(),
+                    exchanging: beat.watch.exchanging(),
                     checksums: beat
                         .drain()
                         .into_iter()
@@ -509,8 +510,8 @@ impl State {
                         watch: thread_step.watch.clone(),
                     };
                     io.watch.start_unit(generation);
-                    // Sharing the first weights or a joining worker's state: every rank
-                    // counts as waiting for the coordinator's stuck-rank check.
+                    // Sharing the first weights or a joining worker's state: the
+                    // coordinator's stuck-rank check leaves every rank in it alone.
                     let exchange = trainer.is_none() || epoch_work.sync;
                     if exchange {
                         io.watch.begin_exchange();

@@ -8,7 +8,7 @@
 //! in the all-reduce. The heartbeat carries both facts, and the coordinator decides.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio::sync::Notify;
@@ -21,10 +21,11 @@ pub struct RingWatch {
     /// Milliseconds after `origin` at which the current collective started, plus one; 0 when
     /// the training thread is in none.
     waiting_since: AtomicU64,
-    /// The same for a state exchange in progress (the first weights, a joining worker's
-    /// state): every rank counts as waiting through it, so none is blamed for the sender's
-    /// serialising or a receiver's loading between the exchange's collectives.
-    exchange_since: AtomicU64,
+    /// Whether a state exchange is in progress (the first weights, a joining worker's
+    /// state): the coordinator neither blames a rank in one nor takes its time in the
+    /// exchange's collectives as waiting for the others. Counted as waiting, a receiver
+    /// still loading the state had the sender, already computing its first step, removed.
+    exchanging: AtomicBool,
     /// Smoothed seconds per step in the current epoch, as f64 bits; 0 before its first step.
     step_seconds: AtomicU64,
     /// The ring generation of the unit being worked on (0: none yet).
@@ -40,7 +41,7 @@ impl Default for RingWatch {
         Self {
             origin: Instant::now(),
             waiting_since: AtomicU64::new(0),
-            exchange_since: AtomicU64::new(0),
+            exchanging: AtomicBool::new(false),
             step_seconds: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             aborted: AtomicU64::new(0),
@@ -78,25 +79,29 @@ impl RingWatch {
         self.waiting_since.store(0, Ordering::Relaxed);
     }
 
-    /// A state exchange starts (see `exchange_since`).
+    /// A state exchange starts (see `exchanging`).
     pub fn begin_exchange(&self) {
-        self.exchange_since.store(self.stamp(), Ordering::Relaxed);
+        self.exchanging.store(true, Ordering::Relaxed);
     }
 
     /// The state exchange is over.
     pub fn end_exchange(&self) {
-        self.exchange_since.store(0, Ordering::Relaxed);
+        self.exchanging.store(false, Ordering::Relaxed);
     }
 
-    /// How long the training thread has been in the current collective, or state exchange;
-    /// 0 outside both.
+    /// Whether a state exchange is in progress.
+    pub fn exchanging(&self) -> bool {
+        self.exchanging.load(Ordering::Relaxed)
+    }
+
+    /// How long the training thread has been in the current collective; 0 outside one, and
+    /// through a state exchange (see `exchanging`).
     pub fn waiting_seconds(&self) -> f64 {
-        let now = self.stamp();
-        let since = |at: &AtomicU64| match at.load(Ordering::Relaxed) {
+        match self.waiting_since.load(Ordering::Relaxed) {
+            _ if self.exchanging() => 0.0,
             0 => 0.0,
-            since => now.saturating_sub(since).max(1) as f64 / 1000.0,
-        };
-        since(&self.waiting_since).max(since(&self.exchange_since))
+            since => self.stamp().saturating_sub(since).max(1) as f64 / 1000.0,
+        }
     }
 
     /// A new epoch starts: its steps may take another time than the last one's (the head
@@ -160,12 +165,15 @@ mod tests {
         assert!((0.025..1.0).contains(&waited), "{waited}");
         watch.leave();
         assert_eq!(watch.waiting_seconds(), 0.0);
-        // Through a state exchange a rank counts as waiting, between its collectives too.
+        // A state exchange's collectives are not waiting: the rank says it is exchanging.
         watch.begin_exchange();
+        watch.enter();
         std::thread::sleep(Duration::from_millis(30));
-        assert!(watch.waiting_seconds() >= 0.025);
-        watch.end_exchange();
         assert_eq!(watch.waiting_seconds(), 0.0);
+        assert!(watch.exchanging());
+        watch.leave();
+        watch.end_exchange();
+        assert!(!watch.exchanging());
     }
 
     #[test]
