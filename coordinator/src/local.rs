@@ -91,6 +91,22 @@ pub struct LocalWorkers {
     pub log_format: String,
     /// The coordinator's metrics address: worker i serves its own next to it.
     pub metrics: Option<SocketAddr>,
+    /// Compute threads for each worker without a GPU ([`cpu_threads`]); `None` leaves the
+    /// thread pools to choose (every core each).
+    pub cpu_threads: Option<usize>,
+}
+
+/// The thread-pool sizes that belong to the user when set in the environment.
+pub const THREAD_VARIABLES: [&str; 2] = ["OMP_NUM_THREADS", "RAYON_NUM_THREADS"];
+
+/// Compute threads for each of `cpu_workers` local workers without a GPU on a machine with
+/// `cores`: the cores shared out, at least one each. Left alone, every worker's pool (rayon for
+/// flex, OpenMP for LibTorch) takes every core, and OpenMP's threads spin-wait at each barrier
+/// for peers that another process has descheduled: two LibTorch workers on two cores went
+/// from 4 to 10 seconds a step when a third process ran beside them (as torchrun, which sets
+/// OMP_NUM_THREADS for the processes it starts).
+pub fn cpu_threads(cores: usize, cpu_workers: usize) -> usize {
+    (cores / cpu_workers.max(1)).max(1)
 }
 
 impl LocalWorkers {
@@ -111,6 +127,11 @@ impl LocalWorkers {
             command
                 .arg("--metrics-listen")
                 .arg(worker_metrics_address(base, i).to_string());
+        }
+        if let Some(threads) = self.cpu_threads.filter(|_| self.gpus.get(i).is_none()) {
+            for variable in THREAD_VARIABLES {
+                command.env(variable, threads.to_string());
+            }
         }
         // One address for every local worker would make all but one fail to bind.
         command
@@ -195,6 +216,14 @@ pub fn write_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_workers_share_the_cores_out() {
+        assert_eq!(cpu_threads(2, 2), 1);
+        assert_eq!(cpu_threads(16, 3), 5);
+        assert_eq!(cpu_threads(2, 4), 1, "at least one thread each");
+        assert_eq!(cpu_threads(8, 0), 8);
+    }
 
     #[test]
     fn gpus_map_to_workers_in_order_and_the_rest_use_the_cpu() {

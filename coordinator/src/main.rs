@@ -187,6 +187,14 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
             token: token.clone(),
             log_format: log_format.to_string(),
             metrics: args.metrics_listen,
+            // The user's own thread settings win; otherwise the CPU workers share the cores.
+            cpu_threads: coordinator::local::THREAD_VARIABLES
+                .iter()
+                .all(|v| std::env::var_os(v).is_none())
+                .then(|| {
+                    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                    coordinator::local::cpu_threads(cores, n.saturating_sub(args.gpus.len()))
+                }),
         };
         children = local.spawn_all(n).map_err(|e| anyhow!(e))?;
         supervisor = Some(local);
