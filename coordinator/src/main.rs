@@ -196,9 +196,13 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
                     coordinator::local::cpu_threads(cores, n.saturating_sub(args.gpus.len()))
                 }),
         };
+        let threads = local
+            .cpu_threads
+            .map_or("as the environment says".into(), |t| t.to_string());
         children = local.spawn_all(n).map_err(|e| anyhow!(e))?;
         supervisor = Some(local);
-        tracing::info!(workers = n, worker_bin = %binary.display(), out = %config.out, "local workers started");
+        tracing::info!(workers = n, worker_bin = %binary.display(), out = %config.out,
+            cpu_threads_each = %threads, "local workers started");
     }
     let options = ServeOptions {
         workers,
