@@ -19,14 +19,6 @@ use worker::model::{Classifier, HeadKind};
 use worker::phase::{self, Phase};
 use worker::transfer::Transfers;
 
-/// How the step is taken: as the trainer does in each phase, or with every BatchNorm in
-/// training mode (no phase: a from-scratch step).
-#[derive(Clone, Copy, Debug)]
-enum Step {
-    Scratch,
-    Phase(Phase),
-}
-
 /// The step's learning rate.
 const LR: f32 = 1e-3;
 
@@ -54,15 +46,16 @@ impl ModuleVisitor for Weights {
     }
 }
 
-/// One step of `how` on `device` (an autodiff device), mirroring the trainer: phase 1 runs
-/// the frozen backbone outside the graph and updates the head alone.
-fn step(model: Classifier, how: Step, x: &Tensor<4>, labels: &TensorData, device: &Device) -> Outcome {
+/// One step of phase `how` on `device` (an autodiff device), mirroring the trainer: the head
+/// phase runs the frozen backbone outside the graph and updates the head alone; fine-tuning
+/// and training from scratch (every BatchNorm in training mode) update the whole network.
+fn step(model: Classifier, how: Phase, x: &Tensor<4>, labels: &TensorData, device: &Device) -> Outcome {
     let x = x.clone().to_device(device);
     let y = Tensor::<1, Int>::from_data(labels.clone(), device);
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let mut adam = AdamConfig::new().init();
     let (logits, loss, grads, model) = match how {
-        Step::Phase(Phase::Head) => {
+        Phase::Head => {
             let mut model = phase::prepare(model, Phase::Head);
             let frozen = model.valid();
             let features = frozen.head_input(x.clone().inner());
@@ -73,11 +66,8 @@ fn step(model: Classifier, how: Step, x: &Tensor<4>, labels: &TensorData, device
             model.head = adam.step(f64::from(LR), model.head, grads);
             (logits, loss, flat, model)
         }
-        Step::Phase(Phase::FineTune) | Step::Scratch => {
-            let model = match how {
-                Step::Phase(p) => phase::prepare(model, p),
-                Step::Scratch => model,
-            };
+        Phase::FineTune | Phase::Scratch => {
+            let model = phase::prepare(model, how);
             let logits = model.forward(x.clone());
             let loss = loss_fn.forward(logits.clone(), y);
             let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -153,7 +143,8 @@ enum Start {
     RandomB0(Padding),
     /// The real ImageNet Lite0 (ReLU6, TF-style "same" padding). A frozen random backbone
     /// passes next to nothing on (its activations shrink to ~1e-13), so the phase steps
-    /// start from real weights.
+    /// start from real weights. Only the wgpu tests take phase steps.
+    #[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
     Lite0,
 }
 
@@ -194,7 +185,7 @@ fn network(start: Start, kind: HeadKind, device: &Device) -> Classifier {
 }
 
 /// The same step on flex and on `other`, from the same weights and images, compared.
-fn compare_steps(other: &Device, how: Step, start: Start) {
+fn compare_steps(other: &Device, how: Phase, start: Start) {
     if matches!(start, Start::Lite0) && lite0_weights().is_none() {
         return;
     }
@@ -203,7 +194,7 @@ fn compare_steps(other: &Device, how: Step, start: Start) {
     flex.seed(7);
     let kind = match how {
         // The tutorial head has a BatchNorm that trains in phase 1.
-        Step::Phase(Phase::Head) => HeadKind::Tutorial,
+        Phase::Head => HeadKind::Tutorial,
         _ => HeadKind::Linear,
     };
     let model = network(start, kind, &flex);
@@ -223,7 +214,7 @@ fn compare_steps(other: &Device, how: Step, start: Start) {
         b.loss
     );
     let least = match how {
-        Step::Phase(Phase::Head) => 5_000,
+        Phase::Head => 5_000,
         _ => 100_000,
     };
     assert!(a.grads.len() > least, "{what}: {} gradients", a.grads.len());
@@ -248,7 +239,7 @@ mod libtorch {
     fn libtorch_computes_what_flex_computes() {
         let torch = cpu(CpuBackend::Libtorch).unwrap();
         for padding in [Padding::Symmetric, Padding::TfSame] {
-            compare_steps(&torch, Step::Scratch, Start::RandomB0(padding));
+            compare_steps(&torch, Phase::Scratch, Start::RandomB0(padding));
         }
     }
 }
@@ -274,17 +265,17 @@ mod wgpu {
 
     #[test]
     fn wgpu_trains_from_scratch_as_flex_does() {
-        compare_steps(&vulkan(), Step::Scratch, Start::RandomB0(Padding::Symmetric));
+        compare_steps(&vulkan(), Phase::Scratch, Start::RandomB0(Padding::Symmetric));
     }
 
     #[test]
     fn wgpu_phase1_step_matches_flex() {
-        compare_steps(&vulkan(), Step::Phase(Phase::Head), Start::Lite0);
+        compare_steps(&vulkan(), Phase::Head, Start::Lite0);
     }
 
     #[test]
     fn wgpu_phase2_step_matches_flex() {
-        compare_steps(&vulkan(), Step::Phase(Phase::FineTune), Start::Lite0);
+        compare_steps(&vulkan(), Phase::FineTune, Start::Lite0);
     }
 
     /// The real ImageNet Lite0 weights on the two real photographs: the Vulkan device gives
