@@ -917,7 +917,7 @@ fn final_weights(
     url: &str,
 ) -> (
     checkpoint::Manifest,
-    std::collections::BTreeMap<String, worker::weights::RawTensor>,
+    std::collections::BTreeMap<String, effnet::weights::RawTensor>,
 ) {
     let options = server.options();
     let store = checkpoint::CheckpointStore::open_with(url, &options).unwrap();
@@ -932,7 +932,7 @@ fn final_weights(
     let bytes = runtime
         .block_on(store.read(&good.manifest, "weights.safetensors"))
         .unwrap();
-    let file = worker::weights::safetensors_from_bytes(Path::new(url), &bytes).unwrap();
+    let file = effnet::weights::safetensors_from_bytes(Path::new(url), &bytes).unwrap();
     (good.manifest, file.tensors)
 }
 

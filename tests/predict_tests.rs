@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use cluster_tests::run;
+use effnet::config::EfficientNetConfig;
+use effnet::model::Classifier;
+use effnet::modelfile::{self, ClassLabel, LoadedModel, WeightsSource};
 use serde_json::Value;
-use worker::config::EfficientNetConfig;
-use worker::model::Classifier;
-use worker::modelfile::{self, ClassLabel, LoadedModel, WeightsSource};
 
 /// A tiny fine-tuned-style model with three named classes, saved in our format.
 fn tiny_model(dir: &Path) -> PathBuf {
@@ -73,7 +73,7 @@ fn json_output_has_the_documented_shape_and_matches_the_library() {
 
     // The same model through the library gives the same answer.
     let loaded = modelfile::load(None, &WeightsSource::File(model.clone()), &Device::flex()).unwrap();
-    let expected = worker::predict::predict(&loaded, &[a.clone(), b.clone()], 3, 64).unwrap();
+    let expected = effnet::predict::predict(&loaded, &[a.clone(), b.clone()], 3, 64).unwrap();
     for (item, want) in items.iter().zip(&expected) {
         let top = item["top"].as_array().unwrap();
         assert_eq!(top.len(), 3, "top-k is capped at the number of classes");
@@ -387,7 +387,7 @@ fn predict_reads_the_newest_good_checkpoint_from_s3() {
     );
     assert!(out.stderr.contains(&names[0]), "{}", out.stderr);
     let loaded = modelfile::load(None, &WeightsSource::File(model.clone()), &Device::flex()).unwrap();
-    let expected = worker::predict::predict(&loaded, std::slice::from_ref(&image), 3, 64).unwrap();
+    let expected = effnet::predict::predict(&loaded, std::slice::from_ref(&image), 3, 64).unwrap();
     let json = out.json();
     let top = json[0]["top"].as_array().unwrap();
     assert_eq!(top[0]["label"], expected[0].top[0].label.as_str());

@@ -92,18 +92,18 @@ pub fn random_b0(out: &Path) -> PathBuf {
     let path = out.with_file_name("random-b0.safetensors");
     if !path.exists() {
         let device = burn::tensor::Device::flex();
-        let config = worker::config::EfficientNetConfig::from_name("efficientnet-b0").unwrap();
-        let model = worker::modelfile::LoadedModel {
-            model: worker::model::Classifier::new(&config, 10, &device),
+        let config = effnet::config::EfficientNetConfig::from_name("efficientnet-b0").unwrap();
+        let model = effnet::modelfile::LoadedModel {
+            model: effnet::model::Classifier::new(&config, 10, &device),
             config,
             classes: (0..10)
-                .map(|i| worker::modelfile::ClassLabel {
+                .map(|i| effnet::modelfile::ClassLabel {
                     label: format!("class {i}"),
                     wnid: None,
                 })
                 .collect(),
         };
-        worker::modelfile::save(&path, &model).unwrap();
+        effnet::modelfile::save(&path, &model).unwrap();
     }
     path
 }

@@ -187,18 +187,18 @@ fn two_or_three_workers_on_the_same_global_batch_match_one_worker() {
 }
 
 /// The final weights of a run: its newest committed checkpoint, which is the last epoch's.
-fn final_weights(out: &Path) -> std::collections::BTreeMap<String, worker::weights::RawTensor> {
+fn final_weights(out: &Path) -> std::collections::BTreeMap<String, effnet::weights::RawTensor> {
     let root = out.join("checkpoints");
     let (name, bytes) = worker::resume::latest_weights(root.to_str().unwrap()).unwrap();
     assert!(name.to_string_lossy().contains("finetune-e001"), "{name:?}");
-    worker::weights::safetensors_from_bytes(&name, &bytes)
+    effnet::weights::safetensors_from_bytes(&name, &bytes)
         .unwrap()
         .tensors
 }
 
 fn largest_difference(
-    a: &std::collections::BTreeMap<String, worker::weights::RawTensor>,
-    b: &std::collections::BTreeMap<String, worker::weights::RawTensor>,
+    a: &std::collections::BTreeMap<String, effnet::weights::RawTensor>,
+    b: &std::collections::BTreeMap<String, effnet::weights::RawTensor>,
 ) -> f32 {
     assert_eq!(a.len(), b.len());
     let mut largest = 0f32;

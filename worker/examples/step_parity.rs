@@ -20,12 +20,12 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use cluster_proto::run::RunConfig;
+use effnet::model::{Head, HeadKind};
+use effnet::modelfile::{self, WeightsSource};
+use effnet::phase::{self, Phase};
+use effnet::weights::{RawTensor, write_safetensors};
 use worker::augment::to_input;
-use worker::model::{Head, HeadKind};
-use worker::modelfile::{self, WeightsSource};
-use worker::phase::{self, Phase};
 use worker::transfer::Transfers;
-use worker::weights::{RawTensor, write_safetensors};
 
 const IMAGES: usize = 16;
 const LR: f64 = 1e-3;

@@ -1,4 +1,4 @@
-"""PyTorch CPU counterpart of `cargo run --release -p worker --example flex_ops`: the same ops
+"""PyTorch CPU counterpart of `cargo run --release -p effnet --example flex_ops`: the same ops
 at the same shapes, median of 5 timed runs after one warm-up, as a markdown table."""
 import time
 

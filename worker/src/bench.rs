@@ -8,12 +8,12 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
-use crate::config::EfficientNetConfig;
 use crate::error::Result;
 use crate::grads::{flatten, unflatten};
-use crate::model::Classifier;
-use crate::phase::{self, Phase};
 use crate::transfer::{TransferCounts, Transfers};
+use effnet::config::EfficientNetConfig;
+use effnet::model::Classifier;
+use effnet::phase::{self, Phase};
 
 /// Median images per second of one measured operation, and its host-device copies.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use cluster_proto::net::SecurityArgs;
 
-use crate::device::{Choice, CpuBackend, GpuBackend};
-use crate::modelfile::WeightsSource;
+use crate::source::ModelSource;
+use effnet::device::{Choice, CpuBackend, GpuBackend};
 
 /// The command line.
 #[derive(Parser, Debug)]
@@ -69,7 +69,7 @@ pub struct EvaluateArgs {
     /// The model: one of our model files, or a checkpoint root (`s3://bucket/prefix`, a
     /// directory with `LATEST`, `file://`), whose newest good checkpoint is used.
     #[arg(long)]
-    pub weights: WeightsSource,
+    pub weights: ModelSource,
     /// Dataset: `cifar10` (downloaded), `synthetic`, a directory or `s3://bucket/prefix`.
     #[arg(long, default_value = "cifar10")]
     pub data: String,
@@ -180,7 +180,7 @@ pub struct PredictArgs {
     /// `imagenet` (download torchvision's B0 weights), `none`, or a weights file: PyTorch
     /// .pth, safetensors (torchvision, timm or EfficientNet-PyTorch names) or our model file.
     #[arg(long, default_value = "imagenet")]
-    pub weights: WeightsSource,
+    pub weights: ModelSource,
     /// How many classes to print per image.
     #[arg(long, default_value_t = 5)]
     pub top_k: usize,

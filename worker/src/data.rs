@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use flate2::read::GzDecoder;
 
-use crate::download;
 use crate::error::{Error, Result};
+use effnet::download;
 
 /// The official CIFAR-10 binary archive.
 pub const CIFAR10_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
@@ -62,7 +62,7 @@ fn unpack(archive: &Path, dest: &Path) -> Result<()> {
     std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
     let file = std::fs::File::open(archive).map_err(|e| Error::io(archive, e))?;
     let mut tar = tar::Archive::new(GzDecoder::new(file));
-    let bad = |reason: String| Error::WeightsFormat {
+    let bad = |reason: String| Error::DataArchive {
         path: archive.to_path_buf(),
         reason,
     };
@@ -135,7 +135,7 @@ mod tests {
     fn the_archive_is_verified_unpacked_and_reused() {
         let bytes: &'static [u8] = Box::leak(archive().into_boxed_slice());
         let sha = hex::encode(Sha256::digest(bytes));
-        let base = download::tests::serve(bytes, 1);
+        let base = download::testing::serve(bytes, 1);
         let cache = tempfile::tempdir().unwrap();
         let url = format!("{base}/cifar-10-binary.tar.gz");
         let dir = fetch_cifar10(&url, &sha, cache.path()).unwrap();
@@ -154,7 +154,7 @@ mod tests {
     #[test]
     fn offline_tells_how_to_pass_a_local_copy() {
         let cache = tempfile::tempdir().unwrap();
-        let url = format!("{}/cifar-10-binary.tar.gz", download::tests::unreachable_base());
+        let url = format!("{}/cifar-10-binary.tar.gz", download::testing::unreachable_base());
         let err = fetch_cifar10(&url, CIFAR10_SHA256, cache.path())
             .unwrap_err()
             .to_string();

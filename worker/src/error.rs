@@ -5,26 +5,12 @@ use std::path::PathBuf;
 /// Result alias for the worker library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// A shape mismatch between a weights file and the model.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShapeMismatch {
-    /// Name of the tensor in the file.
-    pub key: String,
-    /// Shape the model needs (in the file's layout).
-    pub expected: Vec<usize>,
-    /// Shape found in the file.
-    pub found: Vec<usize>,
-}
-
 /// Everything that can go wrong in the worker library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The model name is not one of the supported EfficientNet variants.
-    #[error(
-        "unknown model '{0}': expected one of efficientnet-b0 .. efficientnet-b7, \
-         efficientnet-lite0 .. efficientnet-lite4"
-    )]
-    UnknownModel(String),
+    /// Building, loading, saving or running the model failed, or the device is unusable.
+    #[error(transparent)]
+    Model(#[from] effnet::Error),
 
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
@@ -36,71 +22,15 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// A weights file could not be parsed (truncated, corrupt or not a weights file).
-    #[error("cannot read weights from {}: {reason}", path.display())]
-    WeightsFormat {
-        /// The weights file.
+    /// A downloaded dataset archive is not what it should be (truncated, corrupt, or without
+    /// the expected files).
+    #[error("cannot unpack the dataset archive {}: {reason}", path.display())]
+    DataArchive {
+        /// The archive.
         path: PathBuf,
-        /// What was wrong, with the offending tensor or offset where known.
+        /// What was wrong.
         reason: String,
     },
-
-    /// The weights file is readable but does not fit the model.
-    #[error("{}", format_mismatch(path, model, missing, unexpected, mismatched))]
-    WeightsMismatch {
-        /// The weights file.
-        path: PathBuf,
-        /// The model the weights were loaded into.
-        model: String,
-        /// Tensors the model needs that the file lacks.
-        missing: Vec<String>,
-        /// Tensors in the file that the model has no place for.
-        unexpected: Vec<String>,
-        /// Tensors present in both with different shapes.
-        mismatched: Vec<ShapeMismatch>,
-    },
-
-    /// A download failed.
-    #[error("download of {url} failed: {reason}")]
-    Download {
-        /// What was being downloaded.
-        url: String,
-        /// Why it failed, with what the user can do about it.
-        reason: String,
-    },
-
-    /// A downloaded or cached file does not have the expected checksum.
-    #[error("{} has sha256 {found}, expected a digest starting with {expected}; delete it and retry", path.display())]
-    Checksum {
-        /// The file that failed the check.
-        path: PathBuf,
-        /// The expected digest (or prefix).
-        expected: String,
-        /// The digest found.
-        found: String,
-    },
-
-    /// An image could not be decoded.
-    #[error("cannot decode image {}: {reason}", path.display())]
-    Image {
-        /// The image file.
-        path: PathBuf,
-        /// The decoder's complaint.
-        reason: String,
-    },
-
-    /// A model file of ours is missing metadata it needs.
-    #[error("{}: {reason}", path.display())]
-    ModelFile {
-        /// The model file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-
-    /// The requested device cannot be used with this build or machine.
-    #[error(transparent)]
-    Device(#[from] crate::device::DeviceError),
 
     /// A copy between the host and the compute device failed (the device was lost, or a
     /// kernel before the copy failed).
@@ -141,48 +71,8 @@ impl Error {
     }
 }
 
-const LIST_LIMIT: usize = 12;
-
-fn format_list<T>(items: &[T], show: impl Fn(&T) -> String) -> String {
-    let mut out: Vec<String> = items.iter().take(LIST_LIMIT).map(show).collect();
-    if items.len() > LIST_LIMIT {
-        out.push(format!("... and {} more", items.len() - LIST_LIMIT));
+impl From<effnet::device::DeviceError> for Error {
+    fn from(e: effnet::device::DeviceError) -> Self {
+        Error::Model(e.into())
     }
-    out.join(", ")
-}
-
-fn format_mismatch(
-    path: &std::path::Path,
-    model: &str,
-    missing: &[String],
-    unexpected: &[String],
-    mismatched: &[ShapeMismatch],
-) -> String {
-    let mut msg = format!(
-        "weights in {} do not fit {model}: {} missing, {} unexpected, {} with the wrong shape \
-         (is this file for another model? pass the matching --model)",
-        path.display(),
-        missing.len(),
-        unexpected.len(),
-        mismatched.len()
-    );
-    if !missing.is_empty() {
-        msg.push_str(&format!("\n  missing: {}", format_list(missing, String::clone)));
-    }
-    if !unexpected.is_empty() {
-        msg.push_str(&format!(
-            "\n  unexpected: {}",
-            format_list(unexpected, String::clone)
-        ));
-    }
-    if !mismatched.is_empty() {
-        msg.push_str(&format!(
-            "\n  wrong shape: {}",
-            format_list(mismatched, |m| format!(
-                "{} (model {:?}, file {:?})",
-                m.key, m.expected, m.found
-            ))
-        ));
-    }
-    msg
 }

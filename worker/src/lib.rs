@@ -1,34 +1,29 @@
-//! The worker: EfficientNet models on Burn, weight loading, prediction and training.
+//! The worker process: its session with the coordinator, training, evaluation, the feature
+//! cache, checkpoints, metrics and benchmarks. The model itself (architectures, weights,
+//! devices, prediction) is the `effnet` crate.
 //!
-//! Everything here is generic over the compute device: the same code runs on Burn's CPU
-//! backend (flex), with the `cuda` feature on NVIDIA GPUs, and with the `wgpu` feature on any
-//! GPU with a Vulkan (Metal, DirectX 12) driver.
+//! | Where | What |
+//! |---|---|
+//! | [`cluster`] | the session with the coordinator: join, heartbeats, rings, orders |
+//! | [`train`] | an epoch and a training step: plan, forward/backward, all-reduce, update |
+//! | [`features`] | the cache of frozen-backbone features for the head phase |
+//! | [`resume`] | checkpoint state: writing, uploading and restoring it |
+//! | [`source`] | `--weights`: what the model crate loads, or a run's checkpoint |
 
 pub mod augment;
 pub mod bench;
 pub mod cli;
 pub mod cluster;
-pub mod config;
 pub mod data;
-pub mod device;
-pub mod download;
 pub mod error;
 pub mod features;
 pub mod grads;
-pub mod image;
-pub mod imagenet;
 pub mod metrics;
-pub mod model;
-pub mod modelfile;
-pub mod native;
 pub mod optim;
-pub mod phase;
-pub mod predict;
 pub mod resume;
-pub mod summary;
+pub mod source;
 pub mod train;
 pub mod transfer;
 pub mod watch;
-pub mod weights;
 
 pub use error::{Error, Result};

@@ -6,12 +6,13 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+use effnet::config::EfficientNetConfig;
+use effnet::{device, predict};
 use worker::augment::Augment;
+use worker::bench;
 use worker::cli::*;
 use worker::cluster::{JoinOptions, JoinOutcome};
-use worker::config::EfficientNetConfig;
-use worker::modelfile;
-use worker::{bench, device, predict};
+use worker::source;
 
 const TORCH_BENCH: &str = include_str!("../scripts/torch_bench.py");
 
@@ -76,7 +77,7 @@ fn run_predict(args: PredictArgs) -> Result<()> {
     }
     let device = args.device.choice().select()?.device;
     let loaded =
-        modelfile::load(args.model.as_deref(), &args.weights, &device).context("cannot load the model")?;
+        source::load(args.model.as_deref(), &args.weights, &device).context("cannot load the model")?;
     let size = args.image_size.unwrap_or(loaded.config.resolution);
     let top_k = args.top_k.min(loaded.classes.len());
     let predictions = predict::predict(&loaded, &args.images, top_k, size)?;
@@ -100,7 +101,7 @@ fn run_evaluate(args: EvaluateArgs) -> Result<()> {
         ..Default::default()
     };
     config.validate().map_err(|e| anyhow::anyhow!(e))?;
-    let loaded = modelfile::load(None, &args.weights, &device).context("cannot load the model")?;
+    let loaded = source::load(None, &args.weights, &device).context("cannot load the model")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -152,12 +153,12 @@ fn run_evaluate(args: EvaluateArgs) -> Result<()> {
 }
 
 fn run_summary(args: SummaryArgs) -> Result<()> {
-    use worker::phase::Phase;
+    use effnet::phase::Phase;
     let cfg = EfficientNetConfig::from_name(&args.model)?;
     let head = match args.head.as_str() {
         "none" => None,
         name => Some(
-            name.parse::<worker::model::HeadKind>()
+            name.parse::<effnet::model::HeadKind>()
                 .map_err(anyhow::Error::msg)?,
         ),
     };
@@ -172,7 +173,7 @@ fn run_summary(args: SummaryArgs) -> Result<()> {
     }
     print!(
         "{}",
-        worker::summary::summarize(&cfg, head, args.classes, args.image_size, &phases)
+        effnet::summary::summarize(&cfg, head, args.classes, args.image_size, &phases)
     );
     Ok(())
 }

@@ -4,7 +4,7 @@
 use burn::optim::AdamConfig;
 use cluster_proto::run::RunConfig;
 
-use crate::phase::Phase;
+use effnet::phase::Phase;
 
 /// Adam as `config` sets it (betas 0.9 and 0.999, as PyTorch and Keras).
 pub fn adam(config: &RunConfig) -> AdamConfig {

@@ -17,9 +17,9 @@ use checkpoint::{CheckpointStore, Manifest, ObjectEntry};
 use cluster_proto::run::RunConfig;
 
 use crate::error::{Error, Result};
-use crate::modelfile::{self, LoadedModel};
-use crate::phase::Phase;
-use crate::weights::ModulePath;
+use effnet::modelfile::{self, LoadedModel};
+use effnet::phase::Phase;
+use effnet::weights::ModulePath;
 
 /// The model file: architecture, class names and every tensor (BatchNorm statistics too).
 pub const WEIGHTS: &str = "weights.safetensors";
@@ -196,7 +196,7 @@ pub fn from_parts(
             describe(PARAM_IDS)
         ))
     })?;
-    model.model = crate::phase::prepare(model.model, phase);
+    model.model = effnet::phase::prepare(model.model, phase);
     model.model = with_param_ids(model.model, &ids)?;
     let optimizer = crate::optim::adam(config)
         .init()

@@ -34,14 +34,15 @@ use crate::error::{Error, Result};
 use crate::features::{CacheBudget, CacheStats, FeatureCache};
 use crate::grads::{flatten, unflatten};
 use crate::metrics::WorkerMetrics;
-use crate::model::Classifier;
-use crate::modelfile::{self, ClassLabel, LoadedModel, WeightsSource};
 use crate::optim;
-use crate::phase::{self, Phase};
 use crate::resume::Parts;
+use crate::source::{self, ModelSource};
 use crate::transfer::{TransferCounts, Transfers};
 use crate::watch::RingWatch;
-use crate::weights::{ModulePath, RawTensor, WeightsFile, apply_weights, collect_tensors};
+use effnet::model::Classifier;
+use effnet::modelfile::{ClassLabel, LoadedModel};
+use effnet::phase::{self, Phase};
+use effnet::weights::{ModulePath, RawTensor, WeightsFile, apply_weights, collect_tensors};
 
 /// Batches read ahead of the training step.
 const PREFETCH: usize = 4;
@@ -382,8 +383,8 @@ impl Trainer {
         };
         host.seed(config.seed);
         device.seed(config.seed);
-        let weights: WeightsSource = config.weights.parse().unwrap_or(WeightsSource::None);
-        let base = modelfile::load(Some(&config.model), &weights, &host)?;
+        let Ok(weights) = config.weights.parse::<ModelSource>();
+        let base = source::load(Some(&config.model), &weights, &host)?;
         let classes: Vec<ClassLabel> = dataset
             .classes
             .iter()
@@ -392,7 +393,7 @@ impl Trainer {
                 wnid: None,
             })
             .collect();
-        let head: crate::model::HeadKind = config.head.parse().map_err(cluster)?;
+        let head: effnet::model::HeadKind = config.head.parse().map_err(cluster)?;
         let model = base.model.with_head(head, classes.len(), config.dropout, &host);
         // Burn initialises parameters lazily, on the device they are on when first read:
         // read them here, or moving them would move the initialiser, not the values.
@@ -1271,7 +1272,7 @@ fn bytes_from_rank0<N: Link, P: Link>(
 /// Make every rank's weights equal to rank 0's.
 fn broadcast<N: Link, P: Link>(
     model: Classifier,
-    config: &crate::config::EfficientNetConfig,
+    config: &effnet::config::EfficientNetConfig,
     io: &mut RingIo<'_, N, P>,
 ) -> Result<Classifier> {
     if io.ring.world == 1 {

@@ -13,10 +13,10 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
-use worker::config::{EfficientNetConfig, Padding};
+use effnet::config::{EfficientNetConfig, Padding};
+use effnet::model::{Classifier, HeadKind};
+use effnet::phase::{self, Phase};
 use worker::grads::flatten;
-use worker::model::{Classifier, HeadKind};
-use worker::phase::{self, Phase};
 use worker::transfer::Transfers;
 
 /// The step's learning rate.
@@ -175,9 +175,9 @@ fn network(start: Start, kind: HeadKind, device: &Device) -> Classifier {
         Start::Lite0 => {
             let path = lite0_weights().expect("checked by the caller");
             let cfg = cfg(EfficientNetConfig::lite(0).unwrap());
-            let file = worker::weights::read_weights(&path).unwrap();
+            let file = effnet::weights::read_weights(&path).unwrap();
             let (model, _) =
-                worker::weights::apply_weights(Classifier::new(&cfg, 1000, device), &cfg, &file, &path)
+                effnet::weights::apply_weights(Classifier::new(&cfg, 1000, device), &cfg, &file, &path)
                     .unwrap();
             model.with_head(kind, 10, 0.0, device)
         }
@@ -231,7 +231,7 @@ fn compare_steps(other: &Device, how: Phase, start: Start) {
 #[cfg(feature = "libtorch")]
 mod libtorch {
     use super::*;
-    use worker::device::{CpuBackend, cpu};
+    use effnet::device::{CpuBackend, cpu};
 
     /// The LibTorch backend must train the same network, with symmetric padding and with
     /// TF-style "same" (uneven at stride 2: crate::native pads those inputs itself).
@@ -247,7 +247,7 @@ mod libtorch {
 #[cfg(feature = "wgpu")]
 mod wgpu {
     use super::*;
-    use worker::device::{Choice, GpuBackend};
+    use effnet::device::{Choice, GpuBackend};
 
     fn vulkan() -> Device {
         let choice = Choice {
@@ -296,16 +296,16 @@ mod wgpu {
             return;
         };
         let cfg = EfficientNetConfig::lite(0).unwrap();
-        let file = worker::weights::read_weights(&weights).unwrap();
+        let file = effnet::weights::read_weights(&weights).unwrap();
         let images: Vec<Vec<u8>> = ["chelsea.png", "coffee.png"]
             .iter()
-            .map(|name| worker::image::load_rgb(&photos.join(name), 224).unwrap())
+            .map(|name| effnet::image::load_rgb(&photos.join(name), 224).unwrap())
             .collect();
         let logits = |device: &Device| {
             let (model, _) =
-                worker::weights::apply_weights(Classifier::new(&cfg, 1000, device), &cfg, &file, &weights)
+                effnet::weights::apply_weights(Classifier::new(&cfg, 1000, device), &cfg, &file, &weights)
                     .unwrap();
-            host(model.forward(worker::image::to_tensor(&images, 224, device)))
+            host(model.forward(effnet::image::to_tensor(&images, 224, device)))
         };
         let flex = logits(&Device::flex());
         let ours = logits(&vulkan());

@@ -6,11 +6,11 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use collective::{Ring, all_reduce, local};
-use worker::config::EfficientNetConfig;
+use effnet::config::EfficientNetConfig;
+use effnet::model::Classifier;
+use effnet::weights::collect_tensors;
 use worker::grads::{flatten, unflatten};
-use worker::model::Classifier;
 use worker::transfer::Transfers;
-use worker::weights::collect_tensors;
 
 const SIZE: usize = 32;
 

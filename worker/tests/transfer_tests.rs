@@ -94,18 +94,18 @@ fn a_cached_head_step_uploads_no_pixels() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("random-lite0.safetensors");
     let device = Device::flex();
-    let cfg = worker::config::EfficientNetConfig::from_name("efficientnet-lite0").unwrap();
-    let random = worker::modelfile::LoadedModel {
-        model: worker::model::Classifier::new(&cfg, 10, &device),
+    let cfg = effnet::config::EfficientNetConfig::from_name("efficientnet-lite0").unwrap();
+    let random = effnet::modelfile::LoadedModel {
+        model: effnet::model::Classifier::new(&cfg, 10, &device),
         config: cfg,
         classes: (0..10)
-            .map(|i| worker::modelfile::ClassLabel {
+            .map(|i| effnet::modelfile::ClassLabel {
                 label: format!("class {i}"),
                 wnid: None,
             })
             .collect(),
     };
-    worker::modelfile::save(&path, &random).unwrap();
+    effnet::modelfile::save(&path, &random).unwrap();
     let counts = copies_per_epoch(&config(true, path.to_str().unwrap()), &epochs);
     let (steps, downloads, uploads) = counts[0];
     assert_eq!(

@@ -41,7 +41,8 @@ pub fn imagenet_labels() -> Vec<ClassLabel> {
         .collect()
 }
 
-/// Where a model's weights come from.
+/// Where a model's weights come from. (The worker adds a fourth source, a checkpoint of a
+/// run: `worker::source::ModelSource`.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WeightsSource {
     /// Random initialisation.
@@ -50,9 +51,6 @@ pub enum WeightsSource {
     Imagenet,
     /// A local file: PyTorch, safetensors, or one of our model files.
     File(PathBuf),
-    /// The newest good checkpoint under a checkpoint root: `s3://...`, `memory://...`,
-    /// `file://...`, or a local directory holding `LATEST`.
-    Checkpoint(String),
 }
 
 impl std::str::FromStr for WeightsSource {
@@ -62,10 +60,6 @@ impl std::str::FromStr for WeightsSource {
         Ok(match s {
             "none" => WeightsSource::None,
             "imagenet" => WeightsSource::Imagenet,
-            url if url.starts_with("s3://") || url.starts_with("memory://") || url.starts_with("file://") => {
-                WeightsSource::Checkpoint(url.to_string())
-            }
-            path if Path::new(path).join("LATEST").is_file() => WeightsSource::Checkpoint(path.to_string()),
             path => WeightsSource::File(PathBuf::from(path)),
         })
     }
@@ -100,10 +94,6 @@ pub fn load(model: Option<&str>, weights: &WeightsSource, device: &Device) -> Re
             let config = config("efficientnet-b0")?;
             let path = imagenet_weights(&config)?;
             load_external(config, &path, device)
-        }
-        WeightsSource::Checkpoint(url) => {
-            let (name, bytes) = crate::resume::latest_weights(url)?;
-            from_bytes(model, &name, &bytes, device)
         }
         WeightsSource::File(path) => {
             let file = weights::read_weights(path)?;

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
+use effnet::Error;
+use effnet::config::EfficientNetConfig;
+use effnet::model::Classifier;
+use effnet::weights::{self, NameScheme};
 use serde_json::Value;
-use worker::config::EfficientNetConfig;
-use worker::error::Error;
-use worker::model::Classifier;
-use worker::weights::{self, NameScheme};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -128,13 +128,15 @@ pub fn verify_sha256(path: &Path, prefix: &str) -> Result<()> {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
+/// Loopback HTTP servers for the tests of code that downloads (this crate's, and the
+/// worker's dataset download with the `testing` feature). Test code: it panics on any error.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing {
+    use std::io::{Read, Write};
     use std::net::TcpListener;
 
     /// `http://127.0.0.1:PORT` for a port that was just released: nothing listens there.
-    pub(crate) fn unreachable_base() -> String {
+    pub fn unreachable_base() -> String {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -144,7 +146,7 @@ pub(crate) mod tests {
     }
 
     /// A one-shot HTTP server on loopback that answers every request with `body`.
-    pub(crate) fn serve(body: &'static [u8], requests: usize) -> String {
+    pub fn serve(body: &'static [u8], requests: usize) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         std::thread::spawn(move || {
@@ -162,6 +164,12 @@ pub(crate) mod tests {
         });
         format!("http://{addr}")
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use testing::{serve, unreachable_base};
 
     #[test]
     fn torchvision_names_carry_a_sha256_prefix() {

@@ -4,8 +4,8 @@
 //! default; `libtorch` as the argument runs Burn's LibTorch backend (built with the feature).
 //!
 //! ```sh
-//! cargo run --release -p worker --example flex_ops
-//! cargo run --release -p worker --features libtorch --example flex_ops -- libtorch
+//! cargo run --release -p effnet --example flex_ops
+//! cargo run --release -p effnet --features libtorch --example flex_ops -- libtorch
 //! python3 worker/scripts/torch_ops.py
 //! ```
 

@@ -7,10 +7,10 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use worker::config::EfficientNetConfig;
-use worker::model::{Classifier, HeadKind};
-use worker::phase::{Phase, prepare};
-use worker::weights::{ModulePath, collect_tensors};
+use effnet::config::EfficientNetConfig;
+use effnet::model::{Classifier, HeadKind};
+use effnet::phase::{Phase, prepare};
+use effnet::weights::{ModulePath, collect_tensors};
 
 fn model(device: &Device) -> Classifier {
     let cfg = EfficientNetConfig::b(0)
@@ -193,12 +193,12 @@ fn a_tutorial_head_model_file_loads_back_with_its_head() {
         .unwrap()
         .with_width(0.25)
         .with_depth(0.25);
-    let loaded = worker::modelfile::LoadedModel {
+    let loaded = effnet::modelfile::LoadedModel {
         model: Classifier::new(&cfg, 3, &device).with_head(HeadKind::Tutorial, 3, 0.0, &device),
         config: cfg,
         classes: ["a", "b", "c"]
             .iter()
-            .map(|c| worker::modelfile::ClassLabel {
+            .map(|c| effnet::modelfile::ClassLabel {
                 label: c.to_string(),
                 wnid: None,
             })
@@ -206,8 +206,8 @@ fn a_tutorial_head_model_file_loads_back_with_its_head() {
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tutorial.safetensors");
-    worker::modelfile::save(&path, &loaded).unwrap();
-    let back = worker::modelfile::load(None, &worker::modelfile::WeightsSource::File(path), &device).unwrap();
+    effnet::modelfile::save(&path, &loaded).unwrap();
+    let back = effnet::modelfile::load(None, &effnet::modelfile::WeightsSource::File(path), &device).unwrap();
     assert_eq!(back.model.head.kind(), HeadKind::Tutorial);
     let x = Tensor::<4>::from_data(
         TensorData::new(
