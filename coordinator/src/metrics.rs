@@ -7,15 +7,6 @@ use cluster_metrics::{counter, gauge, seconds_histogram};
 
 use crate::run::{Run, Stage};
 
-/// One checkpoint commit, as the coordinator timed it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CommitStat {
-    /// Verification, state, manifest and `LATEST`, seconds.
-    pub seconds: f64,
-    /// Bytes of every object of the checkpoint.
-    pub bytes: u64,
-}
-
 /// The run's metrics in the OpenMetrics text format.
 pub fn render(run: &Run) -> String {
     let mut registry = Registry::with_prefix("effnet");
@@ -165,7 +156,7 @@ pub fn render(run: &Run) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::run::EpochSummary;
+    use crate::run::{CommitStat, EpochSummary};
     use cluster_proto::run::RunConfig;
 
     #[test]
@@ -200,6 +191,8 @@ mod tests {
             seconds: 0.2,
             bytes: 1000,
         });
+        run.ring_reforms = 1;
+        run.restarts = 2;
         let text = render(&run);
         for line in [
             "effnet_steps_total 8.0",
@@ -213,6 +206,8 @@ mod tests {
             "effnet_epoch_duration_seconds_count 1",
             "effnet_epoch_duration_seconds_sum 3.0",
             "# TYPE effnet_checkpoint_commit_duration_seconds histogram",
+            "effnet_ring_reforms_total 1.0",
+            "effnet_run_restarts_total 2.0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }

@@ -217,6 +217,15 @@ pub struct SavedState {
     pub restarts: u32,
 }
 
+/// One checkpoint commit, as the coordinator timed it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CommitStat {
+    /// Verification, state, manifest and `LATEST`, seconds.
+    pub seconds: f64,
+    /// Bytes of every object of the checkpoint.
+    pub bytes: u64,
+}
+
 /// What the coordinator needs to commit rank 0's upload.
 #[derive(Debug, Clone)]
 pub struct CommitPlan {
@@ -299,7 +308,7 @@ pub struct Run {
     /// (said once per generation).
     spared_generation: u64,
     /// Every checkpoint commit of this coordinator, timed (for metrics).
-    pub commit_stats: Vec<crate::metrics::CommitStat>,
+    pub commit_stats: Vec<CommitStat>,
     /// Why the run failed.
     pub error: Option<String>,
     /// Step checksums by step and rank, until every rank has sent its own.
@@ -1532,8 +1541,7 @@ mod tests {
         assert_eq!(epoch.steps, 8);
         assert_eq!(run.steps_done, 8);
         assert_eq!(epoch.train_images, 20 + (24 - 4) + 2 * 8);
-        let text = crate::metrics::render(&run);
-        assert!(text.contains("\neffnet_ring_reforms_total 1.0\n"), "{text}");
+        assert_eq!(run.ring_reforms, 1);
     }
 
     #[test]
@@ -1819,7 +1827,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(again.restarts, 2);
-        assert!(crate::metrics::render(&again).contains("\neffnet_run_restarts_total 2.0\n"));
         let mut beyond = plan.state;
         beyond.epoch = 7;
         let err = Run::resume(beyond, run.last_checkpoint.clone().unwrap(), 2).unwrap_err();

@@ -219,7 +219,7 @@ impl Coordinator for CoordinatorService {
         drop(lease);
         match committed {
             Ok(manifest) => {
-                let stat = crate::metrics::CommitStat {
+                let stat = crate::run::CommitStat {
                     seconds: started.elapsed().as_secs_f64(),
                     bytes: manifest.objects.iter().map(|o| o.size).sum(),
                 };

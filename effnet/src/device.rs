@@ -15,48 +15,7 @@ pub const WGPU_ENABLED: bool = cfg!(feature = "wgpu");
 /// Whether this build carries Burn's LibTorch backend (`--cpu-backend libtorch`).
 pub const LIBTORCH_ENABLED: bool = cfg!(feature = "libtorch");
 
-/// Why a device cannot be used: each case names what to install, rebuild or pass instead.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    /// The binary was built without the backend asked for.
-    #[error(
-        "{asked} requested, but this worker binary was built without {backend}; rebuild with \
-         `{build}` (see the README), or {instead}"
-    )]
-    NotBuilt {
-        /// What the command line asked for (`--gpu 0`, `--cpu-backend libtorch`).
-        asked: String,
-        /// The backend that is missing.
-        backend: &'static str,
-        /// The build command that includes it.
-        build: &'static str,
-        /// What works with this binary.
-        instead: &'static str,
-    },
-    /// The GPU index is past the devices this process can see.
-    #[error("--gpu {index} requested but {visible} {backend} device(s) are visible{hint}")]
-    NoSuchGpu {
-        /// The index asked for.
-        index: usize,
-        /// How many devices of the backend are visible.
-        visible: usize,
-        /// `CUDA` or `Vulkan`.
-        backend: &'static str,
-        /// What to check.
-        hint: String,
-    },
-    /// CUDA kernels are compiled at run time through LLVM, which needs CUDA's libdevice.
-    #[error(
-        "CUDA's math library libdevice (nvvm/libdevice/libdevice.10.bc) was not found in {searched}; \
-         Burn compiles kernels at run time and needs it. Install the CUDA toolkit, or \
-         `pip install nvidia-nvvm` and set CUDA_PATH=<site-packages>/nvidia/cu13 (any directory \
-         holding nvvm/libdevice/libdevice.10.bc)"
-    )]
-    NoLibdevice {
-        /// The directories looked in.
-        searched: String,
-    },
-}
+pub use crate::error::DeviceError;
 
 /// Which Burn backend runs the model when there is no GPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

@@ -1,5 +1,5 @@
 //! The effnet-cluster wire protocol: the `cluster.v1` gRPC services generated from
-//! `proto/cluster/v1/cluster.proto`, the protocol version, join-token authentication and the
+//! `cluster-proto/cluster/v1/cluster.proto`, the protocol version, join-token authentication and the
 //! transport settings every node uses (HTTP/2 windows, message limits, timeouts, TLS).
 
 pub mod auth;
