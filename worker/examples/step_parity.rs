@@ -53,7 +53,7 @@ fn main() -> Result<()> {
         ..RunConfig::default()
     };
     let runtime = tokio::runtime::Runtime::new()?;
-    let (dataset, splits) = worker::train::open_dataset(&config, runtime.handle())?;
+    let (dataset, splits) = worker::data::open_dataset(&config, runtime.handle())?;
     let indices: Vec<usize> = splits.train[..IMAGES].to_vec();
     let samples = runtime.block_on(dataset.read(&indices))?;
     let labels: Vec<i64> = samples.iter().map(|s| i64::from(s.label)).collect();

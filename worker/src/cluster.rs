@@ -29,7 +29,8 @@ use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::metrics::WorkerMetrics;
-use crate::train::{Beat, EpochOutcome, RingIo, Trainer, broken_before_steps};
+use crate::train::{EpochOutcome, RingIo, Trainer, broken_before_steps};
+use crate::watch::Beat;
 
 type Client = CoordinatorClient<InterceptedService<Channel, ClientAuth>>;
 

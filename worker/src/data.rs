@@ -1,10 +1,18 @@
 //! Resolving `--data`: `cifar10` is the official CIFAR-10 binary release, downloaded into the
-//! cache on first use; anything else is a location for [`dataset::store::DataStore::open`].
+//! cache on first use; `synthetic` is the generated set; anything else is a location for
+//! [`dataset::store::DataStore::open`]. [`open_dataset`] opens it and makes the run's splits.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use cluster_proto::run::RunConfig;
+use dataset::source::Dataset;
+use dataset::split::{Limits, SplitScheme, Splits, apply_limits, split};
+use dataset::store::DataStore;
 use flate2::read::GzDecoder;
+use tokio::runtime::Handle;
 
 use crate::error::{Error, Result};
 use effnet::download;
@@ -102,6 +110,56 @@ fn unpack(archive: &Path, dest: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Open the run's dataset.
+pub fn open_dataset(config: &RunConfig, handle: &Handle) -> Result<(Arc<Dataset>, Splits)> {
+    let store = if config.data == "synthetic" {
+        handle.block_on(DataStore::synthetic(
+            config.synthetic_train,
+            config.synthetic_test,
+            config.seed,
+        ))
+    } else {
+        DataStore::open(&resolve(&config.data)?)
+    }
+    .map_err(|e| Error::Cluster(format!("dataset {}: {e}", config.data)))?;
+    let mut dataset = handle
+        .block_on(Dataset::open(store))
+        .map_err(|e| Error::Cluster(format!("dataset {}: {e}", config.data)))?;
+    let scheme = if config.split == "tutorial" {
+        SplitScheme::Tutorial
+    } else {
+        SplitScheme::Official {
+            val_fraction: config.val_fraction,
+        }
+    };
+    // Image folders are read sorted by class: slicing that order would make the tutorial's
+    // test set one class. CIFAR's files (and the synthetic set) are mixed already.
+    let official_train = match (scheme, dataset.files.is_empty()) {
+        (SplitScheme::Tutorial, true) => dataset::split::mixed_order(&dataset.train, config.seed),
+        _ => dataset.train.clone(),
+    };
+    let mut splits = split(scheme, &official_train, &dataset.test, config.seed);
+    let limits = Limits {
+        train: config.limit_train,
+        val: config.limit_val,
+        test: config.limit_test,
+    };
+    if limits != Limits::default() {
+        let labels = handle
+            .block_on(dataset.load_labels())
+            .map_err(|e| Error::Cluster(format!("dataset {}: {e}", config.data)))?
+            .to_vec();
+        splits = apply_limits(splits, &labels, limits);
+    }
+    if splits.train.is_empty() {
+        return Err(Error::Cluster(format!(
+            "dataset {} has no training images",
+            config.data
+        )));
+    }
+    Ok((Arc::new(dataset), splits))
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@
 //! tasks, so nothing at the transport level ever notices. Its neighbours do notice: they wait
 //! in the all-reduce. The heartbeat carries both facts, and the coordinator decides.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use crate::metrics::WorkerMetrics;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -146,6 +148,37 @@ impl RingWatch {
             }
             notified.await;
         }
+    }
+}
+
+/// What a training thread tells the rest of the worker as it goes: the last step and the
+/// weight checksums taken since the last heartbeat (for heartbeats), and its metrics (for
+/// scrapes).
+#[derive(Debug, Default)]
+pub struct Beat {
+    /// Global steps taken.
+    pub step: AtomicU64,
+    /// (step, checksum of the trainable weights, ring generation) not yet sent.
+    pub checksums: std::sync::Mutex<Vec<(u64, u64, u64)>>,
+    /// Step, data, all-reduce and checkpoint metrics.
+    pub metrics: WorkerMetrics,
+    /// The ring generation the coordinator asked to stop after its current step (workers
+    /// are waiting to join); 0 for none.
+    pub regroup: AtomicU64,
+    /// Bumped when the coordinator is lost: training started under an earlier value stops
+    /// at its next step.
+    pub session: AtomicU64,
+    /// Collective waits, step times and ring aborts (see [`RingWatch`]).
+    pub watch: Arc<RingWatch>,
+}
+
+impl Beat {
+    /// Take the checksums not yet sent.
+    pub fn drain(&self) -> Vec<(u64, u64, u64)> {
+        self.checksums
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
     }
 }
 

@@ -7,7 +7,8 @@ use burn::tensor::Device;
 use cluster_proto::run::RunConfig;
 use cluster_proto::v1::{self, EpochWork};
 use collective::{Ring, local};
-use worker::train::{Beat, EpochOutcome, RingIo, Trainer};
+use worker::train::{EpochOutcome, RingIo, Trainer};
+use worker::watch::Beat;
 
 /// A run on the generated set; `weights` is `none` (phase 1 then trains from scratch) or a
 /// model file (its backbone is frozen in phase 1, as pretrained weights are).
