@@ -70,9 +70,3 @@ impl Error {
         }
     }
 }
-
-impl From<effnet::device::DeviceError> for Error {
-    fn from(e: effnet::device::DeviceError) -> Self {
-        Error::Model(e.into())
-    }
-}

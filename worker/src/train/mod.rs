@@ -258,20 +258,7 @@ impl Trainer {
             classes,
         };
         loaded.model = broadcast(loaded.model, &loaded.config, io)?;
-        Ok(Self {
-            config: config.clone(),
-            device,
-            dataset,
-            splits,
-            model: Some(loaded),
-            phase: None,
-            optimizer: None,
-            completed: None,
-            undo: None,
-            cache: None,
-            transfers: Transfers::default(),
-            step_transfers: (0, TransferCounts::default()),
-        })
+        Ok(Self::untrained(config, device, dataset, splits, Some(loaded)))
     }
 
     /// Continue a run from checkpoint `name` of `store`: model, phase and optimizer state as
@@ -322,20 +309,7 @@ impl Trainer {
                 dataset.classes.len()
             )));
         }
-        Ok(Self {
-            config: config.clone(),
-            device,
-            dataset,
-            splits,
-            model: Some(loaded),
-            phase: None,
-            optimizer: None,
-            completed: None,
-            undo: None,
-            cache: None,
-            transfers: Transfers::default(),
-            step_transfers: (0, TransferCounts::default()),
-        })
+        Ok(Self::untrained(config, device, dataset, splits, Some(loaded)))
     }
 
     /// The dataset's class names, in label order.
@@ -368,12 +342,24 @@ impl Trainer {
     /// rank 0 of its first ring ([`sync_from_rank0`](Self::sync_from_rank0)).
     pub fn awaiting_state(config: &RunConfig, device: Device, handle: &Handle) -> Result<Self> {
         let (dataset, splits) = open_dataset(config, handle)?;
-        Ok(Self {
+        Ok(Self::untrained(config, device, dataset, splits, None))
+    }
+
+    /// A trainer over `dataset` holding `model`, before any epoch: no phase, optimizer state,
+    /// step count, undo state or feature cache yet.
+    fn untrained(
+        config: &RunConfig,
+        device: Device,
+        dataset: Arc<Dataset>,
+        splits: Splits,
+        model: Option<LoadedModel>,
+    ) -> Self {
+        Self {
             config: config.clone(),
             device,
             dataset,
             splits,
-            model: None,
+            model,
             phase: None,
             optimizer: None,
             completed: None,
@@ -381,7 +367,7 @@ impl Trainer {
             cache: None,
             transfers: Transfers::default(),
             step_transfers: (0, TransferCounts::default()),
-        })
+        }
     }
 
     /// Global steps this trainer has completed, once it has trained or taken state.
