@@ -5,8 +5,9 @@
 //!
 //! ```text
 //! step-0000000040-head-e002-1f3a9c0d/    one checkpoint: a unique prefix per attempt
-//!     weights.safetensors                 objects, uploaded first (multipart when large)
-//!     optimizer.bpk
+//!     weights.safetensors                 objects, uploaded first (multipart when large;
+//!     optimizer.bpk                       their names: [`objects`])
+//!     param-ids.json
 //!     state.json
 //!     MANIFEST.json                       size and sha256 of every object, written after them
 //! LATEST                                  names the committed checkpoint, written last
@@ -20,6 +21,7 @@
 mod error;
 mod lease;
 mod manifest;
+pub mod objects;
 mod store;
 
 pub use error::{Error, Result};

@@ -90,7 +90,11 @@ impl CheckpointStore {
     /// A fresh, unique checkpoint name: sortable by step, readable, and never reused, so a
     /// retried or concurrent attempt cannot overwrite a committed checkpoint's objects.
     pub fn new_name(step: u64, phase: &str, epoch: u32) -> String {
-        format!("step-{step:010}-{phase}-e{epoch:03}-{}", unique_hex(4))
+        format!(
+            "{}{step:010}-{phase}-e{epoch:03}-{}",
+            crate::objects::NAME_PREFIX,
+            unique_hex(4)
+        )
     }
 
     /// Upload `bytes` as object `object` of checkpoint `checkpoint`; large objects go up in
@@ -292,7 +296,7 @@ impl CheckpointStore {
             .list_dirs("")
             .await?
             .into_iter()
-            .filter(|n| n.starts_with("step-"))
+            .filter(|n| crate::objects::is_checkpoint_name(n))
             .collect())
     }
 

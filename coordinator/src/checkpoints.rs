@@ -1,14 +1,12 @@
 //! The coordinator's side of checkpoints: at start, a fresh run or a resume from the newest
 //! good checkpoint; during the run, committing what rank 0 uploaded.
 
+use checkpoint::objects::STATE;
 use checkpoint::{CheckpointStore, Lease, Manifest, Retention};
 use cluster_proto::run::{Job, RunConfig};
 
 use crate::error::Error;
 use crate::run::{Checkpointed, CommitPlan, Run, SavedState};
-
-/// The run state object of a checkpoint.
-pub const STATE: &str = "state.json";
 
 /// A run ready to serve, and where its checkpoints go (none for benchmarks).
 pub struct Prepared {
