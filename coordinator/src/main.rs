@@ -55,52 +55,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// `coordinator start`: check the flags, bind, take the checkpoint root's lease (resuming
+/// when it holds a checkpoint), start the local workers when `--local`, serve the run to its
+/// end and write its outputs. One sequence on purpose (about 120 lines): its order is the
+/// guarantee that a start rejected for any reason leaves nothing behind (no lease, no
+/// spawned worker, no token file).
 async fn start(args: StartArgs, log_format: &str) -> Result<()> {
     let mut config = args
         .run
         .resolve()
         .map_err(|e| anyhow!("invalid run configuration: {e}"))?;
-    if config.job == Job::Train && config.from_scratch() {
-        // A random backbone frozen in inference mode passes almost nothing on, and a head
-        // trained on it stays at chance (10% on ten classes): say what runs instead.
-        tracing::info!(
-            lr = config.lr_head,
-            epochs = config.head_epochs,
-            "--weights none: no pretrained features to freeze, so phase 1 trains the whole network \
-             from scratch (BatchNorm in training mode, no feature cache) at --lr-head; \
-             phase 2 then fine-tunes with BatchNorm frozen as usual"
-        );
-    }
-    if let Some(passes) = config.head_passes_per_image()
-        && config.augment
-        && config.head_variants > 1
-        && passes > f64::from(config.head_epochs) / 4.0
-    {
-        // The cache cannot make these epochs much faster: say so, and what would.
-        tracing::info!(
-            head_epochs = config.head_epochs,
-            head_variants = config.head_variants,
-            backbone_passes_per_image = format!("{passes:.1}"),
-            "the feature cache saves little with this many augmentation variants per image; \
-             --head-variants K caps the head phase at K backbone passes per image"
-        );
-    }
-    let workers = args.local.unwrap_or(args.workers);
-    if workers == 0 {
-        bail!("--workers (or --local) must be at least 1");
-    }
-    if !args.gpus.is_empty() && args.gpus.len() != workers {
-        bail!(
-            "--gpus lists {} GPUs for {workers} local workers; give one per worker",
-            args.gpus.len()
-        );
-    }
-    if !(args.heartbeat_timeout.is_finite() && args.heartbeat_timeout > 0.0) {
-        bail!("--heartbeat-timeout must be a positive number of seconds");
-    }
-    if !(args.step_timeout.is_finite() && args.step_timeout >= 0.0) {
-        bail!("--step-timeout must be a number of seconds (0: derived from the step times)");
-    }
+    log_config_notes(&config);
+    let (workers, max_workers) = check_args(&args, &config)?;
     // Set by --out / CLUSTER_OUT, or by the run file.
     let out_given = args.run.out.is_some() || config.out != RunConfig::default().out;
     if !out_given && config.job == Job::Train {
@@ -118,9 +84,6 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
         }
         (_, Err(e)) => return Err(e.into()),
     };
-    if !(args.lease_ttl.is_finite() && args.lease_ttl >= 1.0) {
-        bail!("--lease-ttl must be at least 1 second");
-    }
     let lease_ttl = Duration::from_secs_f64(args.lease_ttl);
     let listen = args.listen.unwrap_or_else(|| {
         if args.local.is_some() {
@@ -132,26 +95,6 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    if args.min_workers == 0 || args.min_workers > workers {
-        bail!(
-            "--min-workers must be between 1 and the worker count ({workers}), got {}",
-            args.min_workers
-        );
-    }
-    let max_workers = args.max_workers.unwrap_or(workers);
-    if max_workers < workers {
-        bail!("--max-workers {max_workers} is below the worker count ({workers})");
-    }
-    if config.global_batch > 0 && (config.global_batch as usize) < max_workers {
-        bail!(
-            "--global-batch {} is smaller than the largest ring ({max_workers} workers); every worker needs \
-             at least one image per step",
-            config.global_batch
-        );
-    }
-    if args.local.is_some() && args.security.tls().enabled() {
-        bail!("--local runs every process on this machine over loopback; drop the --tls-* options");
-    }
     // The TLS files are checked before the checkpoint root's lease is taken: a start that
     // fails on them must not leave a live lease behind for the corrected one to wait out.
     args.security.tls().server().context("TLS")?;
@@ -172,38 +115,17 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
     let prepared = coordinator::checkpoints::prepare(config.clone(), workers, args.fresh, lease_ttl)
         .await
         .context("checkpoints")?;
-    let mut children = Vec::new();
-    let mut supervisor = None;
-    if let (Some(n), Some(binary)) = (args.local, local_binary) {
-        let address = listener.local_addr().context("listener address")?.to_string();
-        let local = coordinator::local::LocalWorkers {
-            binary: binary.clone(),
-            gpus: args.gpus.clone(),
-            backends: coordinator::local::Backends {
-                gpu: args.gpu_backend.clone(),
-                cpu: args.cpu_backend.clone(),
-            },
-            address,
-            token: token.clone(),
-            log_format: log_format.to_string(),
-            metrics: args.metrics_listen,
-            // The user's own thread settings win; otherwise the CPU workers share the cores.
-            cpu_threads: coordinator::local::THREAD_VARIABLES
-                .iter()
-                .all(|v| std::env::var_os(v).is_none())
-                .then(|| {
-                    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-                    coordinator::local::cpu_threads(cores, n.saturating_sub(args.gpus.len()))
-                }),
-        };
-        let threads = local
-            .cpu_threads
-            .map_or("as the environment says".into(), |t| t.to_string());
-        children = local.spawn_all(n).map_err(|e| anyhow!(e))?;
-        supervisor = Some(local);
-        tracing::info!(workers = n, worker_bin = %binary.display(), out = %config.out,
-            cpu_threads_each = %threads, "local workers started");
-    }
+    let (children, supervisor) = match (args.local, local_binary) {
+        (Some(n), Some(binary)) => {
+            let address = listener.local_addr().context("listener address")?.to_string();
+            let (children, local) = start_local_workers(&args, n, binary, address, &token, log_format)?;
+            tracing::info!(workers = n, worker_bin = %local.binary.display(), out = %config.out,
+                cpu_threads_each = %local.cpu_threads.map_or("as the environment says".into(), |t| t.to_string()),
+                "local workers started");
+            (children, Some(local))
+        }
+        _ => (Vec::new(), None),
+    };
     let options = ServeOptions {
         workers,
         min_workers: args.min_workers,
@@ -258,6 +180,113 @@ async fn start(args: StartArgs, log_format: &str) -> Result<()> {
             run.error.unwrap_or_else(|| "the run did not finish".into())
         )),
     }
+}
+
+/// Say what a configuration does that its flags alone may not make plain.
+fn log_config_notes(config: &RunConfig) {
+    if config.job == Job::Train && config.from_scratch() {
+        // A random backbone frozen in inference mode passes almost nothing on, and a head
+        // trained on it stays at chance (10% on ten classes): say what runs instead.
+        tracing::info!(
+            lr = config.lr_head,
+            epochs = config.head_epochs,
+            "--weights none: no pretrained features to freeze, so phase 1 trains the whole network \
+             from scratch (BatchNorm in training mode, no feature cache) at --lr-head; \
+             phase 2 then fine-tunes with BatchNorm frozen as usual"
+        );
+    }
+    if let Some(passes) = config.head_passes_per_image()
+        && config.augment
+        && config.head_variants > 1
+        && passes > f64::from(config.head_epochs) / 4.0
+    {
+        // The cache cannot make these epochs much faster: say so, and what would.
+        tracing::info!(
+            head_epochs = config.head_epochs,
+            head_variants = config.head_variants,
+            backbone_passes_per_image = format!("{passes:.1}"),
+            "the feature cache saves little with this many augmentation variants per image; \
+             --head-variants K caps the head phase at K backbone passes per image"
+        );
+    }
+}
+
+/// Reject flags that cannot run together, before anything is bound, written or spawned.
+/// Returns the worker count and the largest ring.
+fn check_args(args: &StartArgs, config: &RunConfig) -> Result<(usize, usize)> {
+    let workers = args.local.unwrap_or(args.workers);
+    if workers == 0 {
+        bail!("--workers (or --local) must be at least 1");
+    }
+    if !args.gpus.is_empty() && args.gpus.len() != workers {
+        bail!(
+            "--gpus lists {} GPUs for {workers} local workers; give one per worker",
+            args.gpus.len()
+        );
+    }
+    if !(args.heartbeat_timeout.is_finite() && args.heartbeat_timeout > 0.0) {
+        bail!("--heartbeat-timeout must be a positive number of seconds");
+    }
+    if !(args.step_timeout.is_finite() && args.step_timeout >= 0.0) {
+        bail!("--step-timeout must be a number of seconds (0: derived from the step times)");
+    }
+    if !(args.lease_ttl.is_finite() && args.lease_ttl >= 1.0) {
+        bail!("--lease-ttl must be at least 1 second");
+    }
+    if args.min_workers == 0 || args.min_workers > workers {
+        bail!(
+            "--min-workers must be between 1 and the worker count ({workers}), got {}",
+            args.min_workers
+        );
+    }
+    let max_workers = args.max_workers.unwrap_or(workers);
+    if max_workers < workers {
+        bail!("--max-workers {max_workers} is below the worker count ({workers})");
+    }
+    if config.global_batch > 0 && (config.global_batch as usize) < max_workers {
+        bail!(
+            "--global-batch {} is smaller than the largest ring ({max_workers} workers); every worker needs \
+             at least one image per step",
+            config.global_batch
+        );
+    }
+    if args.local.is_some() && args.security.tls().enabled() {
+        bail!("--local runs every process on this machine over loopback; drop the --tls-* options");
+    }
+    Ok((workers, max_workers))
+}
+
+/// Start the `n` workers of `--local` (their binary `binary`), told to join at `address`.
+fn start_local_workers(
+    args: &StartArgs,
+    n: usize,
+    binary: std::path::PathBuf,
+    address: String,
+    token: &Token,
+    log_format: &str,
+) -> Result<(Vec<tokio::process::Child>, coordinator::local::LocalWorkers)> {
+    let local = coordinator::local::LocalWorkers {
+        binary,
+        gpus: args.gpus.clone(),
+        backends: coordinator::local::Backends {
+            gpu: args.gpu_backend.clone(),
+            cpu: args.cpu_backend.clone(),
+        },
+        address,
+        token: token.clone(),
+        log_format: log_format.to_string(),
+        metrics: args.metrics_listen,
+        // The user's own thread settings win; otherwise the CPU workers share the cores.
+        cpu_threads: coordinator::local::THREAD_VARIABLES
+            .iter()
+            .all(|v| std::env::var_os(v).is_none())
+            .then(|| {
+                let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                coordinator::local::cpu_threads(cores, n.saturating_sub(args.gpus.len()))
+            }),
+    };
+    let children = local.spawn_all(n).map_err(|e| anyhow!(e))?;
+    Ok((children, local))
 }
 
 fn print_bench(run: &Run) {

@@ -10,27 +10,35 @@ use crate::run::{Run, Stage};
 /// The run's metrics in the OpenMetrics text format.
 pub fn render(run: &Run) -> String {
     let mut registry = Registry::with_prefix("effnet");
+    add_membership(&mut registry, run);
+    add_progress(&mut registry, run);
+    add_recovery(&mut registry, run);
+    cluster_metrics::encode(&registry)
+}
+
+/// Who is in the run, and where it is.
+fn add_membership(registry: &mut Registry, run: &Run) {
     let ranked = run.workers.values().filter(|w| w.rank.is_some()).count();
     gauge(
-        &mut registry,
+        registry,
         "workers",
         "Workers connected to the coordinator",
         run.workers.len() as f64,
     );
     gauge(
-        &mut registry,
+        registry,
         "ranked_workers",
         "Workers in the current ring",
         ranked as f64,
     );
     gauge(
-        &mut registry,
+        registry,
         "expected_workers",
         "Workers the run waits for",
         run.expected as f64,
     );
     gauge(
-        &mut registry,
+        registry,
         "ring_generation",
         "Current ring generation",
         run.generation as f64,
@@ -44,20 +52,24 @@ pub fn render(run: &Run) -> String {
         Stage::Failed => 5.0,
     };
     gauge(
-        &mut registry,
+        registry,
         "run_stage",
         "Run stage: 0 waiting, 1 head, 2 finetune, 3 bench, 4 done, 5 failed",
         stage,
     );
+}
+
+/// Training progress: steps, epochs, images, all-reduce time and the last epoch's numbers.
+fn add_progress(registry: &mut Registry, run: &Run) {
     counter(
-        &mut registry,
+        registry,
         "steps",
         "Optimizer steps completed",
         None,
         run.steps_done as f64,
     );
     counter(
-        &mut registry,
+        registry,
         "epochs",
         "Epochs completed, both phases",
         None,
@@ -65,7 +77,7 @@ pub fn render(run: &Run) -> String {
     );
     let images: u64 = run.history.iter().map(|h| h.train_images).sum();
     counter(
-        &mut registry,
+        registry,
         "train_images",
         "Training images processed, all ranks",
         None,
@@ -73,14 +85,14 @@ pub fn render(run: &Run) -> String {
     );
     let allreduce: f64 = run.history.iter().map(|h| h.allreduce_seconds).sum();
     counter(
-        &mut registry,
+        registry,
         "allreduce",
         "Mean time per rank spent in all-reduce",
         Some(Unit::Seconds),
         allreduce,
     );
     seconds_histogram(
-        &mut registry,
+        registry,
         "epoch_duration",
         "Wall time of an epoch",
         1.0,
@@ -88,55 +100,59 @@ pub fn render(run: &Run) -> String {
     );
     if let Some(last) = run.history.last() {
         gauge(
-            &mut registry,
+            registry,
             "train_loss",
             "Mean training loss of the last epoch",
             last.train_loss,
         );
         gauge(
-            &mut registry,
+            registry,
             "train_accuracy",
             "Training accuracy of the last epoch",
             last.train_accuracy,
         );
         gauge(
-            &mut registry,
+            registry,
             "images_per_second",
             "Training images per second of the last epoch, all ranks",
             last.images_per_second,
         );
         if let Some(acc) = last.val_accuracy {
             gauge(
-                &mut registry,
+                registry,
                 "val_accuracy",
                 "Validation accuracy of the last epoch",
                 acc,
             );
         }
     }
+}
+
+/// Recovery: re-formed rings, restarts and checkpoint commits.
+fn add_recovery(registry: &mut Registry, run: &Run) {
     counter(
-        &mut registry,
+        registry,
         "ring_reforms",
         "Times the ring was re-formed from the survivors after losing workers",
         None,
         f64::from(run.ring_reforms),
     );
     counter(
-        &mut registry,
+        registry,
         "run_restarts",
         "Times this run was restarted from a checkpoint",
         None,
         f64::from(run.restarts),
     );
     counter(
-        &mut registry,
+        registry,
         "checkpoint_commits",
         "Checkpoints committed",
         None,
         run.commit_stats.len() as f64,
     );
     seconds_histogram(
-        &mut registry,
+        registry,
         "checkpoint_commit_duration",
         "Time to verify and commit a checkpoint",
         0.05,
@@ -144,13 +160,12 @@ pub fn render(run: &Run) -> String {
     );
     if let Some(last) = run.commit_stats.last() {
         gauge(
-            &mut registry,
+            registry,
             "checkpoint_size_bytes",
             "Size of the last checkpoint",
             last.bytes as f64,
         );
     }
-    cluster_metrics::encode(&registry)
 }
 
 #[cfg(test)]
