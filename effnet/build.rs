@@ -1,6 +1,7 @@
 //! With `--features libtorch`: compiles the C++ shim over libtorch (csrc/aten_ops.cpp) and
 //! records where libtorch's shared libraries are, so this crate's tests and examples start
-//! without LD_LIBRARY_PATH (worker/build.rs does the same for the worker's binaries).
+//! without LD_LIBRARY_PATH; it passes the directory on as `lib_dir` (see `links` in Cargo.toml),
+//! from which worker/build.rs gives the worker's binaries the same rpath.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -48,5 +49,8 @@ mod libtorch {
         println!("cargo:rustc-link-lib=dylib=torch_cpu");
         println!("cargo:rustc-link-lib=dylib=c10");
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+        // For the build scripts of crates that depend on this one (`links` in Cargo.toml):
+        // their binaries need the same rpath, and this lookup stays the only one.
+        println!("cargo:lib_dir={}", lib.display());
     }
 }
