@@ -89,6 +89,8 @@ fn allreduce_benchmark_over_three_worker_processes() {
     }
 }
 
+// One long test on purpose: every assertion below reads the same whole run of the real
+// binaries (the slow part); split, each piece would start its own.
 #[test]
 fn two_workers_train_both_phases_in_lockstep() {
     let dir = tempfile::tempdir().unwrap();
@@ -1112,6 +1114,8 @@ fn both_binaries_answer_grpc_health_checks_without_a_token() {
     drop(coordinator);
 }
 
+// One long test on purpose: every assertion below reads the same whole run of the real
+// binaries (the slow part); split, each piece would start its own.
 #[test]
 fn metrics_move_during_a_local_run_and_secrets_stay_out_of_the_logs() {
     let dir = tempfile::tempdir().unwrap();

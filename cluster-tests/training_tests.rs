@@ -216,6 +216,8 @@ fn u(value: &serde_json::Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in {value}"))
 }
 
+// One long test on purpose: every assertion below reads the same pair of runs of the real
+// binaries (the slow part); split, each piece would start its own.
 #[test]
 fn the_feature_cache_trains_the_head_exactly_as_the_backbone_does() {
     let Some(weights) = lite0() else { return };

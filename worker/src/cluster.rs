@@ -15,12 +15,12 @@ use cluster_proto::net::{self, MAX_MESSAGE_BYTES, TlsFiles};
 use cluster_proto::run::RunConfig;
 use cluster_proto::v1::coordinator_client::CoordinatorClient;
 use cluster_proto::v1::{
-    Assignment, BenchResult, BenchRow, CheckpointCommit, HeartbeatRequest, JoinRequest, Order, StepChecksum,
-    StoredObject, WorkReport, assignment::Work, order, work_report,
+    Assignment, BenchResult, BenchRow, BenchWork, CheckpointCommit, EpochWork, HeartbeatRequest, JoinRequest,
+    Order, StepChecksum, StoredObject, WorkReport, assignment::Work, order, work_report,
 };
-use collective::Ring;
 use collective::bench::{Plan, measure};
 use collective::grpc::{PeerService, RingLinks, connect_with_retry};
+use collective::{Link, Ring};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -37,10 +37,6 @@ type Client = CoordinatorClient<InterceptedService<Channel, ClientAuth>>;
 /// How often a worker tells the coordinator its step and whether it waits in the ring: the
 /// coordinator's stuck-rank detection is this much late at most, plus its own check period.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
-
-fn cluster(message: impl Into<String>) -> Error {
-    Error::Cluster(message.into())
-}
 
 /// How to join.
 #[derive(Debug, Clone)]
@@ -81,10 +77,13 @@ async fn bind_peer(advertise: Option<&str>, coordinator: &str) -> Result<(TcpLis
         let (host, port) = advertise
             .rsplit_once(':')
             .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-            .ok_or_else(|| cluster(format!("--advertise {advertise:?}: expected HOST:PORT")))?;
+            .ok_or_else(|| Error::Usage(format!("--advertise {advertise:?}: expected HOST:PORT")))?;
         let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
             .await
-            .map_err(|e| cluster(format!("cannot listen for peers on port {port}: {e}")))?;
+            .map_err(|source| Error::Listen {
+                what: format!("cannot listen for peers on port {port}"),
+                source,
+            })?;
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
         return Ok((listener, format!("{host}:{port}")));
     }
@@ -93,10 +92,16 @@ async fn bind_peer(advertise: Option<&str>, coordinator: &str) -> Result<(TcpLis
         .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
         .await
-        .map_err(|e| cluster(format!("cannot listen for peers: {e}")))?;
+        .map_err(|source| Error::Listen {
+            what: "cannot listen for peers".into(),
+            source,
+        })?;
     let port = listener
         .local_addr()
-        .map_err(|e| cluster(format!("peer listener: {e}")))?
+        .map_err(|source| Error::Listen {
+            what: "the peer listener has no address".into(),
+            source,
+        })?
         .port();
     Ok((listener, format!("{ip}:{port}")))
 }
@@ -131,8 +136,7 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
     }
     let peer = PeerService::new();
     let (_health_reporter, health) = net::health(&["cluster.v1.Peer"]).await;
-    let server = net::server(options.tls.server().map_err(|e| cluster(e.to_string()))?)
-        .map_err(|e| cluster(e.to_string()))?
+    let server = net::server(options.tls.server()?)?
         .add_service(health)
         .add_service(peer.clone().into_server(ServerAuth::new(options.token.clone())))
         .serve_with_incoming(TcpListenerStream::new(listener));
@@ -140,9 +144,10 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
     let step = Arc::new(Beat::default());
     let metrics = match options.metrics_listen {
         Some(address) => {
-            let listener = TcpListener::bind(address)
-                .await
-                .map_err(|e| cluster(format!("cannot listen for metrics on {address}: {e}")))?;
+            let listener = TcpListener::bind(address).await.map_err(|source| Error::Listen {
+                what: format!("cannot listen for metrics on {address}"),
+                source,
+            })?;
             let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
             tracing::info!(address = %bound, "metrics listening");
             let beat = step.clone();
@@ -151,9 +156,8 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
         }
         None => None,
     };
-    let client_tls = options.tls.client().map_err(|e| cluster(e.to_string()))?;
-    let endpoint =
-        net::endpoint(&options.coordinator, client_tls.clone()).map_err(|e| cluster(e.to_string()))?;
+    let client_tls = options.tls.client()?;
+    let endpoint = net::endpoint(&options.coordinator, client_tls.clone())?;
     let mut state = State {
         peer,
         auth: ClientAuth::new(&options.token),
@@ -172,7 +176,7 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
     let result = loop {
         let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
         if wait.is_zero() {
-            break Err(cluster(format!(
+            break Err(Error::Unreachable(format!(
                 "cannot reach the coordinator at {} within {:.0} s ({}); is it running? last error: {last_error}",
                 options.coordinator,
                 budget.0.as_secs_f64(),
@@ -254,25 +258,12 @@ async fn session(
         advertise: advertise.to_string(),
         device: device_name.to_string(),
     };
-    let mut stream = client
+    let stream = client
         .join(request)
         .await
         .map_err(|s| rpc_error(&s, "the coordinator refused to admit this worker"))?
         .into_inner();
-    let (order_tx, mut orders) = mpsc::unbounded_channel::<std::result::Result<Order, String>>();
-    let reader = tokio::spawn(async move {
-        loop {
-            let item = match stream.message().await {
-                Ok(Some(order)) => Ok(order),
-                Ok(None) => Err("the coordinator closed the connection".to_string()),
-                Err(status) => Err(format!("lost the coordinator: {}", status.message())),
-            };
-            let end = item.is_err();
-            if order_tx.send(item).is_err() || end {
-                return;
-            }
-        }
-    });
+    let (reader, mut orders) = read_orders(stream);
 
     let worker_id = match orders.recv().await {
         Some(Ok(Order {
@@ -284,39 +275,14 @@ async fn session(
             welcome.worker_id
         }
         Some(Err(e)) => return Err(Error::CoordinatorLost(e)),
-        _ => return Err(cluster("the coordinator did not welcome this worker")),
+        _ => {
+            return Err(Error::Protocol(
+                "the coordinator did not welcome this worker".into(),
+            ));
+        }
     };
 
-    let heartbeat = {
-        let mut client = client.clone();
-        let beat = step.clone();
-        let worker_id = worker_id.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(HEARTBEAT_INTERVAL).await;
-                let request = HeartbeatRequest {
-                    worker_id: worker_id.clone(),
-                    step: beat.step.load(Ordering::Relaxed),
-                    waiting_seconds: beat.watch.waiting_seconds(),
-                    step_seconds: beat.watch.step_seconds(),
-                    generation: beat.watch.generation(),
-                    exchanging: beat.watch.exchanging(),
-                    checksums: beat
-                        .drain()
-                        .into_iter()
-                        .map(|(step, weights_checksum, generation)| StepChecksum {
-                            step,
-                            weights_checksum,
-                            generation,
-                        })
-                        .collect(),
-                };
-                if let Err(status) = client.heartbeat(request).await {
-                    tracing::warn!(error = %status.message(), "heartbeat failed");
-                }
-            }
-        })
-    };
+    let heartbeat = send_heartbeats(client.clone(), step.clone(), worker_id.clone());
 
     let mut pending: VecDeque<Order> = VecDeque::new();
     let result = loop {
@@ -335,7 +301,7 @@ async fn session(
         match order.order {
             Some(order::Order::Finish(finish)) if finish.error.is_empty() => break Ok(()),
             Some(order::Order::Finish(finish)) => {
-                break Err(cluster(format!("the run was stopped: {}", finish.error)));
+                break Err(Error::Stopped(finish.error));
             }
             Some(order::Order::Fenced(fenced)) => break Err(Error::Fenced(fenced.reason)),
             Some(order::Order::Welcome(_))
@@ -352,7 +318,7 @@ async fn session(
                         done = &mut work => break done,
                         order = orders.recv() => match order {
                             Some(Ok(Order { order: Some(order::Order::Finish(finish)) })) if !finish.error.is_empty() => {
-                                break Err(cluster(format!("the run was stopped: {}", finish.error)));
+                                break Err(Error::Stopped(finish.error));
                             }
                             Some(Ok(Order { order: Some(order::Order::Fenced(fenced)) })) => {
                                 break Err(Error::Fenced(fenced.reason));
@@ -383,6 +349,61 @@ async fn session(
     result
 }
 
+/// The coordinator's orders, forwarded from `stream` by a task until it ends; its end or
+/// failure arrives as the last item, an `Err` saying why.
+fn read_orders(
+    mut stream: tonic::Streaming<Order>,
+) -> (
+    tokio::task::JoinHandle<()>,
+    mpsc::UnboundedReceiver<std::result::Result<Order, String>>,
+) {
+    let (order_tx, orders) = mpsc::unbounded_channel::<std::result::Result<Order, String>>();
+    let reader = tokio::spawn(async move {
+        loop {
+            let item = match stream.message().await {
+                Ok(Some(order)) => Ok(order),
+                Ok(None) => Err("the coordinator closed the connection".to_string()),
+                Err(status) => Err(format!("lost the coordinator: {}", status.message())),
+            };
+            let end = item.is_err();
+            if order_tx.send(item).is_err() || end {
+                return;
+            }
+        }
+    });
+    (reader, orders)
+}
+
+/// A task sending `beat`'s progress (step, waits, step time, checksums) as `worker_id`'s
+/// heartbeat every [`HEARTBEAT_INTERVAL`] until aborted.
+fn send_heartbeats(mut client: Client, beat: Arc<Beat>, worker_id: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+            let request = HeartbeatRequest {
+                worker_id: worker_id.clone(),
+                step: beat.step.load(Ordering::Relaxed),
+                waiting_seconds: beat.watch.waiting_seconds(),
+                step_seconds: beat.watch.step_seconds(),
+                generation: beat.watch.generation(),
+                exchanging: beat.watch.exchanging(),
+                checksums: beat
+                    .drain()
+                    .into_iter()
+                    .map(|(step, weights_checksum, generation)| StepChecksum {
+                        step,
+                        weights_checksum,
+                        generation,
+                    })
+                    .collect(),
+            };
+            if let Err(status) = client.heartbeat(request).await {
+                tracing::warn!(error = %status.message(), "heartbeat failed");
+            }
+        }
+    })
+}
+
 struct State {
     /// The current session got as far as the coordinator's welcome.
     welcomed: bool,
@@ -396,6 +417,8 @@ struct State {
 }
 
 impl State {
+    /// Carry out one assignment of the coordinator's: open the ring's links when it is a
+    /// new ring, do its work (an epoch, or the all-reduce benchmark) and report the result.
     async fn execute(
         &mut self,
         assignment: Assignment,
@@ -403,11 +426,12 @@ impl State {
         step: &Arc<Beat>,
         client: &mut Client,
     ) -> Result<()> {
-        let config = RunConfig::from_json(&assignment.config_json).map_err(cluster)?;
+        let config = RunConfig::from_json(&assignment.config_json)
+            .map_err(|e| Error::Protocol(format!("the assignment's run configuration: {e}")))?;
         let world = assignment.world as usize;
         let rank = assignment.rank as usize;
         if world == 0 || rank >= world || assignment.peers.len() != world {
-            return Err(cluster(format!(
+            return Err(Error::Protocol(format!(
                 "malformed assignment: rank {rank} of {world} with {} peer addresses",
                 assignment.peers.len()
             )));
@@ -422,158 +446,15 @@ impl State {
             bf16: config.bf16_allreduce,
             ..Ring::new(world, rank, assignment.generation)
         };
-        if self.links.as_ref().map(|(g, _)| *g) != Some(assignment.generation) {
-            // A new ring (first, or re-formed after a failure): the trainer, if any, keeps
-            // its state and re-shards the rest of the epoch for the new world size.
-            self.links = None;
-            let next = &assignment.peers[(rank + 1) % world];
-            let endpoint =
-                net::endpoint(next, self.client_tls.clone()).map_err(|e| cluster(e.to_string()))?;
-            let links = RingLinks::open(
-                &self.peer,
-                &ring,
-                &endpoint,
-                self.auth.clone(),
-                Duration::from_secs(30),
-            )
-            .await;
-            let links = match (links, &assignment.work) {
-                (Ok(links), _) => links,
-                // A member died before the ring was up: like any broken ring during training,
-                // say so and wait for the next one.
-                (Err(e), Some(Work::Epoch(epoch))) => {
-                    let reason = format!("cannot reach rank {} at {next}: {e}", (rank + 1) % world);
-                    tracing::warn!(reason = %reason, "the ring broke before it formed");
-                    let broken = broken_before_steps(epoch, self.trainer.as_ref(), reason);
-                    return report(
-                        client,
-                        worker_id,
-                        assignment.generation,
-                        work_report::Result::Broken(broken),
-                    )
-                    .await;
-                }
-                (Err(e), _) => {
-                    return Err(cluster(format!(
-                        "cannot reach rank {} at {next}: {e}",
-                        (rank + 1) % world
-                    )));
-                }
-            };
-            tracing::info!(generation = assignment.generation, rank, world, next = %next, "ring links open");
-            self.links = Some((assignment.generation, links));
+        if !self.open_links(&assignment, &ring, worker_id, client).await? {
+            return Ok(());
         }
         let result = match assignment.work {
-            Some(Work::Bench(bench)) => {
-                let (_, links) = self.links.as_mut().ok_or_else(|| cluster("no ring"))?;
-                let plan = Plan {
-                    sizes: bench.sizes,
-                    warmup: bench.warmup,
-                    iterations: bench.iterations,
-                };
-                let rows = measure(&ring, &plan, &mut links.next, &mut links.prev)
-                    .await
-                    .map_err(|e| cluster(e.to_string()))?;
-                let rows: Vec<BenchRow> = rows
-                    .into_iter()
-                    .map(|r| BenchRow {
-                        bytes: r.bytes,
-                        median_seconds: r.median_seconds,
-                        algbw_gbps: r.algbw_gbps,
-                        busbw_gbps: r.busbw_gbps,
-                    })
-                    .collect();
-                if rank == 0 {
-                    self.outcome.bench = rows.clone();
-                    self.outcome.world = assignment.world;
-                }
-                work_report::Result::Bench(BenchResult { rows })
-            }
+            Some(Work::Bench(bench)) => self.bench(bench, &ring, assignment.world).await?,
             Some(Work::Epoch(epoch)) => {
-                let (generation, links) = self.links.take().ok_or_else(|| cluster("no ring"))?;
-                let trainer = self.trainer.take();
-                let device = self.device.clone();
-                let thread_step = step.clone();
-                let handle = tokio::runtime::Handle::current();
-                let epoch_work = epoch;
-                let config_for_thread = config.clone();
                 let resume = Some(assignment.resume_checkpoint.clone()).filter(|n| !n.is_empty());
-                // Training is CPU/GPU-bound and synchronous: it runs on a blocking thread and
-                // drives the ring links through the runtime handle.
-                let joined = tokio::task::spawn_blocking(move || {
-                    let mut links = links;
-                    let mut io = RingIo {
-                        ring,
-                        next: &mut links.next,
-                        prev: &mut links.prev,
-                        handle,
-                        seconds: 0.0,
-                        watch: thread_step.watch.clone(),
-                    };
-                    io.watch.start_unit(generation);
-                    // Sharing the first weights or a joining worker's state: the
-                    // coordinator's stuck-rank check leaves every rank in it alone.
-                    let exchange = trainer.is_none() || epoch_work.sync;
-                    if exchange {
-                        io.watch.begin_exchange();
-                    }
-                    let result = (|| {
-                        let mut trainer = match (trainer, resume) {
-                            (Some(t), _) => t,
-                            // Joined mid-run: the state comes from rank 0 below.
-                            (None, _) if epoch_work.sync => {
-                                Trainer::awaiting_state(&config_for_thread, device, &io.handle)?
-                            }
-                            (None, Some(name)) => {
-                                let store = CheckpointStore::open(&config_for_thread.checkpoint_url())?;
-                                let trainer =
-                                    Trainer::resume(&config_for_thread, device, &io.handle, &store, &name)?;
-                                thread_step.metrics.restores.inc();
-                                trainer
-                            }
-                            (None, None) => match Trainer::new(&config_for_thread, device, &mut io) {
-                                Ok(trainer) => trainer,
-                                // A peer died during the first weight broadcast: nobody has
-                                // trained yet, so the next ring simply starts over.
-                                Err(Error::Ring(e)) => {
-                                    tracing::warn!(error = %e, "the ring broke while sharing the initial weights");
-                                    let reason = format!("sharing the initial weights: {e}");
-                                    let broken = broken_before_steps(&epoch_work, None, reason);
-                                    return Ok::<_, Error>((None, Ok(EpochOutcome::Broken(broken))));
-                                }
-                                Err(e) => return Err(e),
-                            },
-                        };
-                        if epoch_work.sync
-                            && let Err(e) = trainer.sync_from_rank0(&mut io, epoch_work.first_step)
-                        {
-                            tracing::warn!(error = %e, "the ring broke while sharing the training state");
-                            let reason = format!("sharing the training state: {e}");
-                            let broken = broken_before_steps(&epoch_work, Some(&trainer), reason);
-                            return Ok::<_, Error>((Some(trainer), Ok(EpochOutcome::Broken(broken))));
-                        }
-                        io.watch.end_exchange();
-                        let mut result = trainer.epoch(&epoch_work, &mut io, &thread_step);
-                        if matches!(result, Ok(EpochOutcome::Done(_))) && epoch_work.test && rank == 0 {
-                            // The tutorial's picture of the result: rank 0 draws it and sends it
-                            // with its report; the coordinator writes it beside the other
-                            // outputs (a worker's filesystem may be read-only but for caches).
-                            match (trainer.prediction_grid(), &mut result) {
-                                (Ok(png), Ok(EpochOutcome::Done(done))) => {
-                                    done.prediction_grid_png = png.unwrap_or_default();
-                                }
-                                (Err(e), _) => result = Err(e),
-                                _ => {}
-                            }
-                        }
-                        Ok::<_, Error>((Some(trainer), result))
-                    })();
-                    io.watch.end_exchange();
-                    (links, result)
-                })
-                .await
-                .map_err(|e| cluster(format!("the training thread failed: {e}")))?;
-                let (links, result) = joined;
+                let (generation, links, result) =
+                    self.train_on_thread(&epoch, ring, &config, resume, step).await?;
                 let (trainer, result) = result?;
                 let result = match result? {
                     EpochOutcome::Done(result) => result,
@@ -593,9 +474,9 @@ impl State {
                 };
                 self.links = Some((generation, links));
                 let at_step = epoch.first_step + result.steps;
-                let trainer = self
-                    .trainer
-                    .insert(trainer.ok_or_else(|| cluster("the epoch ended without a trainer"))?);
+                let trainer = self.trainer.insert(
+                    trainer.ok_or_else(|| Error::Internal("the epoch ended without a trainer".into()))?,
+                );
                 if let Some(delay) = report_delay(rank) {
                     tracing::warn!(
                         ms = delay.as_millis() as u64,
@@ -625,10 +506,203 @@ impl State {
                 }
                 return Ok(());
             }
-            None => return Err(cluster("the assignment carries no work")),
+            None => return Err(Error::Protocol("the assignment carries no work".into())),
         };
         report(client, worker_id, assignment.generation, result).await
     }
+
+    /// The epoch of `work` over `ring`, on a blocking thread (training is CPU/GPU-bound and
+    /// synchronous; it drives the ring links through the runtime handle). Gives back the
+    /// links with their generation, and what [`train_unit`] returned.
+    async fn train_on_thread(
+        &mut self,
+        work: &EpochWork,
+        ring: Ring,
+        config: &RunConfig,
+        resume: Option<String>,
+        beat: &Arc<Beat>,
+    ) -> Result<(u64, RingLinks, Result<(Option<Trainer>, Result<EpochOutcome>)>)> {
+        let (generation, mut links) = self
+            .links
+            .take()
+            .ok_or_else(|| Error::Internal("no ring links for the assignment".into()))?;
+        let trainer = self.trainer.take();
+        let device = self.device.clone();
+        let beat = beat.clone();
+        let handle = tokio::runtime::Handle::current();
+        let (work, config) = (*work, config.clone());
+        let (links, result) = tokio::task::spawn_blocking(move || {
+            let mut io = RingIo {
+                ring,
+                next: &mut links.next,
+                prev: &mut links.prev,
+                handle,
+                seconds: 0.0,
+                watch: beat.watch.clone(),
+            };
+            io.watch.start_unit(generation);
+            // Sharing the first weights or a joining worker's state: the coordinator's
+            // stuck-rank check leaves every rank in it alone.
+            if trainer.is_none() || work.sync {
+                io.watch.begin_exchange();
+            }
+            let result = train_unit(trainer, resume, device, &config, &work, &mut io, &beat);
+            io.watch.end_exchange();
+            (links, result)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("the training thread failed: {e}")))?;
+        Ok((generation, links, result))
+    }
+
+    /// Open this rank's links of the ring of `assignment` unless they are open already (a
+    /// new ring: first, or re-formed after a failure; the trainer, if any, keeps its state
+    /// and re-shards the rest of the epoch for the new world size). `false` when a member
+    /// could not be reached during training: that was reported as a broken ring, and the
+    /// next assignment brings a new one.
+    async fn open_links(
+        &mut self,
+        assignment: &Assignment,
+        ring: &Ring,
+        worker_id: &str,
+        client: &mut Client,
+    ) -> Result<bool> {
+        if self.links.as_ref().map(|(g, _)| *g) == Some(assignment.generation) {
+            return Ok(true);
+        }
+        let (world, rank) = (ring.world, ring.rank);
+        self.links = None;
+        let next = &assignment.peers[(rank + 1) % world];
+        let endpoint = net::endpoint(next, self.client_tls.clone())?;
+        let links = RingLinks::open(
+            &self.peer,
+            ring,
+            &endpoint,
+            self.auth.clone(),
+            Duration::from_secs(30),
+        )
+        .await;
+        let links = match (links, &assignment.work) {
+            (Ok(links), _) => links,
+            // A member died before the ring was up: like any broken ring during training,
+            // say so and wait for the next one.
+            (Err(e), Some(Work::Epoch(epoch))) => {
+                let reason = format!("cannot reach rank {} at {next}: {e}", (rank + 1) % world);
+                tracing::warn!(reason = %reason, "the ring broke before it formed");
+                let broken = broken_before_steps(epoch, self.trainer.as_ref(), reason);
+                report(
+                    client,
+                    worker_id,
+                    assignment.generation,
+                    work_report::Result::Broken(broken),
+                )
+                .await?;
+                return Ok(false);
+            }
+            (Err(e), _) => {
+                return Err(Error::Ring(format!(
+                    "cannot reach rank {} at {next}: {e}",
+                    (rank + 1) % world
+                )));
+            }
+        };
+        tracing::info!(generation = assignment.generation, rank, world, next = %next, "ring links open");
+        self.links = Some((assignment.generation, links));
+        Ok(true)
+    }
+
+    /// The all-reduce benchmark over the open ring; rank 0 keeps the table for its exit.
+    async fn bench(&mut self, bench: BenchWork, ring: &Ring, world: u32) -> Result<work_report::Result> {
+        let rank = ring.rank;
+        let (_, links) = self
+            .links
+            .as_mut()
+            .ok_or_else(|| Error::Internal("no ring links for the assignment".into()))?;
+        let plan = Plan {
+            sizes: bench.sizes,
+            warmup: bench.warmup,
+            iterations: bench.iterations,
+        };
+        let rows = measure(ring, &plan, &mut links.next, &mut links.prev)
+            .await
+            .map_err(|e| Error::Ring(e.to_string()))?;
+        let rows: Vec<BenchRow> = rows
+            .into_iter()
+            .map(|r| BenchRow {
+                bytes: r.bytes,
+                median_seconds: r.median_seconds,
+                algbw_gbps: r.algbw_gbps,
+                busbw_gbps: r.busbw_gbps,
+            })
+            .collect();
+        if rank == 0 {
+            self.outcome.bench = rows.clone();
+            self.outcome.world = world;
+        }
+        Ok(work_report::Result::Bench(BenchResult { rows }))
+    }
+}
+
+/// One epoch on the training thread, with the trainer this rank has, or one made for it:
+/// resumed from checkpoint `resume`, waiting for a joiner's state, or built (rank 0's first
+/// weights shared over the ring). Returns the trainer, if there is one, and how the epoch
+/// ended; a ring that broke while weights or state were shared ends it as broken.
+fn train_unit<N: Link, P: Link>(
+    trainer: Option<Trainer>,
+    resume: Option<String>,
+    device: Device,
+    config: &RunConfig,
+    work: &EpochWork,
+    io: &mut RingIo<'_, N, P>,
+    beat: &Beat,
+) -> Result<(Option<Trainer>, Result<EpochOutcome>)> {
+    let rank = io.ring.rank;
+    let mut trainer = match (trainer, resume) {
+        (Some(t), _) => t,
+        // Joined mid-run: the state comes from rank 0 below.
+        (None, _) if work.sync => Trainer::awaiting_state(config, device, &io.handle)?,
+        (None, Some(name)) => {
+            let store = CheckpointStore::open(&config.checkpoint_url())?;
+            let trainer = Trainer::resume(config, device, &io.handle, &store, &name)?;
+            beat.metrics.restores.inc();
+            trainer
+        }
+        (None, None) => match Trainer::new(config, device, io) {
+            Ok(trainer) => trainer,
+            // A peer died during the first weight broadcast: nobody has
+            // trained yet, so the next ring simply starts over.
+            Err(Error::Ring(e)) => {
+                tracing::warn!(error = %e, "the ring broke while sharing the initial weights");
+                let reason = format!("sharing the initial weights: {e}");
+                let broken = broken_before_steps(work, None, reason);
+                return Ok((None, Ok(EpochOutcome::Broken(broken))));
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    if work.sync
+        && let Err(e) = trainer.sync_from_rank0(io, work.first_step)
+    {
+        tracing::warn!(error = %e, "the ring broke while sharing the training state");
+        let reason = format!("sharing the training state: {e}");
+        let broken = broken_before_steps(work, Some(&trainer), reason);
+        return Ok((Some(trainer), Ok(EpochOutcome::Broken(broken))));
+    }
+    io.watch.end_exchange();
+    let mut result = trainer.epoch(work, io, beat);
+    if matches!(result, Ok(EpochOutcome::Done(_))) && work.test && rank == 0 {
+        // The tutorial's picture of the result: rank 0 draws it and sends it
+        // with its report; the coordinator writes it beside the other
+        // outputs (a worker's filesystem may be read-only but for caches).
+        match (trainer.prediction_grid(), &mut result) {
+            (Ok(png), Ok(EpochOutcome::Done(done))) => {
+                done.prediction_grid_png = png.unwrap_or_default();
+            }
+            (Err(e), _) => result = Err(e),
+            _ => {}
+        }
+    }
+    Ok((Some(trainer), result))
 }
 
 /// A failed call to the coordinator: lost when it did not answer, refused otherwise.
@@ -637,7 +711,10 @@ fn rpc_error(status: &tonic::Status, refused: &str) -> Error {
         tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
             Error::CoordinatorLost(status.message().to_string())
         }
-        _ => cluster(format!("{refused}: {}", status.message())),
+        _ => Error::Refused {
+            what: refused.to_string(),
+            reason: status.message().to_string(),
+        },
     }
 }
 

@@ -123,10 +123,10 @@ pub fn open_dataset(config: &RunConfig, handle: &Handle) -> Result<(Arc<Dataset>
     } else {
         DataStore::open(&resolve(&config.data)?)
     }
-    .map_err(|e| Error::Cluster(format!("dataset {}: {e}", config.data)))?;
+    .map_err(|source| Error::data_read(&config.data, source))?;
     let mut dataset = handle
         .block_on(Dataset::open(store))
-        .map_err(|e| Error::Cluster(format!("dataset {}: {e}", config.data)))?;
+        .map_err(|source| Error::data_read(&config.data, source))?;
     let scheme = if config.split == "tutorial" {
         SplitScheme::Tutorial
     } else {
@@ -149,15 +149,12 @@ pub fn open_dataset(config: &RunConfig, handle: &Handle) -> Result<(Arc<Dataset>
     if limits != Limits::default() {
         let labels = handle
             .block_on(dataset.load_labels())
-            .map_err(|e| Error::Cluster(format!("dataset {}: {e}", config.data)))?
+            .map_err(|source| Error::data_read(&config.data, source))?
             .to_vec();
         splits = apply_limits(splits, &labels, limits);
     }
     if splits.train.is_empty() {
-        return Err(Error::Cluster(format!(
-            "dataset {} has no training images",
-            config.data
-        )));
+        return Err(Error::NoTrainingImages(config.data.clone()));
     }
     Ok((Arc::new(dataset), splits))
 }

@@ -134,7 +134,7 @@ impl FeatureCache {
             let computed = compute(&missing)?;
             let [m, c, h, w] = computed.dims();
             if m != missing.len() {
-                return Err(Error::Cluster(format!(
+                return Err(Error::Internal(format!(
                     "feature cache: the backbone returned {m} feature maps for {} images",
                     missing.len()
                 )));
@@ -185,7 +185,7 @@ impl FeatureCache {
         match self.dims {
             None => self.dims = Some(dims),
             Some(d) if d != dims => {
-                return Err(Error::Cluster(format!(
+                return Err(Error::Internal(format!(
                     "feature cache: feature maps changed shape from {d:?} to {dims:?}"
                 )));
             }

@@ -258,11 +258,52 @@ fn run_bench_model(args: BenchModelArgs) -> Result<()> {
         })?,
     };
     let (values, copy_secs) = bench::gradient_copies(&cfg, args.iters, &device)?;
+    let report = ModelBench {
+        model: cfg.name.clone(),
+        batch: b,
+        size: s,
+        backend,
+        torch,
+        rows,
+        gradient_values: values,
+        gradient_copy_seconds: copy_secs,
+    };
     if args.json {
+        report.print_json()
+    } else {
+        report.print_table(args.epoch_images);
+        Ok(())
+    }
+}
+
+/// What `worker bench model` measured, with PyTorch's numbers when it ran beside.
+struct ModelBench {
+    model: String,
+    batch: usize,
+    size: usize,
+    /// Our backend, as the table heads its column.
+    backend: String,
+    /// PyTorch's name and its JSON (images per second by workload), when it ran.
+    torch: Option<(String, serde_json::Value)>,
+    rows: Vec<(bench::Workload, bench::Throughput)>,
+    /// Gradient values copied into one buffer and back around each all-reduce.
+    gradient_values: usize,
+    gradient_copy_seconds: f64,
+}
+
+impl ModelBench {
+    /// PyTorch's images per second for `workload`, when it ran.
+    fn theirs(&self, workload: bench::Workload) -> Option<f64> {
+        self.torch.as_ref().and_then(|(_, v)| v[workload.name()].as_f64())
+    }
+
+    /// The whole report as JSON on stdout.
+    fn print_json(&self) -> Result<()> {
+        let (rows, torch, b, s) = (&self.rows, &self.torch, self.batch, self.size);
         let workloads: Vec<serde_json::Value> = rows
             .iter()
             .map(|(w, t)| {
-                let theirs = torch.as_ref().and_then(|(_, v)| v[w.name()].as_f64());
+                let theirs = self.theirs(*w);
                 serde_json::json!({
                     "workload": w.name(),
                     "images_per_second": t.images_per_sec,
@@ -278,68 +319,75 @@ fn run_bench_model(args: BenchModelArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "model": cfg.name, "batch": b, "image_size": s, "backend": backend,
+                "model": self.model, "batch": b, "image_size": s, "backend": self.backend,
                 "torch": torch.as_ref().map(|(name, _)| name.clone()),
-                "gradient_values": values, "gradient_round_trip_seconds": copy_secs,
+                "gradient_values": self.gradient_values, "gradient_round_trip_seconds": self.gradient_copy_seconds,
                 "workloads": workloads,
             }))?
         );
-        return Ok(());
+        Ok(())
     }
-    let epoch = args.epoch_images;
-    println!(
-        "{} at batch {b}, {s} px; epoch time for {epoch} images (no evaluation)\n",
-        cfg.name
-    );
-    let torch_name = torch.as_ref().map_or("", |(name, _)| name.as_str());
-    let tw = torch_name.len().max(16);
-    let bw = backend.len().max(16);
-    println!(
-        "| {:<30} | {backend:>bw$} | {:>13} | {:>11} | {:>11} | {torch_name:>tw$} | {:>13} | {:>7} |",
-        "workload", "epoch", "host copies", "copy ms", "epoch", "ratio"
-    );
-    println!(
-        "|{:-<32}|{:->b$}|{:->15}|{:->13}|{:->13}|{:->w$}|{:->15}|{:->9}|",
-        "",
-        "",
-        "",
-        "",
-        "",
-        "",
-        "",
-        "",
-        b = bw + 2,
-        w = tw + 2
-    );
-    let hms = |rate: f64| {
-        let secs = (epoch as f64 / rate).round() as u64;
-        format!("{}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
-    };
-    for (workload, t) in &rows {
-        let ours = t.images_per_sec;
-        let theirs = torch.as_ref().and_then(|(_, v)| v[workload.name()].as_f64());
-        let (rate, time, ratio) = match theirs {
-            Some(r) => (format!("{r:.2} img/s"), hms(r), format!("{:.2}x", ours / r)),
-            None => (String::new(), String::new(), String::new()),
-        };
+
+    /// The table beside PyTorch, with epoch times for `epoch` images.
+    fn print_table(&self, epoch: usize) {
+        let (rows, torch, b, s, backend) = (&self.rows, &self.torch, self.batch, self.size, &self.backend);
         println!(
-            "| {:<30} | {:>bw$} | {:>13} | {:>11} | {:>11} | {rate:>tw$} | {time:>13} | {ratio:>7} |",
-            workload.describe(),
-            format!("{ours:.2} img/s"),
-            hms(ours),
-            format!("{} down {} up", t.downloads_per_iter, t.uploads_per_iter),
-            format!("{:.2}", t.transfer_secs_per_iter * 1e3),
+            "{} at batch {b}, {s} px; epoch time for {epoch} images (no evaluation)\n",
+            self.model
         );
+        let torch_name = torch.as_ref().map_or("", |(name, _)| name.as_str());
+        let tw = torch_name.len().max(16);
+        let bw = backend.len().max(16);
+        println!(
+            "| {:<30} | {backend:>bw$} | {:>13} | {:>11} | {:>11} | {torch_name:>tw$} | {:>13} | {:>7} |",
+            "workload", "epoch", "host copies", "copy ms", "epoch", "ratio"
+        );
+        println!(
+            "|{:-<32}|{:->b$}|{:->15}|{:->13}|{:->13}|{:->w$}|{:->15}|{:->9}|",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            b = bw + 2,
+            w = tw + 2
+        );
+        let hms = |rate: f64| {
+            let secs = (epoch as f64 / rate).round() as u64;
+            format!("{}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+        };
+        for (workload, t) in rows {
+            let ours = t.images_per_sec;
+            let theirs = self.theirs(*workload);
+            let (rate, time, ratio) = match theirs {
+                Some(r) => (format!("{r:.2} img/s"), hms(r), format!("{:.2}x", ours / r)),
+                None => (String::new(), String::new(), String::new()),
+            };
+            println!(
+                "| {:<30} | {:>bw$} | {:>13} | {:>11} | {:>11} | {rate:>tw$} | {time:>13} | {ratio:>7} |",
+                workload.describe(),
+                format!("{ours:.2} img/s"),
+                hms(ours),
+                format!("{} down {} up", t.downloads_per_iter, t.uploads_per_iter),
+                format!("{:.2}", t.transfer_secs_per_iter * 1e3),
+            );
+        }
+        println!(
+            "\ngradients into one buffer and back (around each all-reduce): {} values, {:.1} ms",
+            self.gradient_values,
+            self.gradient_copy_seconds * 1e3
+        );
+        let rate = |w: bench::Workload| rows.iter().find(|(x, _)| *x == w).map(|(_, t)| t.images_per_sec);
+        if let (Some(cached), Some(uncached)) = (
+            rate(bench::Workload::CachedHeadStep),
+            rate(bench::Workload::HeadStep),
+        ) {
+            println!("\nphase 1 step, cached over uncached: {:.0}x", cached / uncached);
+        }
     }
-    println!(
-        "\ngradients into one buffer and back (around each all-reduce): {values} values, {:.1} ms",
-        copy_secs * 1e3
-    );
-    let rate = |w: Workload| rows.iter().find(|(x, _)| *x == w).map(|(_, t)| t.images_per_sec);
-    if let (Some(cached), Some(uncached)) = (rate(Workload::CachedHeadStep), rate(Workload::HeadStep)) {
-        println!("\nphase 1 step, cached over uncached: {:.0}x", cached / uncached);
-    }
-    Ok(())
 }
 
 /// Run the embedded PyTorch script with `python`: its name and the JSON it printed.

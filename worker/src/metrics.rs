@@ -58,6 +58,9 @@ pub struct WorkerMetrics {
 }
 
 impl Default for WorkerMetrics {
+    /// Every metric created and registered under its name and help text. One long list on
+    /// purpose (about 140 lines): each stanza is the whole truth about one series, in the
+    /// order the exposition lists them; grouping them into helpers would only move the list.
     fn default() -> Self {
         let mut registry = Registry::with_prefix("effnet_worker");
         let rank = Gauge::default();

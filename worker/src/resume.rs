@@ -12,6 +12,7 @@ use std::path::Path;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::ModuleOptimizer;
 use burn::tensor::{Device, Tensor};
+use checkpoint::objects::{OPTIMIZER, PARAM_IDS, WEIGHTS};
 use checkpoint::{CheckpointStore, Manifest, ObjectEntry};
 
 use cluster_proto::run::RunConfig;
@@ -20,13 +21,6 @@ use crate::error::{Error, Result};
 use effnet::modelfile::{self, LoadedModel};
 use effnet::phase::Phase;
 use effnet::weights::ModulePath;
-
-/// The model file: architecture, class names and every tensor (BatchNorm statistics too).
-pub const WEIGHTS: &str = "weights.safetensors";
-/// Burn's optimizer record (burnpack), for the phase the checkpoint was taken in.
-pub const OPTIMIZER: &str = "optimizer.bpk";
-/// Parameter path -> the id the optimizer record refers to it by.
-pub const PARAM_IDS: &str = "param-ids.json";
 
 /// What a checkpoint restores on a worker.
 pub struct Restored {
@@ -67,7 +61,7 @@ pub async fn restore(
 ) -> Result<(Manifest, Restored)> {
     let manifest = store.manifest(name).await?;
     let phase = phase_named(&manifest.phase).ok_or_else(|| {
-        Error::Cluster(format!(
+        Error::State(format!(
             "checkpoint {} names phase '{}'; expected head or finetune",
             store.describe(name),
             manifest.phase
@@ -117,10 +111,10 @@ impl Parts {
             weights: modelfile::to_bytes(source, model)?,
             optimizer: optimizer
                 .into_bytes()
-                .map_err(|e| Error::Cluster(format!("cannot encode the optimizer state: {e:?}")))?
+                .map_err(|e| Error::Internal(format!("cannot encode the optimizer state: {e:?}")))?
                 .to_vec(),
             ids: serde_json::to_vec(&param_ids(&model.model))
-                .map_err(|e| Error::Cluster(format!("cannot encode parameter ids: {e}")))?,
+                .map_err(|e| Error::Internal(format!("cannot encode parameter ids: {e}")))?,
         })
     }
 
@@ -140,7 +134,7 @@ impl Parts {
     /// The inverse of [`pack`](Self::pack).
     pub fn unpack(bytes: &[u8]) -> Result<(Phase, Self)> {
         let bad = |what: &str| {
-            Error::Cluster(format!(
+            Error::State(format!(
                 "malformed state transfer ({} bytes): {what}",
                 bytes.len()
             ))
@@ -191,7 +185,7 @@ pub fn from_parts(
     let phase = phase.in_run(config.from_scratch());
     let mut model = modelfile::from_bytes(None, Path::new(&describe(WEIGHTS)), &parts.weights, device)?;
     let ids: BTreeMap<String, u64> = serde_json::from_slice(&parts.ids).map_err(|e| {
-        Error::Cluster(format!(
+        Error::State(format!(
             "{}: not a map of parameter ids: {e}",
             describe(PARAM_IDS)
         ))
@@ -201,7 +195,7 @@ pub fn from_parts(
     let optimizer = crate::optim::adam(config)
         .init()
         .from_bytes(burn::tensor::Bytes::from_bytes_vec(parts.optimizer.clone()))
-        .map_err(|e| Error::Cluster(format!("{}: not an optimizer record: {e:?}", describe(OPTIMIZER))))?;
+        .map_err(|e| Error::State(format!("{}: not an optimizer record: {e:?}", describe(OPTIMIZER))))?;
     Ok(Restored {
         model,
         phase,
@@ -213,11 +207,10 @@ pub fn from_parts(
 pub fn latest_weights(url: &str) -> Result<(std::path::PathBuf, Vec<u8>)> {
     let fetch = async {
         let store = CheckpointStore::open(url)?;
-        let good = store.latest_good().await?.ok_or_else(|| {
-            Error::Cluster(format!(
-                "{url} holds no committed checkpoint (no LATEST and no manifest)"
-            ))
-        })?;
+        let good = store
+            .latest_good()
+            .await?
+            .ok_or_else(|| Error::NoCheckpoint(url.to_string()))?;
         for skipped in &good.skipped {
             tracing::warn!(skipped = %skipped, "skipped a checkpoint that failed verification");
         }
@@ -236,7 +229,7 @@ pub fn latest_weights(url: &str) -> Result<(std::path::PathBuf, Vec<u8>)> {
         Err(_) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| Error::Cluster(format!("cannot start an I/O runtime: {e}")))?
+            .map_err(Error::Runtime)?
             .block_on(fetch),
     }
 }
@@ -297,7 +290,7 @@ pub fn with_param_ids<M: Module>(module: M, ids: &BTreeMap<String, u64>) -> Resu
     };
     let module = module.map(&mut mapper);
     if !mapper.missing.is_empty() {
-        return Err(Error::Cluster(format!(
+        return Err(Error::State(format!(
             "the checkpoint's parameter ids do not cover {} of the model's parameters (first: {})",
             mapper.missing.len(),
             mapper.missing[0]

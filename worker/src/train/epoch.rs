@@ -4,15 +4,37 @@
 
 use super::*;
 
-/// A batch ready for a training step.
-struct Prepared {
-    batch: dataset::loader::Batch,
-    /// The augmentation of each sample.
-    variants: Vec<Variant>,
-    /// The model input, when made ahead (without the feature cache).
-    input: Option<Tensor<4>>,
-    /// The batch's labels, on the training device.
-    labels: Tensor<1, Int>,
+/// An epoch's decisions, made before its first step from the work, the run and the ring.
+struct EpochPlan {
+    /// When the epoch started: its seconds and rates count the planning too.
+    started: Instant,
+    phase: Phase,
+    /// How its batches are made ready.
+    draws: Draws,
+    /// This rank's batches (indices into the dataset), one per step.
+    batches: Vec<Vec<usize>>,
+    /// This rank's examples in each step, and the step's examples over all ranks.
+    shares: Vec<(usize, usize)>,
+    /// Optimizer steps of this phase before this epoch's first (a decaying learning rate
+    /// depends on it): whole epochs, then what earlier rings of this epoch consumed.
+    phase_iterations: u64,
+}
+
+/// What an epoch's steps left behind.
+struct Trained {
+    model: Classifier,
+    steps: u64,
+    /// The epoch's loss and accuracy sums on this rank.
+    train: Totals,
+    /// The last step's sums (a broken ring takes that step back).
+    last: Totals,
+    /// Rank 0's BatchNorm statistics, when the steps ran to the end.
+    stats: Option<Vec<(String, RawTensor)>>,
+    /// Why the steps stopped early, if they did.
+    broken: Option<String>,
+    train_seconds: f64,
+    /// What the metrics have been told of the feature cache's counters.
+    cache_seen: CacheStats,
 }
 
 impl Trainer {
@@ -30,311 +52,15 @@ impl Trainer {
         io: &mut RingIo<'_, N, P>,
         beat: &Beat,
     ) -> Result<EpochOutcome> {
-        let started = Instant::now();
         io.seconds = 0.0;
-        let phase = match v1::Phase::try_from(work.phase) {
-            Ok(v1::Phase::Head) => Phase::Head,
-            Ok(v1::Phase::Finetune) => Phase::FineTune,
-            _ => return Err(cluster(format!("unknown phase {} in the assignment", work.phase))),
-        }
-        .in_run(self.config.from_scratch());
-        self.roll_back_to(work.first_step)?;
-        let mut loaded = self
-            .model
-            .take()
-            .ok_or_else(|| cluster("the model was lost by an earlier error"))?;
-        if self.phase != Some(phase) {
-            loaded.model = phase::prepare(loaded.model, phase);
-            self.optimizer = Some(optim::adam(&self.config).init());
-            self.phase = Some(phase);
-        }
-        // Features are valid only while the backbone is frozen.
-        let cached = phase.backbone_frozen() && self.config.feature_cache;
-        if !cached {
-            self.cache = None;
-        } else if self.cache.is_none() {
-            self.cache = Some(FeatureCache::new(self.cache_budget()));
-        }
+        let (plan, mut loaded) = self.plan_epoch(work, io.ring.world, io.ring.rank)?;
+        let started = plan.started;
         let mut cache = self.cache.take();
         let stats_before = cache.as_ref().map(FeatureCache::stats).unwrap_or_default();
-        // What the metrics have been told of the cache's counters so far.
-        let mut cache_seen = stats_before;
-        let inner = self.device.clone().inner();
-        // Phase 1 runs the frozen backbone in inference mode on the plain device, outside the
-        // autodiff graph that only the head needs (phase 1 never changes the backbone, so one
-        // copy serves the epoch); it computes the cache's misses, or every batch without one.
-        let frozen = phase.backbone_frozen().then(|| loaded.model.valid());
-        // Where a batch's input tensor is made: the frozen backbone's device in phase 1.
-        let input_device = if phase.backbone_frozen() {
-            inner.clone()
-        } else {
-            self.device.clone()
-        };
-        // Epochs count across phases, so shuffles and augmentations never repeat.
-        let global_epoch = match phase {
-            Phase::Head | Phase::Scratch => u64::from(work.epoch),
-            Phase::FineTune => u64::from(self.config.head_epochs) + u64::from(work.epoch),
-        };
-        // Dropout and stochastic depth draw from the backend's generator: seeding it per
-        // epoch and rank makes an epoch's randomness independent of what ran before, so a run
-        // resumed from a checkpoint takes exactly the steps an uninterrupted one would. (A
-        // ring re-formed mid-epoch draws afresh from where it starts.)
-        self.device
-            .seed(epoch_seed(self.config.seed, global_epoch, io.ring.rank).wrapping_add(work.consumed));
-        let sampler = SamplerConfig {
-            len: self.splits.train.len(),
-            seed: self.config.seed,
-            shuffle: true,
-            drop_last: false,
-        };
-        let state = SamplerState {
-            epoch: global_epoch,
-            consumed: work.consumed as usize,
-        };
-        let global_batch = match work.global_batch {
-            0 => self.config.batch_size as usize * io.ring.world,
-            n => n as usize,
-        };
-        let steps_plan = if cached && io.ring.world > 1 {
-            self.steps_by_home(&sampler, state, global_batch, io.ring.world, io.ring.rank)
-        } else {
-            sampler.global_steps(state, global_batch, io.ring.world, io.ring.rank)
-        };
-        let weights: Vec<(usize, usize)> = steps_plan
-            .iter()
-            .map(|s| (s.indices.len(), s.step_total))
-            .collect();
-        let batch_list: Vec<Vec<usize>> = steps_plan
-            .into_iter()
-            .map(|s| s.indices.into_iter().map(|i| self.splits.train[i]).collect())
-            .collect();
-        let augment = Augment::of_run(&self.config);
-        let pool = match phase {
-            Phase::Head => self.config.head_variants,
-            Phase::FineTune | Phase::Scratch => 8,
-        };
-        // Optimizer steps of this phase before this epoch's next one (the learning rate of a
-        // decaying phase depends on it): whole epochs, then what earlier rings consumed.
-        let phase_iterations = u64::from(work.epoch) * self.splits.train.len().div_ceil(global_batch) as u64
-            + work.consumed / global_batch as u64;
-        let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
-        let optimizer = self
-            .optimizer
-            .as_mut()
-            .ok_or_else(|| cluster("no optimizer for this phase"))?;
-        let mut model = loaded.model;
-        // This epoch's loss and accuracy, and the last step's (a broken ring takes it back).
-        let mut train: Option<DeviceTotals> = None;
-        let mut last: Option<DeviceTotals> = None;
-        let mut steps = 0u64;
-        let transfers_before = self.transfers.snapshot();
-        let mut broken: Option<String> = None;
-        let mut prefetch = Prefetcher::spawn(self.dataset.clone(), batch_list, PREFETCH)
-            .map_err(|e| cluster(format!("data loader: {e}")))?;
-        let metrics = &beat.metrics;
-        metrics.phase.set(i64::from(phase.number()));
-        let session = beat.session.load(Ordering::Relaxed);
-        let size = self.config.image_size as usize;
-        let (config, device, transfers) = (&self.config, &input_device, &self.transfers);
-        let train_device = &self.device;
-        // The next batch with its variants and, without the cache, its input tensor. Run on
-        // a second thread while the gradients are all-reduced, so that a step does not wait
-        // for loading and preprocessing after the network.
-        let rank = io.ring.rank;
-        beat.watch.new_epoch();
-        let prepare = |prefetch: &mut Prefetcher| -> Option<Result<Prepared>> {
-            stall_loader_once(rank);
-            let batch = prefetch.next()?;
-            Some(
-                batch
-                    .map_err(|e| cluster(format!("dataset {}: {e}", config.data)))
-                    .map(|batch| {
-                        let variants: Vec<Variant> = batch
-                            .indices
-                            .iter()
-                            .map(|&i| Variant::draw_pooled(augment, pool, config.seed, global_epoch, i))
-                            .collect();
-                        let input =
-                            (!cached).then(|| to_input(transfers, &batch.samples, size, &variants, device));
-                        let labels = labels(transfers, &batch.samples, train_device);
-                        Prepared {
-                            batch,
-                            variants,
-                            input,
-                            labels,
-                        }
-                    }),
-            )
-        };
-        // Prepared during the last step's all-reduce, and how long the step then waited for it.
-        let mut ahead: Option<(Option<Result<Prepared>>, f64)> = None;
-        loop {
-            if beat.session.load(Ordering::Relaxed) != session {
-                broken = Some("the coordinator was lost".into());
-                break;
-            }
-            let (next, waited) = match ahead.take() {
-                Some(ready) => ready,
-                None => {
-                    let waiting = Instant::now();
-                    let next = prepare(&mut prefetch);
-                    (next, waiting.elapsed().as_secs_f64())
-                }
-            };
-            let Some(next) = next else { break };
-            let step_started = Instant::now();
-            metrics.data_wait_seconds.observe(waited);
-            let Prepared {
-                batch,
-                variants,
-                input,
-                labels,
-            } = next?;
-            let make_input = || to_input(transfers, &batch.samples, size, &variants, device);
-            let logits = match (cache.as_mut(), &frozen) {
-                (Some(cache), Some(frozen)) => {
-                    let features =
-                        cached_head_input(transfers, cache, frozen, &batch, &variants, size, &inner)?;
-                    model.head.forward(Tensor::from_inner(features))
-                }
-                (None, Some(frozen)) => {
-                    let x = input.unwrap_or_else(make_input);
-                    model.head.forward(Tensor::from_inner(frozen.head_input(x)))
-                }
-                _ => model.forward(input.unwrap_or_else(make_input)),
-            };
-            let loss = loss_fn.forward(logits.clone(), labels.clone());
-            // Phase 1 trains the head alone, so its gradients, the all-reduce buffer and the
-            // update are taken over the head: the same values (the frozen backbone has no
-            // gradients), without Burn walking the backbone's 200-odd frozen tensors twice a
-            // step, which was half of a cached head step on LibTorch.
-            let head_only = frozen.is_some();
-            let grads = match head_only {
-                true => GradientsParams::from_grads(loss.backward(), &model.head),
-                false => GradientsParams::from_grads(loss.backward(), &model),
-            };
-            // One copy to the host for all the gradients; it also waits for the backward pass.
-            let mut flat = match head_only {
-                true => flatten(&model.head, &grads, transfers)?,
-                false => flatten(&model, &grads, transfers)?,
-            };
-            let (share, total) = weights[steps as usize];
-            if share * io.ring.world != total {
-                // Unequal shares (a ring that does not divide the global batch): weigh each
-                // rank's mean gradient by its share, so the average is the global batch's mean.
-                let scale = (share * io.ring.world) as f32 / total as f32;
-                flat.iter_mut().for_each(|v| *v *= scale);
-            }
-            let global_step = work.first_step + steps;
-            // One more value rides on the gradients: whether any rank was asked to stop for a
-            // regroup. Every rank sees the same sum, so all stop after the same step.
-            let asked = beat.regroup.load(Ordering::Relaxed) == io.ring.generation;
-            flat.push(if asked { 1.0 } else { 0.0 });
-            let reducing = io.seconds;
-            let (reduced, prepared) = std::thread::scope(|scope| {
-                let preparing = scope.spawn(|| prepare(&mut prefetch));
-                let reduced = io.all_reduce(global_step, &mut flat, true);
-                let waiting = Instant::now();
-                let prepared = preparing
-                    .join()
-                    .unwrap_or_else(|_| Some(Err(cluster("preparing the next batch panicked"))));
-                (reduced, (prepared, waiting.elapsed().as_secs_f64()))
-            });
-            ahead = Some(prepared);
-            if let Err(e) = reduced {
-                broken = Some(format!("step {global_step}: {e}"));
-                break;
-            }
-            let regroup = flat.pop().is_some_and(|v| v > 0.0);
-            metrics.allreduce_seconds.observe(io.seconds - reducing);
-            metrics
-                .allreduce_bytes
-                .inc_by(collective::bytes_sent(&io.ring, flat.len()));
-            let grads = match head_only {
-                true => unflatten(&model.head, &grads, &flat, transfers),
-                false => unflatten(&model, &grads, &flat, transfers),
-            };
-            // Burn's tensors share storage, so keeping the previous step copies nothing here;
-            // its cost is that the update below writes new buffers instead of updating the
-            // weights and moments in place (memory for one more copy of them).
-            self.undo = Some(Undo {
-                completed: global_step,
-                model: model.clone(),
-                optimizer: optimizer.clone(),
-            });
-            let lr = optim::learning_rate(config, phase, phase_iterations + steps);
-            model = match head_only {
-                true => {
-                    let mut model = model;
-                    model.head = optimizer.step(lr, model.head, grads);
-                    model
-                }
-                false => optimizer.step(lr, model, grads),
-            };
-            steps += 1;
-            self.completed = Some(global_step + 1);
-            beat.step.store(global_step + 1, Ordering::Relaxed);
-            let every = u64::from(self.config.checksum_every);
-            if every > 0 && (global_step + 1).is_multiple_of(every) {
-                let checksum = parameters_checksum(&model);
-                if let Ok(mut pending) = beat.checksums.lock() {
-                    pending.push((global_step + 1, checksum, io.ring.generation));
-                }
-            }
-            let n = batch.samples.len();
-            let this = DeviceTotals::step(&loss, &logits, &labels, n);
-            train = Some(match train.take() {
-                Some(sum) => sum.add(&this),
-                None => this.clone(),
-            });
-            if steps.is_multiple_of(METRICS_READ_STEPS) {
-                let now = this.read(transfers)?;
-                metrics.train_loss.set(now.loss_sum / now.count.max(1) as f64);
-            }
-            last = Some(this);
-            // The gradient copy above waited for the device, so this is the step's real time
-            // (the update's kernels are queued, and overlap the next step's input).
-            metrics.step_seconds.observe(step_started.elapsed().as_secs_f64());
-            beat.watch.record_step(step_started.elapsed().as_secs_f64());
-            metrics.steps.inc();
-            metrics.train_images.inc_by(n as u64);
-            if let Some(cache) = &cache {
-                cache_seen = report_cache(metrics, cache.stats(), cache_seen);
-            }
-            let images = train.as_ref().map_or(0, |t| t.count);
-            metrics
-                .images_per_second
-                .set(images as f64 / started.elapsed().as_secs_f64().max(1e-9));
-            if regroup {
-                broken = Some(format!("stopped after step {global_step} to admit new workers"));
-                break;
-            }
-        }
-        // A BatchNorm that trains (the tutorial head's, in phase 1) has seen only this rank's
-        // batches: take rank 0's statistics, as PyTorch DDP broadcasts its buffers.
-        let stats = match broken {
-            Some(_) => None,
-            None => match running_stats_from_rank0(&model, io, u64::MAX - 1 - global_epoch) {
-                Ok(stats) => Some(stats),
-                Err(e) => {
-                    broken = Some(format!("sharing BatchNorm statistics: {e}"));
-                    None
-                }
-            },
-        };
-        let train_seconds = started.elapsed().as_secs_f64();
-        self.step_transfers = (steps, self.transfers.snapshot() - transfers_before);
-        let (train, last) = (
-            read_totals(train.as_ref(), &self.transfers)?,
-            read_totals(last.as_ref(), &self.transfers)?,
-        );
-        if train.count > 0 {
-            metrics.train_loss.set(train.loss_sum / train.count as f64);
-        }
-        if let Some(reason) = broken {
-            drop(prefetch);
+        let trained = self.train_steps(work, plan, io, beat, loaded.model, &mut cache)?;
+        if let Some(reason) = trained.broken {
             self.cache = cache;
-            loaded.model = model;
+            loaded.model = trained.model;
             self.model = Some(loaded);
             let completed = self.completed.unwrap_or(work.first_step);
             tracing::warn!(generation = io.ring.generation, completed_steps = completed, reason = %reason,
@@ -343,19 +69,19 @@ impl Trainer {
                 phase: work.phase,
                 epoch: work.epoch,
                 completed_steps: completed,
-                train_loss_sum: train.loss_sum,
-                train_correct: train.correct,
-                train_count: train.count,
-                last_loss_sum: last.loss_sum,
-                last_correct: last.correct,
-                last_count: last.count,
+                train_loss_sum: trained.train.loss_sum,
+                train_correct: trained.train.correct,
+                train_count: trained.train.count,
+                last_loss_sum: trained.last.loss_sum,
+                last_correct: trained.last.correct,
+                last_count: trained.last.count,
                 reason,
                 has_state: true,
             }));
         }
-        let model = match stats {
-            Some(stats) => write_running_stats(model, stats, &self.transfers)?,
-            None => model,
+        let model = match trained.stats {
+            Some(stats) => write_running_stats(trained.model, stats, &self.transfers)?,
+            None => trained.model,
         };
         let rank_slice = |items: &[usize]| -> Vec<usize> {
             items
@@ -370,7 +96,7 @@ impl Trainer {
         let val = self.evaluate_with(&eval_model, &rank_slice(&self.splits.val), false, cache.as_mut())?;
         let cache_stats = cache.as_ref().map(FeatureCache::stats).unwrap_or_default();
         if cache.is_some() {
-            report_cache(metrics, cache_stats, cache_seen);
+            report_cache(&beat.metrics, cache_stats, trained.cache_seen);
         }
         self.cache = cache;
         let test = if work.test {
@@ -378,14 +104,17 @@ impl Trainer {
         } else {
             Totals::default()
         };
-        metrics.eval_seconds.inc_by(evaluating.elapsed().as_secs_f64());
+        beat.metrics
+            .eval_seconds
+            .inc_by(evaluating.elapsed().as_secs_f64());
         loaded.model = model;
         let checksum = weights_checksum(&loaded.model.valid());
         self.model = Some(loaded);
+        let train = trained.train;
         Ok(EpochOutcome::Done(EpochResult {
             phase: work.phase,
             epoch: work.epoch,
-            steps,
+            steps: trained.steps,
             train_loss_sum: train.loss_sum,
             train_correct: train.correct,
             train_count: train.count,
@@ -399,7 +128,7 @@ impl Trainer {
             seconds: started.elapsed().as_secs_f64(),
             allreduce_seconds: io.seconds,
             weights_checksum: checksum,
-            train_seconds,
+            train_seconds: trained.train_seconds,
             feature_cache_hits: cache_stats.hits - stats_before.hits,
             feature_cache_misses: cache_stats.misses - stats_before.misses,
             prediction_grid_png: Vec::new(),
@@ -409,6 +138,238 @@ impl Trainer {
                 Vec::new()
             },
         }))
+    }
+
+    /// Decide what the epoch of `work` does on this rank of `world`: its phase (entering it
+    /// when new: the model prepared, a fresh optimizer), the step it starts from (rolling
+    /// back one when the ring restarts there), the feature cache, the backend's seed, and
+    /// this rank's batches. Returns the model, taken out for the epoch.
+    fn plan_epoch(
+        &mut self,
+        work: &EpochWork,
+        world: usize,
+        rank: usize,
+    ) -> Result<(EpochPlan, LoadedModel)> {
+        let started = Instant::now();
+        let phase = match v1::Phase::try_from(work.phase) {
+            Ok(v1::Phase::Head) => Phase::Head,
+            Ok(v1::Phase::Finetune) => Phase::FineTune,
+            _ => {
+                return Err(Error::Protocol(format!(
+                    "unknown phase {} in the assignment",
+                    work.phase
+                )));
+            }
+        }
+        .in_run(self.config.from_scratch());
+        self.roll_back_to(work.first_step)?;
+        let mut loaded = self
+            .model
+            .take()
+            .ok_or_else(|| Error::Internal("the model was lost by an earlier error".into()))?;
+        if self.phase != Some(phase) {
+            loaded.model = phase::prepare(loaded.model, phase);
+            self.optimizer = Some(optim::adam(&self.config).init());
+            self.phase = Some(phase);
+        }
+        // Features are valid only while the backbone is frozen.
+        let cached = phase.backbone_frozen() && self.config.feature_cache;
+        if !cached {
+            self.cache = None;
+        } else if self.cache.is_none() {
+            self.cache = Some(FeatureCache::new(self.cache_budget()));
+        }
+        let global_epoch = match phase {
+            Phase::Head | Phase::Scratch => u64::from(work.epoch),
+            Phase::FineTune => u64::from(self.config.head_epochs) + u64::from(work.epoch),
+        };
+        // Dropout and stochastic depth draw from the backend's generator: seeding it per
+        // epoch and rank makes an epoch's randomness independent of what ran before, so a run
+        // resumed from a checkpoint takes exactly the steps an uninterrupted one would. (A
+        // ring re-formed mid-epoch draws afresh from where it starts.)
+        self.device
+            .seed(epoch_seed(self.config.seed, global_epoch, rank).wrapping_add(work.consumed));
+        let sampler = SamplerConfig {
+            len: self.splits.train.len(),
+            seed: self.config.seed,
+            shuffle: true,
+            drop_last: false,
+        };
+        let state = SamplerState {
+            epoch: global_epoch,
+            consumed: work.consumed as usize,
+        };
+        let global_batch = match work.global_batch {
+            0 => self.config.batch_size as usize * world,
+            n => n as usize,
+        };
+        let steps_plan = if cached && world > 1 {
+            self.steps_by_home(&sampler, state, global_batch, world, rank)
+        } else {
+            sampler.global_steps(state, global_batch, world, rank)
+        };
+        let shares = steps_plan
+            .iter()
+            .map(|s| (s.indices.len(), s.step_total))
+            .collect();
+        let batches = steps_plan
+            .into_iter()
+            .map(|s| s.indices.into_iter().map(|i| self.splits.train[i]).collect())
+            .collect();
+        let plan = EpochPlan {
+            started,
+            phase,
+            draws: Draws {
+                augment: Augment::of_run(&self.config),
+                pool: match phase {
+                    Phase::Head => self.config.head_variants,
+                    Phase::FineTune | Phase::Scratch => 8,
+                },
+                global_epoch,
+                input_ahead: !cached,
+            },
+            batches,
+            shares,
+            phase_iterations: u64::from(work.epoch) * self.splits.train.len().div_ceil(global_batch) as u64
+                + work.consumed / global_batch as u64,
+        };
+        Ok((plan, loaded))
+    }
+
+    /// The epoch's training steps over `plan`'s batches, each all-reduced over the ring in
+    /// lockstep, until the batches run out, the ring breaks or the coordinator asks the ring
+    /// to stop for joiners; then rank 0's BatchNorm statistics. `self.completed` and
+    /// `self.undo` follow every step.
+    ///
+    /// The loop stays whole (about 125 lines) on purpose: the order of a step's parts (the
+    /// local pass, the all-reduce with the next batch prepared meanwhile, the undo state, the
+    /// update, the report) is what keeps ranks in lockstep and a broken ring recoverable,
+    /// and it reads in one place; the parts themselves are in `step.rs`.
+    fn train_steps<N: Link, P: Link>(
+        &mut self,
+        work: &EpochWork,
+        plan: EpochPlan,
+        io: &mut RingIo<'_, N, P>,
+        beat: &Beat,
+        mut model: Classifier,
+        cache: &mut Option<FeatureCache>,
+    ) -> Result<Trained> {
+        let kit = StepKit::new(plan.phase, &model, &self.device, &self.config, &self.transfers);
+        let trainable = kit.trainable;
+        let optimizer = self
+            .optimizer
+            .as_mut()
+            .ok_or_else(|| Error::Internal("no optimizer for this phase".into()))?;
+        let mut sums = RunningSums::default();
+        let mut steps = 0u64;
+        let transfers_before = self.transfers.snapshot();
+        let mut broken: Option<String> = None;
+        let mut cache_seen = cache.as_ref().map(FeatureCache::stats).unwrap_or_default();
+        let preparer = kit.preparer(&self.config, &self.device, plan.draws, io.ring.rank);
+        let mut prefetch = Prefetcher::spawn(self.dataset.clone(), plan.batches, PREFETCH)
+            .map_err(|source| Error::data_read(&self.config.data, source))?;
+        let metrics = &beat.metrics;
+        metrics.phase.set(i64::from(plan.phase.number()));
+        let session = beat.session.load(Ordering::Relaxed);
+        let (config, transfers) = (&self.config, &self.transfers);
+        beat.watch.new_epoch();
+        // Prepared during the last step's all-reduce, and how long the step then waited for it.
+        let mut ahead: Option<(Option<Result<Prepared>>, f64)> = None;
+        loop {
+            if beat.session.load(Ordering::Relaxed) != session {
+                broken = Some("the coordinator was lost".into());
+                break;
+            }
+            let (next, waited) = match ahead.take() {
+                Some(ready) => ready,
+                None => {
+                    let waiting = Instant::now();
+                    let next = preparer.next(&mut prefetch);
+                    (next, waiting.elapsed().as_secs_f64())
+                }
+            };
+            let Some(next) = next else { break };
+            let step_started = Instant::now();
+            metrics.data_wait_seconds.observe(waited);
+            let prepared = next?;
+            let n = prepared.batch.samples.len();
+            let Local {
+                logits,
+                loss,
+                labels,
+                grads,
+                mut flat,
+            } = kit.local_gradients(&model, cache.as_mut(), prepared)?;
+            let global_step = work.first_step + steps;
+            let asked = beat.regroup.load(Ordering::Relaxed) == io.ring.generation;
+            weigh_and_flag(&mut flat, plan.shares[steps as usize], io.ring.world, asked);
+            let reducing = io.seconds;
+            let reduced = all_reduce_while_preparing(io, global_step, &mut flat, &preparer, &mut prefetch);
+            ahead = Some(reduced.1);
+            if let Err(e) = reduced.0 {
+                broken = Some(format!("step {global_step}: {e}"));
+                break;
+            }
+            let regroup = flat.pop().is_some_and(|v| v > 0.0);
+            metrics.allreduce_seconds.observe(io.seconds - reducing);
+            metrics
+                .allreduce_bytes
+                .inc_by(collective::bytes_sent(&io.ring, flat.len()));
+            let grads = trainable.unflatten(&model, &grads, &flat, transfers);
+            // Burn's tensors share storage, so keeping the previous step copies nothing here;
+            // its cost is that the update below writes new buffers instead of updating the
+            // weights and moments in place (memory for one more copy of them).
+            self.undo = Some(Undo {
+                completed: global_step,
+                model: model.clone(),
+                optimizer: optimizer.clone(),
+            });
+            let lr = optim::learning_rate(config, plan.phase, plan.phase_iterations + steps);
+            model = trainable.update(optimizer, lr, model, grads);
+            steps += 1;
+            self.completed = Some(global_step + 1);
+            beat.step.store(global_step + 1, Ordering::Relaxed);
+            queue_checksum(beat, config, &model, global_step + 1, io.ring.generation);
+            sums.add(
+                DeviceTotals::step(&loss, &logits, &labels, n),
+                steps,
+                transfers,
+                metrics,
+            )?;
+            // The gradient copy above waited for the device, so this is the step's real time
+            // (the update's kernels are queued, and overlap the next step's input).
+            let seconds = step_started.elapsed().as_secs_f64();
+            cache_seen = record_step(
+                beat,
+                cache.as_ref(),
+                cache_seen,
+                seconds,
+                n,
+                sums.images(),
+                plan.started,
+            );
+            if regroup {
+                broken = Some(format!("stopped after step {global_step} to admit new workers"));
+                break;
+            }
+        }
+        let stats = rank0_stats(&model, io, plan.draws.global_epoch, &mut broken);
+        let train_seconds = plan.started.elapsed().as_secs_f64();
+        self.step_transfers = (steps, self.transfers.snapshot() - transfers_before);
+        let (train, last) = sums.read(&self.transfers)?;
+        if train.count > 0 {
+            metrics.train_loss.set(train.loss_sum / train.count as f64);
+        }
+        Ok(Trained {
+            model,
+            steps,
+            train,
+            last,
+            stats,
+            broken,
+            train_seconds,
+            cache_seen,
+        })
     }
 
     /// Where this worker's feature cache may keep entries.
@@ -453,31 +414,6 @@ impl Trainer {
     }
 }
 
-/// The head's input for `batch` from `cache`, pairs not held computed by `frozen` (phase 1's
-/// backbone in inference mode, on `device`). `variants` has one per sample, or is empty for
-/// none (evaluation).
-pub(super) fn cached_head_input(
-    transfers: &Transfers,
-    cache: &mut FeatureCache,
-    frozen: &Classifier,
-    batch: &dataset::loader::Batch,
-    variants: &[Variant],
-    size: usize,
-    device: &Device,
-) -> Result<Tensor<4>> {
-    let keys: Vec<(usize, u8)> = batch
-        .indices
-        .iter()
-        .enumerate()
-        .map(|(p, &i)| (i, variants.get(p).map_or(0, |v| v.id())))
-        .collect();
-    cache.features(transfers, &keys, device, |missing| {
-        let samples: Vec<Sample> = missing.iter().map(|&p| batch.samples[p].clone()).collect();
-        let variants: Vec<Variant> = missing.iter().filter_map(|&p| variants.get(p).copied()).collect();
-        Ok(frozen.head_input(to_input(transfers, &samples, size, &variants, device)))
-    })
-}
-
 /// Tell `metrics` what the feature cache did since `seen`; returns `now` as the new mark.
 fn report_cache(metrics: &WorkerMetrics, now: CacheStats, seen: CacheStats) -> CacheStats {
     metrics.cache_hits.inc_by(now.hits - seen.hits);
@@ -485,6 +421,67 @@ fn report_cache(metrics: &WorkerMetrics, now: CacheStats, seen: CacheStats) -> C
     metrics.cache_memory_bytes.set(now.memory_bytes as i64);
     metrics.cache_disk_bytes.set(now.disk_bytes as i64);
     now
+}
+
+/// Rank 0's BatchNorm running statistics after the epoch's steps, unless they stopped early
+/// (`broken`, which a failure here sets). A BatchNorm that trains (the tutorial head's, in
+/// phase 1) has seen only this rank's batches: every rank takes rank 0's statistics, as
+/// PyTorch DDP broadcasts its buffers.
+fn rank0_stats<N: Link, P: Link>(
+    model: &Classifier,
+    io: &mut RingIo<'_, N, P>,
+    global_epoch: u64,
+    broken: &mut Option<String>,
+) -> Option<Vec<(String, RawTensor)>> {
+    if broken.is_some() {
+        return None;
+    }
+    match running_stats_from_rank0(model, io, u64::MAX - 1 - global_epoch) {
+        Ok(stats) => Some(stats),
+        Err(e) => {
+            *broken = Some(format!("sharing BatchNorm statistics: {e}"));
+            None
+        }
+    }
+}
+
+/// Queue the weights' checksum after `step` for the next heartbeat, every `checksum_every`
+/// steps of the run.
+fn queue_checksum(beat: &Beat, config: &RunConfig, model: &Classifier, step: u64, generation: u64) {
+    let every = u64::from(config.checksum_every);
+    if every > 0 && step.is_multiple_of(every) {
+        let checksum = parameters_checksum(model);
+        if let Ok(mut pending) = beat.checksums.lock() {
+            pending.push((step, checksum, generation));
+        }
+    }
+}
+
+/// A finished step of `n` images that took `seconds`, told to the metrics and the ring
+/// watch; `images` so far this epoch, which started at `started`. Returns the cache mark
+/// (see [`report_cache`]).
+fn record_step(
+    beat: &Beat,
+    cache: Option<&FeatureCache>,
+    cache_seen: CacheStats,
+    seconds: f64,
+    n: usize,
+    images: u64,
+    started: Instant,
+) -> CacheStats {
+    let metrics = &beat.metrics;
+    metrics.step_seconds.observe(seconds);
+    beat.watch.record_step(seconds);
+    metrics.steps.inc();
+    metrics.train_images.inc_by(n as u64);
+    let seen = match cache {
+        Some(cache) => report_cache(metrics, cache.stats(), cache_seen),
+        None => cache_seen,
+    };
+    metrics
+        .images_per_second
+        .set(images as f64 / started.elapsed().as_secs_f64().max(1e-9));
+    seen
 }
 
 /// The backend seed of one rank's epoch: distinct per (run seed, epoch, rank).
@@ -497,9 +494,4 @@ fn epoch_seed(seed: u64, global_epoch: u64, rank: usize) -> u64 {
     u64::from_le_bytes([
         digest[0], digest[1], digest[2], digest[3], digest[4], digest[5], digest[6], digest[7],
     ])
-}
-
-pub(super) fn labels(transfers: &Transfers, samples: &[Sample], device: &Device) -> Tensor<1, Int> {
-    let data: Vec<i64> = samples.iter().map(|s| i64::from(s.label)).collect();
-    transfers.upload(TensorData::new(data, [samples.len()]), device)
 }

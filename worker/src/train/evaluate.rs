@@ -22,7 +22,7 @@ impl Trainer {
         let loaded = self
             .model
             .as_ref()
-            .ok_or_else(|| cluster("no model to evaluate"))?;
+            .ok_or_else(|| Error::Internal("no model to evaluate".into()))?;
         self.evaluate(&loaded.model.clone().valid(), &self.splits.test, true)
     }
 
@@ -59,9 +59,9 @@ impl Trainer {
             batches(items, self.config.batch_size as usize),
             PREFETCH,
         )
-        .map_err(|e| cluster(format!("data loader: {e}")))?;
+        .map_err(|source| Error::data_read(&self.config.data, source))?;
         for batch in prefetch {
-            let batch = batch.map_err(|e| cluster(format!("dataset {}: {e}", self.config.data)))?;
+            let batch = batch.map_err(|source| Error::data_read(&self.config.data, source))?;
             let size = self.config.image_size as usize;
             let transfers = &self.transfers;
             let labels = labels(transfers, &batch.samples, &device);
@@ -103,7 +103,10 @@ impl Trainer {
     /// Predict the first 25 test images with the current model and draw them in a 5 x 5 grid,
     /// titled with the actual and predicted classes, into `path` (PNG).
     pub fn prediction_grid(&self) -> Result<Option<Vec<u8>>> {
-        let loaded = self.model.as_ref().ok_or_else(|| cluster("no model"))?;
+        let loaded = self
+            .model
+            .as_ref()
+            .ok_or_else(|| Error::Internal("no model to draw predictions with".into()))?;
         let items: Vec<usize> = self.splits.test.iter().take(25).copied().collect();
         if items.is_empty() {
             return Ok(None);
@@ -111,7 +114,7 @@ impl Trainer {
         let handle = Handle::current();
         let samples = handle
             .block_on(self.dataset.read(&items))
-            .map_err(|e| cluster(format!("dataset {}: {e}", self.config.data)))?;
+            .map_err(|source| Error::data_read(&self.config.data, source))?;
         let device = self.device.clone().inner();
         let model = loaded.model.valid();
         let x = to_input(
@@ -147,6 +150,6 @@ impl Trainer {
             .collect();
         plots::prediction_grid_png(&predictions)
             .map(Some)
-            .map_err(|e| cluster(e.to_string()))
+            .map_err(Error::Plot)
     }
 }

@@ -10,7 +10,9 @@
 //! | Where | What |
 //! |---|---|
 //! | here | the [`Trainer`]: building it, taking state from rank 0, rolling back a step |
-//! | `epoch.rs` | one epoch: where a training step happens |
+//! | `epoch.rs` | one epoch, planned, stepped and reported: where a training step happens |
+//! | `step.rs` | a step's parts: the batch made ready, the local pass, the gradient buffer |
+//! | `trainable.rs` | what a step updates: the head alone, or the whole model |
 //! | `evaluate.rs` | loss, accuracy, confusion over a split; the prediction grid |
 //! | `ring.rs` | the all-reduce of each step and rank 0's broadcasts, from this blocking thread |
 //! | `stats.rs` | writing BatchNorm running statistics into a model |
@@ -24,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use cluster_proto::run::RunConfig;
@@ -58,13 +60,19 @@ mod epoch;
 mod evaluate;
 mod ring;
 mod stats;
+mod step;
+mod trainable;
 
 use crate::data::open_dataset;
 use crate::watch::Beat;
 use checksum::is_running_stat;
-use epoch::{cached_head_input, labels};
 use ring::{broadcast, bytes_from_rank0, running_stats_from_rank0};
 use stats::write_running_stats;
+use step::{
+    Draws, Local, Prepared, RunningSums, StepKit, all_reduce_while_preparing, cached_head_input, labels,
+    weigh_and_flag,
+};
+use trainable::Trainable;
 
 pub use checksum::{parameters_checksum, weights_checksum};
 pub use evaluate::Totals;
@@ -72,10 +80,6 @@ pub use ring::RingIo;
 
 /// Batches read ahead of the training step.
 const PREFETCH: usize = 4;
-
-fn cluster(message: impl Into<String>) -> Error {
-    Error::Cluster(message.into())
-}
 
 /// A rank's data and model for the whole run.
 pub struct Trainer {
@@ -129,11 +133,15 @@ impl DeviceTotals {
         }
     }
 
-    fn add(self, other: &DeviceTotals) -> Self {
-        Self {
-            loss: self.loss + other.loss.clone(),
-            correct: self.correct + other.correct.clone(),
-            count: self.count + other.count,
+    /// `sum` (if any) plus `this`.
+    fn sum(sum: Option<Self>, this: &DeviceTotals) -> Self {
+        match sum {
+            Some(sum) => Self {
+                loss: sum.loss + this.loss.clone(),
+                correct: sum.correct + this.correct.clone(),
+                count: sum.count + this.count,
+            },
+            None => this.clone(),
         }
     }
 
@@ -243,7 +251,10 @@ impl Trainer {
                 wnid: None,
             })
             .collect();
-        let head: effnet::model::HeadKind = config.head.parse().map_err(cluster)?;
+        let head: effnet::model::HeadKind = config
+            .head
+            .parse()
+            .map_err(|e| Error::Usage(format!("--head: {e}")))?;
         let model = base.model.with_head(head, classes.len(), config.dropout, &host);
         // Burn initialises parameters lazily, on the device they are on when first read:
         // read them here, or moving them would move the initialiser, not the values.
@@ -302,12 +313,12 @@ impl Trainer {
     ) -> Result<Self> {
         let (dataset, splits) = open_dataset(config, handle)?;
         if loaded.classes.len() != dataset.classes.len() {
-            return Err(cluster(format!(
-                "{source} predicts {} classes, the dataset {} has {}; use a model trained on it",
-                loaded.classes.len(),
-                config.data,
-                dataset.classes.len()
-            )));
+            return Err(Error::ClassMismatch {
+                model: source.to_string(),
+                model_classes: loaded.classes.len(),
+                data: config.data.clone(),
+                data_classes: dataset.classes.len(),
+            });
         }
         Ok(Self::untrained(config, device, dataset, splits, Some(loaded)))
     }
@@ -394,7 +405,9 @@ impl Trainer {
         let packed = if io.ring.rank == 0 {
             let (Some(model), Some(optimizer), Some(phase)) = (&self.model, &self.optimizer, self.phase)
             else {
-                return Err(cluster("rank 0 has no training state to send to the new workers"));
+                return Err(Error::Internal(
+                    "rank 0 has no training state to send to the new workers".into(),
+                ));
             };
             Some(Parts::of(model, optimizer, std::path::Path::new("<state for new workers>"))?.pack(phase))
         } else {
@@ -409,11 +422,12 @@ impl Trainer {
                 format!("<{part} from rank 0>")
             })?;
             if restored.model.classes.len() != self.dataset.classes.len() {
-                return Err(cluster(format!(
-                    "rank 0's model predicts {} classes, this worker's dataset has {}",
-                    restored.model.classes.len(),
-                    self.dataset.classes.len()
-                )));
+                return Err(Error::ClassMismatch {
+                    model: "rank 0's model".into(),
+                    model_classes: restored.model.classes.len(),
+                    data: self.config.data.clone(),
+                    data_classes: self.dataset.classes.len(),
+                });
             }
             self.model = Some(restored.model);
             self.phase = Some(restored.phase);
@@ -445,14 +459,14 @@ impl Trainer {
                 let loaded = self
                     .model
                     .as_mut()
-                    .ok_or_else(|| cluster("the model was lost by an earlier error"))?;
+                    .ok_or_else(|| Error::Internal("the model was lost by an earlier error".into()))?;
                 loaded.model = undo.model;
                 self.optimizer = Some(undo.optimizer);
                 self.completed = Some(first_step);
                 tracing::info!(step = first_step, "rolled back one step to rejoin the ring");
                 Ok(())
             }
-            _ => Err(cluster(format!(
+            _ => Err(Error::State(format!(
                 "the ring restarts at step {first_step}, but this worker completed {completed} steps \
                  and can only go back one"
             ))),
@@ -464,11 +478,11 @@ impl Trainer {
         let model = self
             .model
             .as_ref()
-            .ok_or_else(|| cluster("no model to checkpoint"))?;
+            .ok_or_else(|| Error::Internal("no model to checkpoint".into()))?;
         let optimizer = self
             .optimizer
             .as_ref()
-            .ok_or_else(|| cluster("no optimizer state to checkpoint (no epoch ran yet)"))?;
+            .ok_or_else(|| Error::Internal("no optimizer state to checkpoint (no epoch ran yet)".into()))?;
         Ok((model, optimizer))
     }
 }

@@ -19,7 +19,7 @@ pub(super) fn write_running_stats(
     };
     let model = model.map(&mut writer);
     if !writer.values.is_empty() {
-        return Err(cluster(format!(
+        return Err(Error::State(format!(
             "{} BatchNorm statistics were not found in the model to update",
             writer.values.len()
         )));
