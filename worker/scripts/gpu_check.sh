@@ -7,7 +7,8 @@
 #
 # `pack` (on the machine that builds) puts into .gpu-check/ in the repository root, which git
 # ignores: the worker and coordinator built with `cuda,wgpu` (stripped, xz-compressed), the
-# real Lite0 weights, two real photos, a CIFAR-10 subset (real JPEGs from ../shared/data),
+# real Lite0 weights, two real photos, a CIFAR-10 subset (real JPEGs from ../shared/data, or
+# with --tiny and no archive a synthetic image folder),
 # and CUDA's libdevice (from PyPI's nvidia-nvvm wheel). It builds the binaries first when
 # they are missing (the GPU test build of .ci/run: dev profile, dependencies optimised).
 #
@@ -41,6 +42,34 @@ done
 say() { echo "gpu_check: $*" >&2; }
 die() { say "$*"; exit 1; }
 
+# An image folder of 32x32 PNGs in `dir` (train/ and test/, 10 classes, `per_train` and
+# `per_test` images each): a colour per class under seeded noise, so the path from image
+# files to a trained head runs without the real CIFAR-10 (written with zlib alone).
+synthetic_images() {
+  python3 - "$@" <<'PY'
+import pathlib, random, struct, sys, zlib
+dest, per = pathlib.Path(sys.argv[1]), {"train": int(sys.argv[2]), "test": int(sys.argv[3])}
+rng = random.Random(0)
+
+def png(path, size, rgb):
+    raw = b"".join(b"\x00" + rgb[y * size * 3:(y + 1) * size * 3] for y in range(size))
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+for split, n in per.items():
+    for c in range(10):
+        folder = dest / split / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = [(c * 70) % 256, (c * 140 + 60) % 256, (255 - c * 25) % 256]
+        for i in range(n):
+            rgb = bytes(max(0, min(255, base[k % 3] + rng.randint(-40, 40))) for k in range(32 * 32 * 3))
+            png(folder / f"{i:04}.png", 32, rgb)
+print(f"synthetic image folder: {per['train'] * 10} train, {per['test'] * 10} test images", file=sys.stderr)
+PY
+}
+
 pack() {
   local target="${GPU_CHECK_TARGET_DIR:-$HOME/.cache/effnet-cluster/target-gpu}"
   # debug: the binaries .ci/run builds (dependencies optimised, ours not; 211 MB stripped, too
@@ -53,7 +82,8 @@ pack() {
   local cifar="${CIFAR_JPG:-$root/../shared/data/cifar10-jpg.tar.gz}"
   [ -f "$weights" ] || die "no Lite0 weights at $weights: run .ci/run once, or set EFFNET_LITE0_WEIGHTS"
   [ -f "$photos/chelsea.png" ] || die "no test photos in $photos: run .ci/run once, or set EFFNET_TEST_PHOTOS"
-  [ -f "$cifar" ] || die "no CIFAR-10 JPEG archive at $cifar: set CIFAR_JPG"
+  # A tiny check (CI) runs without the real images: it makes an image folder of its own.
+  [ -f "$cifar" ] || [ "$tiny" = 1 ] || die "no CIFAR-10 JPEG archive at $cifar: set CIFAR_JPG"
   if [ ! -x "$bin/worker" ] || [ ! -x "$bin/coordinator" ]; then
     say "building the worker with cuda,wgpu into $target (long the first time)"
     eval "$(python3 "$root/worker/scripts/fetch_llvm.py")"
@@ -85,6 +115,12 @@ PY
   # CIFAR-10 subset: the first images of each class, real JPEGs in image-folder layout.
   local per_train=$([ "$tiny" = 1 ] && echo 16 || echo 200)
   local per_test=$([ "$tiny" = 1 ] && echo 4 || echo 50)
+  if [ ! -f "$cifar" ]; then
+    say "no CIFAR-10 archive at $cifar: a synthetic image folder instead (PNG, 10 classes)"
+    synthetic_images "$bundle/cifar" "$per_train" "$per_test"
+    echo "$tiny" >"$bundle/tiny"
+    return
+  fi
   python3 - "$cifar" "$bundle/cifar" "$per_train" "$per_test" <<'PY'
 import collections, sys, tarfile
 src, dest, per = sys.argv[1], sys.argv[2], {"train": int(sys.argv[3]), "test": int(sys.argv[4])}
