@@ -189,7 +189,7 @@ fn two_or_three_workers_on_the_same_global_batch_match_one_worker() {
 /// The final weights of a run: its newest committed checkpoint, which is the last epoch's.
 fn final_weights(out: &Path) -> std::collections::BTreeMap<String, effnet::weights::RawTensor> {
     let root = out.join("checkpoints");
-    let (name, bytes) = worker::resume::latest_weights(root.to_str().unwrap()).unwrap();
+    let (name, bytes) = worker::state::latest_weights(root.to_str().unwrap()).unwrap();
     assert!(name.to_string_lossy().contains("finetune-e001"), "{name:?}");
     effnet::weights::safetensors_from_bytes(&name, &bytes)
         .unwrap()

@@ -4,7 +4,6 @@
 
 pub mod auth;
 pub mod net;
-pub mod run;
 
 /// Generated messages, clients and servers of package `cluster.v1`.
 #[allow(missing_docs, clippy::all)]

@@ -6,13 +6,24 @@
 //! every rank. Messages carry the ring generation, the training step, the phase, the round and
 //! the chunk; anything that does not match what is expected next is rejected, never summed. A
 //! peer that goes silent fails the collective after the configured timeout instead of hanging.
+//!
+//! | Where | What |
+//! |---|---|
+//! | here | [`all_reduce`]: the ring reduce-scatter and all-gather, pieces streamed |
+//! | [`broadcast`] | rank 0's values or bytes on every rank, exactly; [`Seq`], what each collective is for |
+//! | [`grpc`] | the peer transport between workers (streams of pieces) |
+//! | [`local`] | in-process links for tests and benchmarks |
+//! | [`values`], [`wire`] | values on the wire (f32 or bf16) and their encoding |
+//! | [`bench`] | the bandwidth benchmark (`coordinator start --job allreduce-bench`) |
 
 pub mod bench;
+pub mod broadcast;
 pub mod grpc;
 pub mod local;
 pub mod values;
 pub mod wire;
 
+pub use broadcast::{Seq, bytes_from_rank0, from_rank0};
 pub use values::{Encoding, Values};
 
 use std::future::Future;

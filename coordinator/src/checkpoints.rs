@@ -3,7 +3,7 @@
 
 use checkpoint::objects::STATE;
 use checkpoint::{CheckpointStore, Lease, Manifest, Retention};
-use cluster_proto::run::{Job, RunConfig};
+use run_config::{Job, RunConfig};
 
 use crate::error::Error;
 use crate::run::{Checkpointed, CommitPlan, Run, SavedState};

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use cluster_proto::run::{Job, RunConfig};
+use run_config::{Job, RunConfig};
 
 /// Run options on the command line; each also reads a `CLUSTER_<NAME>` environment variable.
 #[derive(Args, Debug, Clone, Default)]
@@ -269,7 +269,7 @@ mod tests {
 
     #[test]
     fn a_recipe_sets_defaults_that_the_file_and_flags_override() {
-        let keras = RunConfig::recipe(cluster_proto::run::KERAS_TUTORIAL).unwrap();
+        let keras = RunConfig::recipe(run_config::KERAS_TUTORIAL).unwrap();
         let flag = RunArgs {
             recipe: Some("keras-tutorial".into()),
             lr_head: Some(1e-3),

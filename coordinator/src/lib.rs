@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use cluster_proto::auth::{ServerAuth, Token};
 use cluster_proto::net::{self, MAX_MESSAGE_BYTES, TlsFiles};
-use cluster_proto::run::RunConfig;
 use cluster_proto::v1::coordinator_server::CoordinatorServer;
+use run_config::RunConfig;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
@@ -121,8 +121,9 @@ pub async fn serve(
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 shared.update(|run| {
-                    run.check_liveness(limit);
-                    run.check_progress(step_timeout, std::time::Instant::now());
+                    let now = std::time::Instant::now();
+                    run.check_liveness(limit, now);
+                    run.check_progress(step_timeout, now);
                 });
             }
         })

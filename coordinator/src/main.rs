@@ -8,12 +8,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use cluster_proto::auth::{ClientAuth, Token};
 use cluster_proto::net;
-use cluster_proto::run::{Job, RunConfig};
 use cluster_proto::v1::StatusRequest;
 use cluster_proto::v1::coordinator_client::CoordinatorClient;
 use coordinator::cli::{Cli, Command, StartArgs, StatusArgs};
 use coordinator::run::{Run, Stage};
 use coordinator::{ServeOptions, serve};
+use run_config::{Job, RunConfig};
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: &str) {

@@ -172,7 +172,7 @@ fn add_recovery(registry: &mut Registry, run: &Run) {
 mod tests {
     use super::*;
     use crate::run::{CommitStat, EpochSummary};
-    use cluster_proto::run::RunConfig;
+    use run_config::RunConfig;
 
     #[test]
     fn metrics_follow_the_run_state_with_prometheus_names() {

@@ -81,7 +81,7 @@ pub fn message(run: &Run) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cluster_proto::run::RunConfig;
+    use run_config::RunConfig;
 
     #[test]
     fn message_names_the_stage_and_epoch() {

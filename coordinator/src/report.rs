@@ -130,7 +130,7 @@ pub fn write_outputs(run: &Run) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cluster_proto::run::RunConfig;
+    use run_config::RunConfig;
 
     fn epoch(phase: &str, seconds: f64, test: bool) -> EpochSummary {
         EpochSummary {

@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use cluster_proto::v1::coordinator_server::Coordinator;
 use cluster_proto::v1::{
@@ -97,7 +98,7 @@ impl CoordinatorService {
 
 /// A worker's order stream; dropping it (the worker disconnected) tells the run.
 pub struct Orders {
-    inner: UnboundedReceiverStream<Result<Order, Status>>,
+    inner: UnboundedReceiverStream<Order>,
     departure: Option<(Shared, String)>,
 }
 
@@ -105,14 +106,14 @@ impl Stream for Orders {
     type Item = Result<Order, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.inner).poll_next(cx)
+        Pin::new(&mut self.inner).poll_next(cx).map(|order| order.map(Ok))
     }
 }
 
 impl Drop for Orders {
     fn drop(&mut self) {
         if let Some((shared, id)) = self.departure.take() {
-            shared.update(|run| run.depart(&id));
+            shared.update(|run| run.depart(&id, Instant::now()));
         }
     }
 }
@@ -127,7 +128,7 @@ impl Coordinator for CoordinatorService {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = self
             .shared
-            .update(|run| run.join(request, tx))
+            .update(|run| run.join(request, tx, Instant::now()))
             .map_err(|refusal| {
                 tracing::warn!(peer = ?peer, reason = %refusal, "join refused");
                 Status::from(refusal)
@@ -154,7 +155,7 @@ impl Coordinator for CoordinatorService {
             generation: request.generation,
             exchanging: request.exchanging,
         };
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         self.shared
             .update(|run| run.heartbeat(&request.worker_id, request.step, &checksums, progress, now))
             .map_err(Status::from)?;
@@ -163,7 +164,7 @@ impl Coordinator for CoordinatorService {
 
     async fn report(&self, request: Request<WorkReport>) -> Result<Response<Ack>, Status> {
         self.shared
-            .update(|run| run.report(request.into_inner()))
+            .update(|run| run.report(request.into_inner(), Instant::now()))
             .map_err(Status::from)?;
         Ok(Response::new(Ack {}))
     }
@@ -196,7 +197,7 @@ impl Coordinator for CoordinatorService {
             Status::from(refusal)
         })?;
         let name = plan.name.clone();
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         // Only the lease holder moves LATEST: renew it first (which proves it is still ours),
         // and keep it locked until the commit is done.
         let mut lease = self.lease.lock().await;
@@ -225,11 +226,14 @@ impl Coordinator for CoordinatorService {
                 };
                 self.shared.update(|run| {
                     run.commit_stats.push(stat);
-                    run.checkpoint_committed(Checkpointed {
-                        location: store.describe(&manifest.name),
-                        name: manifest.name.clone(),
-                        step: manifest.step,
-                    })
+                    run.checkpoint_committed(
+                        Checkpointed {
+                            location: store.describe(&manifest.name),
+                            name: manifest.name.clone(),
+                            step: manifest.step,
+                        },
+                        Instant::now(),
+                    )
                 });
                 Ok(Response::new(Ack {}))
             }
@@ -245,6 +249,6 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
-        Ok(Response::new(self.shared.lock().status()))
+        Ok(Response::new(self.shared.lock().status(Instant::now())))
     }
 }

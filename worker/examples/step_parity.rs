@@ -19,11 +19,11 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use cluster_proto::run::RunConfig;
 use effnet::model::{Head, HeadKind};
 use effnet::modelfile::{self, WeightsSource};
 use effnet::phase::{self, Phase};
 use effnet::weights::{RawTensor, write_safetensors};
+use run_config::RunConfig;
 use worker::augment::to_input;
 use worker::transfer::Transfers;
 

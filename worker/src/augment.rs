@@ -65,10 +65,10 @@ impl Augment {
     }
 
     /// The training augmentation a run's configuration asks for.
-    pub fn of_run(config: &cluster_proto::run::RunConfig) -> Self {
+    pub fn of_run(config: &run_config::RunConfig) -> Self {
         match (config.augment, config.augmentation.as_str()) {
             (false, _) => Self::none(),
-            (true, cluster_proto::run::FLIPS_ROT90) => Self::flips_rot90(),
+            (true, run_config::FLIPS_ROT90) => Self::flips_rot90(),
             (true, _) => Self::symmetries(),
         }
     }

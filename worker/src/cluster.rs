@@ -12,15 +12,15 @@ use burn::tensor::Device;
 use checkpoint::CheckpointStore;
 use cluster_proto::auth::{ClientAuth, ServerAuth, Token};
 use cluster_proto::net::{self, MAX_MESSAGE_BYTES, TlsFiles};
-use cluster_proto::run::RunConfig;
 use cluster_proto::v1::coordinator_client::CoordinatorClient;
 use cluster_proto::v1::{
     Assignment, BenchResult, BenchRow, BenchWork, CheckpointCommit, EpochWork, HeartbeatRequest, JoinRequest,
     Order, StepChecksum, StoredObject, WorkReport, assignment::Work, order, work_report,
 };
+use collective::Ring;
 use collective::bench::{Plan, measure};
 use collective::grpc::{PeerService, RingLinks, connect_with_retry};
-use collective::{Link, Ring};
+use run_config::RunConfig;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -29,7 +29,7 @@ use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::metrics::WorkerMetrics;
-use crate::train::{EpochOutcome, RingIo, Trainer, broken_before_steps};
+use crate::train::{EpochOutcome, RingIo, Trainer, broken_before_steps, run_unit};
 use crate::watch::Beat;
 
 type Client = CoordinatorClient<InterceptedService<Channel, ClientAuth>>;
@@ -513,7 +513,7 @@ impl State {
 
     /// The epoch of `work` over `ring`, on a blocking thread (training is CPU/GPU-bound and
     /// synchronous; it drives the ring links through the runtime handle). Gives back the
-    /// links with their generation, and what [`train_unit`] returned.
+    /// links with their generation, and what [`run_unit`] returned.
     async fn train_on_thread(
         &mut self,
         work: &EpochWork,
@@ -546,7 +546,7 @@ impl State {
             if trainer.is_none() || work.sync {
                 io.watch.begin_exchange();
             }
-            let result = train_unit(trainer, resume, device, &config, &work, &mut io, &beat);
+            let result = run_unit(trainer, resume, device, &config, &work, &mut io, &beat);
             io.watch.end_exchange();
             (links, result)
         })
@@ -643,68 +643,6 @@ impl State {
     }
 }
 
-/// One epoch on the training thread, with the trainer this rank has, or one made for it:
-/// resumed from checkpoint `resume`, waiting for a joiner's state, or built (rank 0's first
-/// weights shared over the ring). Returns the trainer, if there is one, and how the epoch
-/// ended; a ring that broke while weights or state were shared ends it as broken.
-fn train_unit<N: Link, P: Link>(
-    trainer: Option<Trainer>,
-    resume: Option<String>,
-    device: Device,
-    config: &RunConfig,
-    work: &EpochWork,
-    io: &mut RingIo<'_, N, P>,
-    beat: &Beat,
-) -> Result<(Option<Trainer>, Result<EpochOutcome>)> {
-    let rank = io.ring.rank;
-    let mut trainer = match (trainer, resume) {
-        (Some(t), _) => t,
-        // Joined mid-run: the state comes from rank 0 below.
-        (None, _) if work.sync => Trainer::awaiting_state(config, device, &io.handle)?,
-        (None, Some(name)) => {
-            let store = CheckpointStore::open(&config.checkpoint_url())?;
-            let trainer = Trainer::resume(config, device, &io.handle, &store, &name)?;
-            beat.metrics.restores.inc();
-            trainer
-        }
-        (None, None) => match Trainer::new(config, device, io) {
-            Ok(trainer) => trainer,
-            // A peer died during the first weight broadcast: nobody has
-            // trained yet, so the next ring simply starts over.
-            Err(Error::Ring(e)) => {
-                tracing::warn!(error = %e, "the ring broke while sharing the initial weights");
-                let reason = format!("sharing the initial weights: {e}");
-                let broken = broken_before_steps(work, None, reason);
-                return Ok((None, Ok(EpochOutcome::Broken(broken))));
-            }
-            Err(e) => return Err(e),
-        },
-    };
-    if work.sync
-        && let Err(e) = trainer.sync_from_rank0(io, work.first_step)
-    {
-        tracing::warn!(error = %e, "the ring broke while sharing the training state");
-        let reason = format!("sharing the training state: {e}");
-        let broken = broken_before_steps(work, Some(&trainer), reason);
-        return Ok((Some(trainer), Ok(EpochOutcome::Broken(broken))));
-    }
-    io.watch.end_exchange();
-    let mut result = trainer.epoch(work, io, beat);
-    if matches!(result, Ok(EpochOutcome::Done(_))) && work.test && rank == 0 {
-        // The tutorial's picture of the result: rank 0 draws it and sends it
-        // with its report; the coordinator writes it beside the other
-        // outputs (a worker's filesystem may be read-only but for caches).
-        match (trainer.prediction_grid(), &mut result) {
-            (Ok(png), Ok(EpochOutcome::Done(done))) => {
-                done.prediction_grid_png = png.unwrap_or_default();
-            }
-            (Err(e), _) => result = Err(e),
-            _ => {}
-        }
-    }
-    Ok((Some(trainer), result))
-}
-
 /// A failed call to the coordinator: lost when it did not answer, refused otherwise.
 fn rpc_error(status: &tonic::Status, refused: &str) -> Error {
     match status.code() {
@@ -751,7 +689,7 @@ async fn checkpoint(
     let name = CheckpointStore::new_name(at_step, phase.label(), epoch.epoch + 1);
     let (model, optimizer) = trainer.checkpoint_parts()?;
     let started = std::time::Instant::now();
-    let objects = crate::resume::upload(&store, &name, model, optimizer).await?;
+    let objects = crate::state::upload(&store, &name, model, optimizer).await?;
     let bytes: u64 = objects.iter().map(|o| o.size).sum();
     metrics
         .checkpoint_upload_seconds

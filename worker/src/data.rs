@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
-use cluster_proto::run::RunConfig;
 use dataset::source::Dataset;
 use dataset::split::{Limits, SplitScheme, Splits, apply_limits, split};
 use dataset::store::DataStore;
 use flate2::read::GzDecoder;
+use run_config::RunConfig;
 use tokio::runtime::Handle;
 
 use crate::error::{Error, Result};

@@ -7,7 +7,7 @@
 //! | [`cluster`] | the session with the coordinator: join, heartbeats, rings, orders |
 //! | [`train`] | an epoch and a training step: plan, forward/backward, all-reduce, update |
 //! | [`features`] | the cache of frozen-backbone features for the head phase |
-//! | [`resume`] | checkpoint state: writing, uploading and restoring it |
+//! | [`state`] | a rank's training state: uploaded to checkpoints, restored from them, packed for joining workers |
 //! | [`source`] | `--weights`: what the model crate loads, or a run's checkpoint |
 
 pub mod augment;
@@ -20,8 +20,8 @@ pub mod features;
 pub mod grads;
 pub mod metrics;
 pub mod optim;
-pub mod resume;
 pub mod source;
+pub mod state;
 pub mod train;
 pub mod transfer;
 pub mod watch;

@@ -91,7 +91,7 @@ fn run_predict(args: PredictArgs) -> Result<()> {
 
 fn run_evaluate(args: EvaluateArgs) -> Result<()> {
     let device = args.device.choice().select()?.device;
-    let config = cluster_proto::run::RunConfig {
+    let config = run_config::RunConfig {
         data: args.data.clone(),
         image_size: args.image_size,
         batch_size: args.batch_size,

@@ -2,7 +2,7 @@
 //! at a given iteration.
 
 use burn::optim::AdamConfig;
-use cluster_proto::run::RunConfig;
+use run_config::RunConfig;
 
 use effnet::phase::Phase;
 

@@ -41,7 +41,7 @@ pub fn load(model: Option<&str>, source: &ModelSource, device: &Device) -> Resul
     match source {
         ModelSource::Weights(weights) => Ok(modelfile::load(model, weights, device)?),
         ModelSource::Checkpoint(url) => {
-            let (name, bytes) = crate::resume::latest_weights(url)?;
+            let (name, bytes) = crate::state::latest_weights(url)?;
             Ok(modelfile::from_bytes(model, &name, &bytes, device)?)
         }
     }

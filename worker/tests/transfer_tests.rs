@@ -4,9 +4,9 @@
 //! ends. On a GPU each copy is a synchronisation; this is the count that keeps a step there.
 
 use burn::tensor::Device;
-use cluster_proto::run::RunConfig;
 use cluster_proto::v1::{self, EpochWork};
 use collective::{Ring, local};
+use run_config::RunConfig;
 use worker::train::{EpochOutcome, RingIo, Trainer};
 use worker::watch::Beat;
 

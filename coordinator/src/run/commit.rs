@@ -1,8 +1,10 @@
 //! Checkpoint commits (is rank 0's upload the one due, and what state goes beside it) and
 //! resuming a run from a committed checkpoint.
 
-use cluster_proto::run::RunConfig;
+use std::time::Instant;
+
 use cluster_proto::v1::{CheckpointCommit, Phase, work_report::Result as ReportResult};
+use run_config::RunConfig;
 use serde::{Deserialize, Serialize};
 
 use super::{EpochSummary, Run, Unit};
@@ -170,7 +172,7 @@ impl Run {
     }
 
     /// The checkpoint the run waited for is committed: record it and start the next unit.
-    pub fn checkpoint_committed(&mut self, checkpoint: Checkpointed) {
+    pub fn checkpoint_committed(&mut self, checkpoint: Checkpointed, now: Instant) {
         if self.finished() || self.awaiting_checkpoint.is_none() {
             return;
         }
@@ -178,7 +180,7 @@ impl Run {
         self.last_checkpoint = Some(checkpoint);
         self.awaiting_checkpoint = None;
         self.current += 1;
-        self.start_unit();
+        self.start_unit(now);
     }
 
     /// A run continuing from a checkpoint whose state is `state`: the plan resumes after the

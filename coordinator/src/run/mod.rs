@@ -1,6 +1,7 @@
 //! The run's state machine: admission, rank assignment, the ring, the plan of work units and
-//! the aggregation of the workers' reports. Pure state (no I/O besides queueing orders), so
-//! every transition is unit-tested.
+//! the aggregation of the workers' reports. Pure state: no I/O besides queueing orders in the
+//! workers' mailboxes (the gRPC service streams them), and the clock is an argument of every
+//! transition that reads it, so every transition is unit-tested at the times a test chooses.
 //!
 //! One state ([`Run`]), its transitions in rooms by concern:
 //! - [`roster`]: joining, heartbeats (speed, step checksums), departures, liveness and the
@@ -12,13 +13,12 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use cluster_proto::run::RunConfig;
 use cluster_proto::v1::{
     self, BenchResult, Finish, Order, Phase, order, work_report::Result as ReportResult,
 };
+use run_config::RunConfig;
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
-use tonic::Status;
 
 mod commit;
 mod plan;
@@ -63,6 +63,10 @@ impl Stage {
     }
 }
 
+/// Where a worker's orders go; the service streams them to the worker. Sending to a closed
+/// mailbox does nothing: the worker left, and its departure is handled on its own.
+pub type Mailbox = UnboundedSender<Order>;
+
 /// A worker the coordinator knows.
 #[derive(Debug)]
 pub struct Worker {
@@ -86,7 +90,7 @@ pub struct Worker {
     /// What its last heartbeat said of its progress (waiting in the ring, step time).
     pub progress: crate::stuck::Reported,
     rate_mark: (u64, Instant),
-    orders: UnboundedSender<Result<Order, Status>>,
+    orders: Mailbox,
 }
 
 /// The run.
@@ -127,8 +131,8 @@ pub struct Run {
     carried: Carried,
     /// Times the ring was re-formed after losing a worker.
     pub ring_reforms: u32,
-    /// When the current unit started.
-    unit_started: Instant,
+    /// When the current unit started (none before the first).
+    unit_started: Option<Instant>,
     /// Most workers in the ring: workers that join mid-run are admitted up to it.
     pub max_workers: usize,
     /// A unit waiting to be assigned (for enough workers, when paused), from this step.
@@ -166,6 +170,14 @@ pub struct Run {
     next_id: u64,
 }
 
+impl Worker {
+    /// Queue `order` for this worker.
+    fn send(&self, order: order::Order) {
+        // A closed mailbox means the worker already left; departure handling removes it.
+        let _ = self.orders.send(Order { order: Some(order) });
+    }
+}
+
 impl Run {
     /// A run of `config` waiting for `expected` workers.
     pub fn new(run_id: String, config: RunConfig, expected: usize) -> Self {
@@ -192,7 +204,7 @@ impl Run {
             unit_generation_step: 0,
             carried: Carried::default(),
             ring_reforms: 0,
-            unit_started: Instant::now(),
+            unit_started: None,
             max_workers: expected,
             pending_step: None,
             regroup_asked: 0,
@@ -234,10 +246,8 @@ impl Run {
         };
         self.error = error.clone();
         for worker in self.workers.values() {
-            let _ = worker.orders.send(Ok(Order {
-                order: Some(order::Order::Finish(Finish {
-                    error: error.clone().unwrap_or_default(),
-                })),
+            worker.send(order::Order::Finish(Finish {
+                error: error.clone().unwrap_or_default(),
             }));
         }
     }
@@ -280,8 +290,8 @@ impl Run {
         Some((epochs_left * per_epoch).saturating_sub(in_progress) as f64 / rate)
     }
 
-    /// The status reply.
-    pub fn status(&self) -> v1::StatusReply {
+    /// The status reply at `now`.
+    pub fn status(&self, now: Instant) -> v1::StatusReply {
         let epoch = match self.plan.get(self.current) {
             Some(Unit::Epoch { epoch, .. }) => *epoch,
             _ => 0,
@@ -306,7 +316,7 @@ impl Run {
                     address: w.advertise.clone(),
                     device: w.device.clone(),
                     step: w.step,
-                    seconds_since_heartbeat: w.last_seen.elapsed().as_secs_f64(),
+                    seconds_since_heartbeat: now.saturating_duration_since(w.last_seen).as_secs_f64(),
                     steps_per_second: w.steps_per_second.unwrap_or(0.0),
                     // Each rank takes its share of the global batch.
                     images_per_second: w.steps_per_second.unwrap_or(0.0) * f64::from(self.global_batch)

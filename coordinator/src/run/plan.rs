@@ -3,11 +3,11 @@
 
 use std::time::Instant;
 
-use cluster_proto::run::{Job, RunConfig};
 use cluster_proto::v1::{
-    self, Assignment, BenchWork, EpochResult, EpochWork, Order, Phase, assignment::Work, order,
+    self, Assignment, BenchWork, EpochResult, EpochWork, Phase, assignment::Work, order,
     work_report::Result as ReportResult,
 };
+use run_config::{Job, RunConfig};
 use serde::{Deserialize, Serialize};
 
 use super::{Run, Stage};
@@ -176,10 +176,10 @@ fn summarize(phase: Phase, epoch: u32, results: &[&EpochResult], carried: &Carri
 }
 
 impl Run {
-    pub(super) fn start_unit(&mut self) {
+    pub(super) fn start_unit(&mut self, now: Instant) {
         self.reports.clear();
         self.carried = Carried::default();
-        self.unit_started = Instant::now();
+        self.unit_started = Some(now);
         self.pending_step = Some(self.steps_done);
         // Workers admitted since the last ring join at this unit boundary.
         let new_ring = self.workers.values().any(|w| w.rank.is_none());
@@ -252,16 +252,14 @@ impl Run {
                 work: Some(work.clone()),
                 resume_checkpoint: self.resume_from.clone().unwrap_or_default(),
             };
-            let _ = worker.orders.send(Ok(Order {
-                order: Some(order::Order::Assignment(assignment)),
-            }));
+            worker.send(order::Order::Assignment(assignment));
         }
     }
 
     /// A worker's results for the current unit; when every rank has reported, the unit is
     /// aggregated and the next one starts, or, when the ring broke, the unit goes on over a
     /// new ring of the survivors.
-    pub fn report(&mut self, report: v1::WorkReport) -> Result<(), Refusal> {
+    pub fn report(&mut self, report: v1::WorkReport, now: Instant) -> Result<(), Refusal> {
         if self.finished() {
             return Err(Refusal::Finished(self.stage.label()));
         }
@@ -301,13 +299,13 @@ impl Run {
                 completed_steps = b.completed_steps, reason = %b.reason, "worker lost its ring");
         }
         self.reports.insert(report.worker_id, result);
-        self.advance();
+        self.advance(now);
         Ok(())
     }
 
     /// Once every ranked worker has reported the current unit: finish it, or re-form the
     /// ring when it broke.
-    pub(super) fn advance(&mut self) {
+    pub(super) fn advance(&mut self, now: Instant) {
         if self.finished() || self.awaiting_checkpoint.is_some() {
             return;
         }
@@ -360,7 +358,9 @@ impl Run {
                 let mut carried = std::mem::take(&mut self.carried);
                 carried.steps = self.unit_generation_step.saturating_sub(self.steps_done);
                 if carried.steps > 0 || carried.count > 0 {
-                    carried.seconds = Some(self.unit_started.elapsed().as_secs_f64());
+                    carried.seconds = self
+                        .unit_started
+                        .map(|started| now.saturating_duration_since(started).as_secs_f64());
                 }
                 let summary = summarize(phase, epoch, &results, &carried);
                 tracing::info!(phase = %summary.phase, epoch, train_loss = summary.train_loss,
@@ -390,6 +390,6 @@ impl Run {
             None => {}
         }
         self.current += 1;
-        self.start_unit();
+        self.start_unit(now);
     }
 }

@@ -3,18 +3,20 @@
 
 use cluster_proto::v1::work_report::Result as ReportResult;
 
+use std::time::Instant;
+
 use super::Run;
 
 impl Run {
     /// Ranks in join order; the ring follows the ranks.
-    pub(super) fn form_ring(&mut self) {
+    pub(super) fn form_ring(&mut self, now: Instant) {
         self.rank_members();
         tracing::info!(
             generation = self.generation,
             world = self.workers.len(),
             "ring formed"
         );
-        self.start_unit();
+        self.start_unit(now);
     }
 
     pub(super) fn peers(&self) -> Vec<String> {

@@ -3,20 +3,19 @@
 
 use std::time::{Duration, Instant};
 
-use cluster_proto::v1::{self, Finish, Order, Welcome, order};
-use tokio::sync::mpsc::UnboundedSender;
-use tonic::Status;
+use cluster_proto::v1::{self, Finish, Welcome, order};
 
-use super::{Run, Stage, Worker};
+use super::{Mailbox, Run, Stage, Worker};
 use crate::error::Refusal;
 
 impl Run {
-    /// Admit a worker; it receives its welcome (and, if it completes the cluster, everyone
-    /// receives their first assignment) through `orders`.
+    /// Admit a worker at `now`; it receives its welcome (and, if it completes the cluster,
+    /// everyone receives their first assignment) in its mailbox `orders`.
     pub fn join(
         &mut self,
         request: v1::JoinRequest,
-        orders: UnboundedSender<Result<Order, Status>>,
+        orders: Mailbox,
+        now: Instant,
     ) -> Result<String, Refusal> {
         let training = matches!(self.stage, Stage::Head | Stage::Finetune);
         if self.stage != Stage::Waiting && !training {
@@ -41,15 +40,6 @@ impl Run {
         }
         self.next_id += 1;
         let id = format!("w{}", self.next_id);
-        let welcome = Order {
-            order: Some(order::Order::Welcome(Welcome {
-                worker_id: id.clone(),
-                run_id: self.run_id.clone(),
-                expected_workers: self.expected as u32,
-            })),
-        };
-        // A closed receiver means the worker already left; departure handling removes it.
-        let _ = orders.send(Ok(welcome));
         tracing::info!(worker = %id, name = %request.name, address = %request.advertise, device = %request.device,
             joined = self.workers.len() + 1, expected = self.expected, "worker joined");
         self.devices.insert(request.name.clone(), request.device.clone());
@@ -60,19 +50,26 @@ impl Run {
                 advertise: request.advertise,
                 device: request.device,
                 rank: None,
-                last_seen: Instant::now(),
+                last_seen: now,
                 step: 0,
                 steps_per_second: None,
                 has_state: self.stage == Stage::Waiting,
-                rate_mark: (0, Instant::now()),
+                rate_mark: (0, now),
                 progress: Default::default(),
                 orders,
             },
         );
+        if let Some(worker) = self.workers.get(&id) {
+            worker.send(order::Order::Welcome(Welcome {
+                worker_id: id.clone(),
+                run_id: self.run_id.clone(),
+                expected_workers: self.expected as u32,
+            }));
+        }
         if training {
             self.admit_waiting();
         } else if self.workers.len() == self.expected {
-            self.form_ring();
+            self.form_ring(now);
         }
         Ok(id)
     }
@@ -159,7 +156,7 @@ impl Run {
     /// training the ring is re-formed from the survivors (once each has said how far it got);
     /// with fewer than `min_workers` left the run pauses until more join. During a benchmark
     /// the run fails, so that no survivor waits for it.
-    pub fn depart(&mut self, worker_id: &str) {
+    pub fn depart(&mut self, worker_id: &str, now: Instant) {
         let Some(worker) = self.workers.remove(worker_id) else {
             return;
         };
@@ -201,7 +198,7 @@ impl Run {
                 self.awaiting_checkpoint = None;
                 self.current += 1;
                 self.renumber();
-                self.start_unit();
+                self.start_unit(now);
             } else {
                 // Rank 0 still commits; the next unit starts on a new ring.
                 self.renumber();
@@ -209,33 +206,32 @@ impl Run {
             return;
         }
         self.ring_lost_member = true;
-        self.advance();
+        self.advance(now);
     }
 
-    /// Remove a ranked worker that has been silent for longer than `limit` (it is presumed
-    /// dead or hung; its order stream is closed, so it stops if it is still running).
-    pub fn check_liveness(&mut self, limit: Duration) {
+    /// Remove a ranked worker that has been silent for longer than `limit` at `now` (it is
+    /// presumed dead or hung; its order stream is closed, so it stops if it is still running).
+    pub fn check_liveness(&mut self, limit: Duration, now: Instant) {
         if self.finished() || self.stage == Stage::Waiting {
             return;
         }
         let silent = self
             .workers
             .iter()
-            .find(|(_, w)| w.rank.is_some() && w.last_seen.elapsed() > limit)
-            .map(|(id, w)| (id.clone(), w.last_seen.elapsed()));
+            .map(|(id, w)| (id, w, now.saturating_duration_since(w.last_seen)))
+            .find(|(_, w, silent)| w.rank.is_some() && *silent > limit)
+            .map(|(id, _, silent)| (id.clone(), silent));
         if let Some((id, elapsed)) = silent {
             tracing::warn!(worker = %id, silent_seconds = elapsed.as_secs_f64(), "no heartbeat; presumed dead");
             if let Some(w) = self.workers.get(&id) {
-                let _ = w.orders.send(Ok(Order {
-                    order: Some(order::Order::Finish(Finish {
-                        error: format!(
-                            "this worker sent no heartbeat for {:.0} s and was removed from the run",
-                            elapsed.as_secs_f64()
-                        ),
-                    })),
+                w.send(order::Order::Finish(Finish {
+                    error: format!(
+                        "this worker sent no heartbeat for {:.0} s and was removed from the run",
+                        elapsed.as_secs_f64()
+                    ),
                 }));
             }
-            self.depart(&id);
+            self.depart(&id, now);
         }
     }
 
@@ -309,23 +305,19 @@ impl Run {
                 step_timeout_seconds = stuck.limit.as_secs_f64(), generation = self.generation,
                 "rank held the ring up past the step timeout; removing it");
             if let Some(w) = self.workers.get(id) {
-                let _ = w.orders.send(Ok(Order {
-                    order: Some(order::Order::Fenced(v1::Fenced {
-                        reason: reason.clone(),
-                    })),
+                w.send(order::Order::Fenced(v1::Fenced {
+                    reason: reason.clone(),
                 }));
             }
         }
         for (_, w, _) in ranked().filter(|(_, _, rank)| !stuck.ranks.contains(rank)) {
-            let _ = w.orders.send(Ok(Order {
-                order: Some(order::Order::AbortRing(v1::AbortRing {
-                    generation: self.generation,
-                    reason: reason.clone(),
-                })),
+            w.send(order::Order::AbortRing(v1::AbortRing {
+                generation: self.generation,
+                reason: reason.clone(),
             }));
         }
         for (id, _, _) in culprits {
-            self.depart(&id);
+            self.depart(&id, now);
         }
     }
 
@@ -345,10 +337,8 @@ impl Run {
             "workers waiting to join; asking the ring to stop after this step"
         );
         for w in self.workers.values().filter(|w| w.rank.is_some()) {
-            let _ = w.orders.send(Ok(Order {
-                order: Some(order::Order::Regroup(v1::Regroup {
-                    generation: self.generation,
-                })),
+            w.send(order::Order::Regroup(v1::Regroup {
+                generation: self.generation,
             }));
         }
     }

@@ -5,6 +5,12 @@ use cluster_proto::v1::{Assignment, CheckpointCommit, EpochResult, assignment::W
 use super::*;
 use crate::error::Refusal;
 
+/// The tests' clock starts here; every transition gets a time relative to it.
+fn t0() -> Instant {
+    static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *T0.get_or_init(Instant::now)
+}
+
 fn run_with_two_workers() -> (Run, Vec<String>) {
     run_of_two(RunConfig::default())
 }
@@ -20,12 +26,12 @@ fn run_of_two(config: RunConfig) -> (Run, Vec<String>) {
             advertise: format!("127.0.0.1:{}", 1000 + i),
             device: "cpu".into(),
         };
-        ids.push(run.join(request, tx).unwrap());
+        ids.push(run.join(request, tx, t0()).unwrap());
     }
     (run, ids)
 }
 
-type Orders = tokio::sync::mpsc::UnboundedReceiver<Result<Order, Status>>;
+type Orders = tokio::sync::mpsc::UnboundedReceiver<Order>;
 
 /// A training run of `n` workers (batch 4 each, 4 head epochs) whose order streams the
 /// test reads.
@@ -56,13 +62,13 @@ fn join_worker(run: &mut Run, i: usize) -> Result<(String, Orders), Refusal> {
         advertise: format!("127.0.0.1:{}", 2000 + i),
         device: "cpu".into(),
     };
-    Ok((run.join(request, tx)?, rx))
+    Ok((run.join(request, tx, t0())?, rx))
 }
 
 /// The orders queued on a stream so far.
 fn drain(rx: &mut Orders) -> Vec<order::Order> {
     std::iter::from_fn(|| rx.try_recv().ok())
-        .filter_map(|o| o.ok()?.order)
+        .filter_map(|o| o.order)
         .collect()
 }
 
@@ -105,14 +111,14 @@ fn a_lost_worker_leaves_a_ring_of_the_survivors_from_their_last_common_step() {
         panic!()
     };
     assert_eq!((work.global_batch, work.first_step, work.sync), (12, 0, false));
-    run.depart(&ids[2]);
+    run.depart(&ids[2], t0());
     assert_eq!(
         run.generation, 1,
         "waits for the survivors to say how far they got"
     );
     // Rank 1 finished step 5 (6 completed) before the ring broke; rank 0 did not.
-    run.report(broken(&ids[0], 1, 5, 20)).unwrap();
-    run.report(broken(&ids[1], 1, 6, 24)).unwrap();
+    run.report(broken(&ids[0], 1, 5, 20), t0()).unwrap();
+    run.report(broken(&ids[1], 1, 6, 24), t0()).unwrap();
     assert_eq!(run.generation, 2);
     assert_eq!(run.ring_reforms, 1);
     for rx in &mut streams[..2] {
@@ -124,7 +130,9 @@ fn a_lost_worker_leaves_a_ring_of_the_survivors_from_their_last_common_step() {
         assert!(!work.sync, "every member holds the state");
     }
     // A report of the broken ring is fenced off.
-    let stale = run.report(epoch_report(&ids[0], Phase::Head, 0, 3)).unwrap_err();
+    let stale = run
+        .report(epoch_report(&ids[0], Phase::Head, 0, 3), t0())
+        .unwrap_err();
     assert!(
         matches!(stale, Refusal::Stale { got: 1, current: 2 }),
         "{stale:?}"
@@ -133,7 +141,7 @@ fn a_lost_worker_leaves_a_ring_of_the_survivors_from_their_last_common_step() {
     for id in &ids[..2] {
         let mut r = epoch_report(id, Phase::Head, 0, 3);
         r.generation = 2;
-        run.report(r).unwrap();
+        run.report(r, t0()).unwrap();
     }
     let epoch = run.history.last().unwrap();
     assert_eq!(epoch.steps, 8);
@@ -145,13 +153,13 @@ fn a_lost_worker_leaves_a_ring_of_the_survivors_from_their_last_common_step() {
 #[test]
 fn a_worker_lost_while_the_first_weights_are_shared_restarts_the_unit_afresh() {
     let (mut run, ids, mut streams) = elastic_run(3, 1);
-    run.depart(&ids[2]);
+    run.depart(&ids[2], t0());
     for id in &ids[..2] {
         let mut r = broken(id, 1, 0, 0);
         if let Some(ReportResult::Broken(b)) = r.result.as_mut() {
             b.has_state = false;
         }
-        run.report(r).unwrap();
+        run.report(r, t0()).unwrap();
     }
     assert_eq!(run.stage, Stage::Head, "{:?}", run.error);
     let a = last_assignment(&mut streams[0]);
@@ -164,12 +172,12 @@ fn a_worker_lost_while_the_first_weights_are_shared_restarts_the_unit_afresh() {
     let (mut later, ids, _streams) = elastic_run(2, 1);
     later.steps_done = 4;
     later.unit_generation_step = 4;
-    later.depart(&ids[1]);
+    later.depart(&ids[1], t0());
     let mut r = broken(&ids[0], 1, 4, 0);
     if let Some(ReportResult::Broken(b)) = r.result.as_mut() {
         b.has_state = false;
     }
-    later.report(r).unwrap();
+    later.report(r, t0()).unwrap();
     assert_eq!(later.stage, Stage::Failed);
     assert!(
         later
@@ -183,17 +191,17 @@ fn a_worker_lost_while_the_first_weights_are_shared_restarts_the_unit_afresh() {
 #[test]
 fn below_min_workers_the_run_pauses_until_a_worker_joins_and_takes_the_state() {
     let (mut run, ids, mut streams) = elastic_run(2, 2);
-    run.depart(&ids[1]);
-    run.report(broken(&ids[0], 1, 3, 12)).unwrap();
-    assert_eq!(run.status().state, "paused");
+    run.depart(&ids[1], t0());
+    run.report(broken(&ids[0], 1, 3, 12), t0()).unwrap();
+    assert_eq!(run.status(t0()).state, "paused");
     assert!(
-        run.status().paused.contains("fewer than --min-workers 2"),
+        run.status(t0()).paused.contains("fewer than --min-workers 2"),
         "{:?}",
-        run.status()
+        run.status(t0())
     );
     assert_eq!(run.generation, 1);
     let (late, mut late_rx) = join_worker(&mut run, 5).unwrap();
-    assert_eq!(run.status().state, "head");
+    assert_eq!(run.status(t0()).state, "head");
     assert_eq!(run.generation, 2);
     let survivor = last_assignment(&mut streams[0]);
     let newcomer = last_assignment(&mut late_rx);
@@ -219,8 +227,8 @@ fn a_worker_joining_mid_run_asks_the_ring_to_stop_after_a_step() {
     }
     // One more than --max-workers (3) is refused.
     assert!(matches!(join_worker(&mut run, 8), Err(Refusal::Full(3))));
-    run.report(broken(&ids[0], 1, 4, 16)).unwrap();
-    run.report(broken(&ids[1], 1, 4, 16)).unwrap();
+    run.report(broken(&ids[0], 1, 4, 16), t0()).unwrap();
+    run.report(broken(&ids[1], 1, 4, 16), t0()).unwrap();
     assert_eq!(run.generation, 2);
     let a = last_assignment(&mut late_rx);
     let Some(Work::Epoch(work)) = a.work else { panic!() };
@@ -272,8 +280,8 @@ fn a_rank_that_holds_the_ring_up_is_fenced_and_the_others_abandon_the_ring() {
         );
     }
     // The survivors leave the collective, report, and go on over a ring of two.
-    run.report(broken(&ids[0], 1, 2, 8)).unwrap();
-    run.report(broken(&ids[2], 1, 2, 8)).unwrap();
+    run.report(broken(&ids[0], 1, 2, 8), t0()).unwrap();
+    run.report(broken(&ids[2], 1, 2, 8), t0()).unwrap();
     assert_eq!(run.generation, 2);
     let a = last_assignment(&mut streams[2]);
     assert_eq!((a.rank, a.world), (1, 2));
@@ -362,8 +370,10 @@ fn checkpointed_epochs_wait_for_rank_0s_commit_and_resume_continues_after_them()
         ..RunConfig::default()
     };
     let (mut run, ids) = run_of_two(config);
-    run.report(epoch_report(&ids[0], Phase::Head, 0, 4)).unwrap();
-    run.report(epoch_report(&ids[1], Phase::Head, 0, 4)).unwrap();
+    run.report(epoch_report(&ids[0], Phase::Head, 0, 4), t0())
+        .unwrap();
+    run.report(epoch_report(&ids[1], Phase::Head, 0, 4), t0())
+        .unwrap();
     assert_eq!(run.awaiting_checkpoint, Some((Phase::Head, 0)));
     assert_eq!(run.current, 0, "the next epoch waits for the checkpoint");
 
@@ -397,7 +407,7 @@ fn checkpointed_epochs_wait_for_rank_0s_commit_and_resume_continues_after_them()
         name: plan.name.clone(),
         step: 4,
     };
-    run.checkpoint_committed(checkpointed.clone());
+    run.checkpoint_committed(checkpointed.clone(), t0());
     assert_eq!(run.current, 1);
     assert_eq!(run.awaiting_checkpoint, None);
     assert_eq!(run.stage, Stage::Head);
@@ -444,11 +454,13 @@ fn a_commit_that_overtakes_another_ranks_report_is_held_not_refused() {
     };
     let (mut run, ids) = run_of_two(config);
     // Rank 0 reported and committed at once; rank 1 is still evaluating.
-    run.report(epoch_report(&ids[0], Phase::Head, 0, 4)).unwrap();
+    run.report(epoch_report(&ids[0], Phase::Head, 0, 4), t0())
+        .unwrap();
     let err = run.prepare_commit(&commit(&ids[0], 1, 4)).unwrap_err();
     assert!(matches!(err, Refusal::NotYet(_)), "{err}");
     assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
-    run.report(epoch_report(&ids[1], Phase::Head, 0, 4)).unwrap();
+    run.report(epoch_report(&ids[1], Phase::Head, 0, 4), t0())
+        .unwrap();
     let plan = run.prepare_commit(&commit(&ids[0], 1, 4)).unwrap();
     assert_eq!((plan.state.epoch, plan.state.step), (1, 4));
 
@@ -459,8 +471,9 @@ fn a_commit_that_overtakes_another_ranks_report_is_held_not_refused() {
         checkpoint_every: 1,
         ..RunConfig::default()
     });
-    run.report(epoch_report(&ids[0], Phase::Head, 0, 4)).unwrap();
-    run.report(broken(&ids[1], 1, 3, 12)).unwrap();
+    run.report(epoch_report(&ids[0], Phase::Head, 0, 4), t0())
+        .unwrap();
+    run.report(broken(&ids[1], 1, 3, 12), t0()).unwrap();
     assert_eq!(run.generation, 2, "re-formed");
     let err = run.prepare_commit(&commit(&ids[0], 1, 4)).unwrap_err();
     assert!(matches!(err, Refusal::Superseded(_)), "{err}");
@@ -476,16 +489,19 @@ fn heartbeats_give_speed_and_the_eta_follows_the_plan() {
     };
     let (mut run, ids) = run_of_two(config);
     assert_eq!(run.eta_seconds(), None, "nothing timed yet");
-    run.report(epoch_report(&ids[0], Phase::Head, 0, 4)).unwrap();
-    run.report(epoch_report(&ids[1], Phase::Head, 0, 4)).unwrap();
+    run.report(epoch_report(&ids[0], Phase::Head, 0, 4), t0())
+        .unwrap();
+    run.report(epoch_report(&ids[1], Phase::Head, 0, 4), t0())
+        .unwrap();
     assert_eq!(run.steps_done, 4);
     assert_eq!(run.eta_seconds(), None, "no speed yet");
-    // Two seconds ago both ranks were at step 4; now they are at 6: 1 step/s.
-    for id in &ids {
-        let worker = run.workers.get_mut(id).unwrap();
-        worker.rate_mark = (4, Instant::now() - Duration::from_secs(2));
-        run.heartbeat(id, 6, &[], Default::default(), Instant::now())
-            .unwrap();
+    // Both ranks joined at t0, were at step 4 four seconds later and at 6 two more seconds
+    // on: 1 step/s.
+    for (seconds, step) in [(4, 4), (6, 6)] {
+        for id in &ids {
+            let at = t0() + Duration::from_secs(seconds);
+            run.heartbeat(id, step, &[], Default::default(), at).unwrap();
+        }
     }
     let rate = run.workers[&ids[0]].steps_per_second.unwrap();
     assert!((rate - 1.0).abs() < 0.05, "{rate}");
@@ -493,15 +509,12 @@ fn heartbeats_give_speed_and_the_eta_follows_the_plan() {
     // Head epoch 1 (2 of 4 steps done) and the fine-tune epoch are left: 6 steps at 1/s.
     let eta = run.eta_seconds().unwrap();
     assert!((eta - 6.0).abs() < 0.3, "{eta}");
-    let status = run.status();
+    let status = run.status(t0());
     assert_eq!(status.step, 6);
     assert_eq!(status.val_accuracy, Some(0.75));
     assert!((status.workers[0].images_per_second - rate * 32.0).abs() < 1e-9);
     // Steps slower than the heartbeat: one every 10 s, a heartbeat every second.
-    let start = Instant::now();
-    for id in &ids {
-        run.workers.get_mut(id).unwrap().rate_mark = (6, start);
-    }
+    let start = t0() + Duration::from_secs(6);
     for second in 1..=80u64 {
         let step = 6 + second / 10;
         for id in &ids {

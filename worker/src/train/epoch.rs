@@ -436,7 +436,7 @@ fn rank0_stats<N: Link, P: Link>(
     if broken.is_some() {
         return None;
     }
-    match running_stats_from_rank0(model, io, u64::MAX - 1 - global_epoch) {
+    match running_stats_from_rank0(model, io, global_epoch) {
         Ok(stats) => Some(stats),
         Err(e) => {
             *broken = Some(format!("sharing BatchNorm statistics: {e}"));

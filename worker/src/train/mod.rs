@@ -17,6 +17,7 @@
 //! | `ring.rs` | the all-reduce of each step and rank 0's broadcasts, from this blocking thread |
 //! | `stats.rs` | writing BatchNorm running statistics into a model |
 //! | `checksum.rs` | the weight checksums ranks report |
+//! | `unit.rs` | one work unit on the training thread: the trainer had or made, then the epoch |
 
 // Host-device copies go through `self.transfers`, which counts them (transfer_tests.rs).
 #![deny(clippy::disallowed_methods)]
@@ -29,13 +30,13 @@ use burn::module::Module;
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use cluster_proto::run::RunConfig;
 use cluster_proto::v1::{self, EpochResult, EpochWork};
-use collective::{Link, Ring, all_reduce};
+use collective::{Link, Ring, Seq, all_reduce};
 use dataset::loader::{Prefetcher, batches};
 use dataset::sampler::{SamplerConfig, SamplerState, StepShare, deal_by_home, home_rank};
 use dataset::source::{Dataset, Sample};
 use dataset::split::Splits;
+use run_config::RunConfig;
 use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
 
@@ -45,8 +46,8 @@ use crate::features::{CacheBudget, CacheStats, FeatureCache};
 use crate::grads::{flatten, unflatten};
 use crate::metrics::WorkerMetrics;
 use crate::optim;
-use crate::resume::Parts;
 use crate::source::{self, ModelSource};
+use crate::state::Parts;
 use crate::transfer::{TransferCounts, Transfers};
 use crate::watch::RingWatch;
 use effnet::model::Classifier;
@@ -62,6 +63,7 @@ mod ring;
 mod stats;
 mod step;
 mod trainable;
+mod unit;
 
 use crate::data::open_dataset;
 use crate::watch::Beat;
@@ -77,6 +79,7 @@ use trainable::Trainable;
 pub use checksum::{parameters_checksum, weights_checksum};
 pub use evaluate::Totals;
 pub use ring::RingIo;
+pub use unit::run_unit;
 
 /// Batches read ahead of the training step.
 const PREFETCH: usize = 4;
@@ -282,7 +285,7 @@ impl Trainer {
         store: &checkpoint::CheckpointStore,
         name: &str,
     ) -> Result<Self> {
-        let (manifest, restored) = handle.block_on(crate::resume::restore(store, name, &device, config))?;
+        let (manifest, restored) = handle.block_on(crate::state::restore(store, name, &device, config))?;
         let mut trainer = Self::with_model(config, device, handle, restored.model, &store.describe(name))?;
         trainer.phase = Some(restored.phase);
         trainer.optimizer = Some(restored.optimizer);
@@ -414,11 +417,10 @@ impl Trainer {
             None
         };
         let started = Instant::now();
-        let tag = (1 << 63) | (first_step << 1);
-        let bytes = bytes_from_rank0(io, tag, packed)?;
+        let bytes = bytes_from_rank0(io, Seq::State(first_step), packed)?;
         if io.ring.rank != 0 {
             let (phase, parts) = Parts::unpack(&bytes)?;
-            let restored = crate::resume::from_parts(&parts, phase, &self.device, &self.config, &|part| {
+            let restored = crate::state::from_parts(&parts, phase, &self.device, &self.config, &|part| {
                 format!("<{part} from rank 0>")
             })?;
             if restored.model.classes.len() != self.dataset.classes.len() {

@@ -1,6 +1,7 @@
 //! The ring a rank trains over, driven from the blocking training thread: the all-reduce of
 //! every step, and what rank 0 broadcasts (first weights, a joiner's state, BatchNorm
-//! statistics at the end of an epoch).
+//! statistics at the end of an epoch). The collectives themselves are `collective`'s; this
+//! is the blocking face of them, with the coordinator's abort and the heartbeat's view.
 
 use super::*;
 
@@ -22,10 +23,16 @@ pub struct RingIo<'a, N: Link, P: Link> {
 }
 
 impl<N: Link, P: Link> RingIo<'_, N, P> {
-    pub(super) fn all_reduce(&mut self, step: u64, buf: &mut [f32], average: bool) -> Result<()> {
+    /// Run `collective` over the ring's links from this blocking thread: timed into
+    /// `seconds`, shown to the heartbeat as a wait in a collective, and ended when the
+    /// coordinator abandons the ring.
+    fn run<T>(
+        &mut self,
+        collective: impl AsyncFnOnce(&Ring, &mut N, &mut P) -> collective::Result<T>,
+    ) -> Result<T> {
         let started = Instant::now();
         let generation = self.ring.generation;
-        let watch = &self.watch;
+        let (ring, next, prev, watch) = (&self.ring, &mut *self.next, &mut *self.prev, &self.watch);
         watch.enter();
         let result = self.handle.block_on(async {
             tokio::select! {
@@ -33,34 +40,34 @@ impl<N: Link, P: Link> RingIo<'_, N, P> {
                 reason = watch.aborted(generation) => Err(Error::Ring(format!(
                     "the coordinator abandoned ring generation {generation}: {reason}"
                 ))),
-                done = all_reduce(&self.ring, step, buf, average, self.next, self.prev) => {
-                    done.map_err(|e| Error::Ring(e.to_string()))
-                }
+                done = collective(ring, next, prev) => done.map_err(|e| Error::Ring(e.to_string())),
             }
         });
         watch.leave();
         self.seconds += started.elapsed().as_secs_f64();
         result
     }
+
+    /// The all-reduce of training step `step`'s gradients (averaged when `average`), on the
+    /// wire as the ring's setting says (f32 or bf16).
+    pub(super) fn all_reduce(&mut self, step: u64, buf: &mut [f32], average: bool) -> Result<()> {
+        let seq = Seq::Step(step).number();
+        self.run(async |ring, next, prev| all_reduce(ring, seq, buf, average, next, prev).await)
+    }
 }
 
-/// Replace the values of `tensors` with rank 0's: the others contribute zeros to a sum, which
-/// is exact in floating point. `step` tags the collective.
+/// Replace the values of `tensors` with rank 0's, exactly, for the collective `seq`.
 pub(super) fn from_rank0<N: Link, P: Link>(
     tensors: &mut [(String, RawTensor)],
     io: &mut RingIo<'_, N, P>,
-    step: u64,
+    seq: Seq,
 ) -> Result<()> {
     let mut flat: Vec<f32> = if io.ring.rank == 0 {
         tensors.iter().flat_map(|(_, t)| t.data.iter().copied()).collect()
     } else {
         vec![0.0; tensors.iter().map(|(_, t)| t.data.len()).sum()]
     };
-    // Rank 0's values arrive as they are, never rounded to bf16.
-    let bf16 = std::mem::replace(&mut io.ring.bf16, false);
-    let reduced = io.all_reduce(step, &mut flat, false);
-    io.ring.bf16 = bf16;
-    reduced?;
+    io.run(async |ring, next, prev| collective::from_rank0(ring, seq, &mut flat, next, prev).await)?;
     let mut offset = 0;
     for (_, tensor) in tensors {
         let len = tensor.data.len();
@@ -70,41 +77,14 @@ pub(super) fn from_rank0<N: Link, P: Link>(
     Ok(())
 }
 
-/// Rank 0's `bytes` on every rank, through the ring: a length, then the bytes two to a
-/// float (whole numbers below 2^16 survive the sum with the other ranks' zeros exactly).
+/// Rank 0's `bytes` (`None` on the other ranks) on every rank, exactly, for the collective
+/// `seq`.
 pub(super) fn bytes_from_rank0<N: Link, P: Link>(
     io: &mut RingIo<'_, N, P>,
-    tag: u64,
+    seq: Seq,
     bytes: Option<Vec<u8>>,
 ) -> Result<Vec<u8>> {
-    // bf16 on the wire would round the values; these must arrive exactly.
-    let bf16 = std::mem::replace(&mut io.ring.bf16, false);
-    let result = (|| {
-        let len = bytes.as_ref().map_or(0, Vec::len) as u64;
-        let mut header: Vec<f32> = (0..4).map(|i| ((len >> (16 * i)) & 0xffff) as f32).collect();
-        io.all_reduce(tag, &mut header, false)?;
-        let len = header
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (*v as u64) << (16 * i))
-            .sum::<u64>() as usize;
-        let mut values: Vec<f32> = match &bytes {
-            Some(b) => b
-                .chunks(2)
-                .map(|c| f32::from(u16::from_le_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-                .collect(),
-            None => vec![0.0; len.div_ceil(2)],
-        };
-        io.all_reduce(tag + 1, &mut values, false)?;
-        let mut out = Vec::with_capacity(len + 1);
-        for v in values {
-            out.extend_from_slice(&(v as u16).to_le_bytes());
-        }
-        out.truncate(len);
-        Ok(out)
-    })();
-    io.ring.bf16 = bf16;
-    result
+    io.run(async |ring, next, prev| collective::bytes_from_rank0(ring, seq, bytes, next, prev).await)
 }
 
 /// Make every rank's weights equal to rank 0's.
@@ -117,8 +97,7 @@ pub(super) fn broadcast<N: Link, P: Link>(
         return Ok(model);
     }
     let mut tensors = collect_tensors(&model);
-    // Step numbers below 2^63 belong to training; the broadcasts use the top of the range.
-    from_rank0(&mut tensors, io, u64::MAX)?;
+    from_rank0(&mut tensors, io, Seq::Weights)?;
     let file = WeightsFile {
         tensors: tensors.into_iter().collect(),
         ..WeightsFile::default()
@@ -132,11 +111,11 @@ pub(super) fn broadcast<N: Link, P: Link>(
     Ok(model)
 }
 
-/// Rank 0's BatchNorm running statistics (empty on a ring of one).
+/// Rank 0's BatchNorm running statistics after epoch `global_epoch` (empty on a ring of one).
 pub(super) fn running_stats_from_rank0<N: Link, P: Link>(
     model: &Classifier,
     io: &mut RingIo<'_, N, P>,
-    step: u64,
+    global_epoch: u64,
 ) -> Result<Vec<(String, RawTensor)>> {
     if io.ring.world == 1 {
         return Ok(Vec::new());
@@ -146,51 +125,6 @@ pub(super) fn running_stats_from_rank0<N: Link, P: Link>(
         .into_iter()
         .filter(|(n, _)| is_running_stat(n))
         .collect();
-    from_rank0(&mut stats, io, step)?;
+    from_rank0(&mut stats, io, Seq::EpochStats(global_epoch))?;
     Ok(stats)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bytes_reach_every_rank_exactly_even_with_bf16_on_the_wire() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        // Odd length, every byte value, and patterns that are not valid floats.
-        let payload: Vec<u8> = (0..100_001u32).map(|i| (i * 7 % 256) as u8).collect();
-        let threads: Vec<_> = collective::local::ring(3, 4)
-            .into_iter()
-            .enumerate()
-            .map(|(rank, (mut next, mut prev))| {
-                let handle = runtime.handle().clone();
-                let payload = payload.clone();
-                std::thread::spawn(move || {
-                    let mut io = RingIo {
-                        ring: Ring {
-                            bf16: true,
-                            ..Ring::new(3, rank, 1)
-                        },
-                        next: &mut next,
-                        prev: &mut prev,
-                        handle,
-                        seconds: 0.0,
-                        watch: Default::default(),
-                    };
-                    let sent = (rank == 0).then_some(payload);
-                    let got = bytes_from_rank0(&mut io, 1 << 63, sent).unwrap();
-                    (got, io.ring.bf16)
-                })
-            })
-            .collect();
-        for t in threads {
-            let (got, bf16) = t.join().unwrap();
-            assert_eq!(got, payload);
-            assert!(bf16, "the ring's bf16 setting is restored");
-        }
-    }
 }

@@ -1,6 +1,7 @@
-//! A worker's side of checkpoints: rank 0 uploads the model and the optimizer state; on
-//! resume every rank loads them from the store itself (verified against the manifest), so no
-//! weights pass through the coordinator.
+//! A rank's training state as parts (the model, the optimizer state, parameter ids): rank 0
+//! uploads them as a checkpoint's objects; on resume every rank loads them from the store
+//! itself (verified against the manifest), so no weights pass through the coordinator; and
+//! rank 0 packs them for workers that join mid-run.
 //!
 //! Burn keys optimizer state by parameter id, and ids are drawn afresh whenever a model is
 //! built. The checkpoint therefore also records which id each parameter path had, and a
@@ -15,7 +16,7 @@ use burn::tensor::{Device, Tensor};
 use checkpoint::objects::{OPTIMIZER, PARAM_IDS, WEIGHTS};
 use checkpoint::{CheckpointStore, Manifest, ObjectEntry};
 
-use cluster_proto::run::RunConfig;
+use run_config::RunConfig;
 
 use crate::error::{Error, Result};
 use effnet::modelfile::{self, LoadedModel};
