@@ -50,9 +50,9 @@ impl Token {
     /// (empty counts as unset).
     pub fn load(file: Option<&Path>) -> Result<Self> {
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| Error::TokenFile {
+            let text = std::fs::read_to_string(path).map_err(|error| Error::TokenFile {
                 path: path.display().to_string(),
-                source,
+                error,
             })?;
             return Self::new(&text, &path.display().to_string());
         }

@@ -30,12 +30,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The join token file could not be read.
-    #[error("cannot read the join token from {path}: {source}")]
+    #[error("cannot read the join token from {path}: {error}")]
     TokenFile {
         /// The file.
         path: String,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, not repeated as a source).
+        error: std::io::Error,
     },
     /// No token was configured anywhere.
     #[error(

@@ -27,13 +27,12 @@ pub enum Error {
     },
 
     /// An object could not be read.
-    #[error("cannot read {file}: {source}")]
+    #[error("cannot read {file}: {error}")]
     Read {
         /// The file or object.
         file: String,
-        /// The store's error.
-        #[source]
-        source: object_store::Error,
+        /// The store's error (in the message, not repeated as a source).
+        error: object_store::Error,
     },
 
     /// The store failed to give an object (missing, unreachable, refused).

@@ -115,9 +115,9 @@ impl Dataset {
                 .store
                 .head(&ds.store.path(&relative))
                 .await
-                .map_err(|source| Error::Read {
+                .map_err(|error| Error::Read {
                     file: described.clone(),
-                    source,
+                    error,
                 })?;
             let count = cifar::record_count(&described, meta.size)?;
             let file = ds.files.len();
@@ -140,9 +140,9 @@ impl Dataset {
             })
             .try_collect()
             .await
-            .map_err(|source| Error::Read {
+            .map_err(|error| Error::Read {
                 file: store.display.clone(),
-                source,
+                error,
             })?;
         let prefix_parts = prefix.parts().count();
         let paths = listed.into_iter().map(|m| {
@@ -209,9 +209,9 @@ impl Dataset {
                 .store
                 .get_ranges(&self.store.path(relative), &ranges)
                 .await
-                .map_err(|source| Error::Read {
+                .map_err(|error| Error::Read {
                     file: described.clone(),
-                    source,
+                    error,
                 })?;
             for (&(slot, record), bytes) in wanted.iter().zip(chunks) {
                 let (label, rgb) = cifar::decode_record(&described, record, &bytes)?;

@@ -85,9 +85,9 @@ impl DataStore {
             store
                 .put(&ObjectPath::from(name.as_str()), PutPayload::from(bytes))
                 .await
-                .map_err(|source| Error::Read {
+                .map_err(|error| Error::Read {
                     file: format!("synthetic/{name}"),
-                    source,
+                    error,
                 })?;
         }
         Ok(storage::Location {

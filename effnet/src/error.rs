@@ -27,13 +27,12 @@ pub enum Error {
     UnknownModel(String),
 
     /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
-        /// The operating system's error.
-        #[source]
-        source: std::io::Error,
+        /// The operating system's error (in the message, not repeated as a source).
+        error: std::io::Error,
     },
 
     /// A weights file could not be parsed (truncated, corrupt or not a weights file).
@@ -107,7 +106,7 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 }

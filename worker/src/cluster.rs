@@ -80,9 +80,9 @@ async fn bind_peer(advertise: Option<&str>, coordinator: &str) -> Result<(TcpLis
             .ok_or_else(|| Error::Usage(format!("--advertise {advertise:?}: expected HOST:PORT")))?;
         let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
             .await
-            .map_err(|source| Error::Listen {
+            .map_err(|error| Error::Listen {
                 what: format!("cannot listen for peers on port {port}"),
-                source,
+                error,
             })?;
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
         return Ok((listener, format!("{host}:{port}")));
@@ -92,15 +92,15 @@ async fn bind_peer(advertise: Option<&str>, coordinator: &str) -> Result<(TcpLis
         .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
         .await
-        .map_err(|source| Error::Listen {
+        .map_err(|error| Error::Listen {
             what: "cannot listen for peers".into(),
-            source,
+            error,
         })?;
     let port = listener
         .local_addr()
-        .map_err(|source| Error::Listen {
+        .map_err(|error| Error::Listen {
             what: "the peer listener has no address".into(),
-            source,
+            error,
         })?
         .port();
     Ok((listener, format!("{ip}:{port}")))
@@ -144,9 +144,9 @@ pub async fn join(options: JoinOptions, device: Device, device_name: String) -> 
     let step = Arc::new(Beat::default());
     let metrics = match options.metrics_listen {
         Some(address) => {
-            let listener = TcpListener::bind(address).await.map_err(|source| Error::Listen {
+            let listener = TcpListener::bind(address).await.map_err(|error| Error::Listen {
                 what: format!("cannot listen for metrics on {address}"),
-                source,
+                error,
             })?;
             let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
             tracing::info!(address = %bound, "metrics listening");

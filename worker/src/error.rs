@@ -5,7 +5,9 @@ use std::path::PathBuf;
 /// Result alias for the worker library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that can go wrong in the worker library.
+/// Everything that can go wrong in the worker library. A variant's message includes the
+/// message of the error it wraps, and does not also return it as its `source()`: the
+/// binaries print the whole chain, and the same words twice helped nobody.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Building, loading, saving or running the model failed, or the device is unusable.
@@ -13,13 +15,12 @@ pub enum Error {
     Model(#[from] effnet::Error),
 
     /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The operating system's error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     /// A downloaded dataset archive is not what it should be (truncated, corrupt, or without
@@ -44,13 +45,12 @@ pub enum Error {
 
     /// A listener for peers or metrics could not be set up (a port in use, an address not
     /// of this machine).
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Listen {
         /// What was being set up, and where.
         what: String,
         /// The operating system's error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     /// TLS settings, an address or a server of the cluster's transport is unusable.
@@ -81,13 +81,12 @@ pub enum Error {
     Protocol(String),
 
     /// The run's dataset could not be opened or read.
-    #[error("dataset {data}: {source}")]
+    #[error("dataset {data}: {error}")]
     DataRead {
         /// The dataset, as the run configuration names it.
         data: String,
         /// What went wrong (boxed: it is large, and errors travel in every `Result`).
-        #[source]
-        source: Box<dataset::Error>,
+        error: Box<dataset::Error>,
     },
 
     /// The run's dataset has no training images once split (and limited).
@@ -124,7 +123,7 @@ pub enum Error {
 
     /// The async runtime for storage I/O could not be started (out of threads or memory).
     #[error("cannot start an I/O runtime: {0}")]
-    Runtime(#[source] std::io::Error),
+    Runtime(std::io::Error),
 
     /// An invariant of this worker's own state broke: a bug.
     #[error("internal error: {0} (a bug: please report it with the worker's log)")]
@@ -157,14 +156,14 @@ impl Error {
     pub(crate) fn data_read(data: &str, source: dataset::Error) -> Self {
         Error::DataRead {
             data: data.to_string(),
-            source: Box::new(source),
+            error: Box::new(source),
         }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 }
