@@ -4,7 +4,7 @@
 use burn::module::{Flag, Initializer, Module, Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
-use burn::tensor::activation::{relu6, sigmoid};
+use burn::tensor::activation::relu6;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Distribution, Tensor};
 
@@ -89,25 +89,30 @@ impl ConvBn {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         // BatchNorm::forward's own test for normalising with the batch's statistics.
         let batch_statistics = x.device().is_autodiff() && self.bn.training.is_enabled();
-        let x = if batch_statistics {
-            self.normalised(x)
-        } else {
-            self.folded(x)
-        };
+        if batch_statistics {
+            let x = self.normalised(x);
+            return match self.act {
+                Some(act) => activate(act, x),
+                None => x,
+            };
+        }
+        let (weight, bias, options) = self.folded(&x);
         match self.act {
-            Some(act) => activate(act, x),
-            None => x,
+            Some(Activation::Silu) => native::conv2d_silu(x, weight, Some(bias), options),
+            Some(act) => activate(act, native::conv2d(x, weight, Some(bias), options)),
+            None => native::conv2d(x, weight, Some(bias), options),
         }
     }
 
-    /// The convolution and a BatchNorm that uses its running statistics, as one convolution:
+    /// The convolution and a BatchNorm that uses its running statistics, as one convolution
+    /// (its weight, bias and options for input `x`, which the caller runs with its activation):
     /// the per-channel scale `gamma / sqrt(var + eps)` goes into the weight and the shift into a
     /// bias. Inference and the BN-frozen fine-tuning phase take this path; BatchNorm's own
     /// inference path is four element-wise passes over the activation forward and as many
     /// backward, where this multiplies weight-sized tensors. Gradients reach the convolution's
     /// weight through the scale, so fine-tuning trains what it trained before.
-    fn folded(&self, x: Tensor<4>) -> Tensor<4> {
-        let options = conv_options(&self.conv, &x);
+    fn folded(&self, x: &Tensor<4>) -> (Tensor<4>, Tensor<1>, ConvOptions<2>) {
+        let options = conv_options(&self.conv, x);
         let device = x.device();
         let (bn, conv) = (&self.bn, &self.conv);
         let mean = bn.running_mean.value().to_device(&device);
@@ -120,7 +125,7 @@ impl ConvBn {
         };
         let [out] = scale.dims();
         let weight = conv.weight.val() * scale.reshape([out, 1, 1, 1]);
-        native::conv2d(x, weight, Some(bias), options)
+        (weight, bias, options)
     }
 
     /// The convolution, then BatchNorm over the batch's statistics, which also moves the
@@ -177,10 +182,9 @@ pub struct SqueezeExcite {
 
 impl SqueezeExcite {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let scale = x.clone().mean_dim(3).mean_dim(2);
+        let scale = native::plane_means(x.clone());
         let scale = activate(self.act, self.reduce.forward(scale));
-        let scale = sigmoid(self.expand.forward(scale));
-        x * scale
+        native::gate(x, self.expand.forward(scale))
     }
 }
 
@@ -363,7 +367,7 @@ impl LinearHead {
     /// Logits `[batch, classes]` from feature maps `[batch, features, h, w]`.
     pub fn forward(&self, features: Tensor<4>) -> Tensor<2> {
         let [batch, channels, _, _] = features.dims();
-        let pooled = features.mean_dim(3).mean_dim(2).reshape([batch, channels]);
+        let pooled = native::plane_means(features).reshape([batch, channels]);
         self.fc.forward(self.dropout.forward(pooled))
     }
 }
@@ -424,7 +428,7 @@ impl TutorialHead {
     pub fn forward(&self, features: Tensor<4>) -> Tensor<2> {
         let x = self.bn.forward(self.conv.forward(features));
         let [batch, channels, _, _] = x.dims();
-        let pooled = x.mean_dim(3).mean_dim(2).reshape([batch, channels]);
+        let pooled = native::plane_means(x).reshape([batch, channels]);
         let hidden = burn::tensor::activation::relu(self.fc1.forward(self.dropout.forward(pooled)));
         self.fc2.forward(hidden)
     }
@@ -554,7 +558,7 @@ impl Classifier {
     pub fn head_input(&self, pixels: Tensor<4>) -> Tensor<4> {
         let features = self.features(pixels);
         match self.head {
-            Head::Linear(_) => features.mean_dim(3).mean_dim(2),
+            Head::Linear(_) => native::plane_means(features),
             Head::Tutorial(_) => features,
         }
     }

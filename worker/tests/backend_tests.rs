@@ -1,11 +1,9 @@
 //! Every backend computes what flex computes: the same weights and images give the same
-//! logits, loss, gradients, updated weights and BatchNorm statistics on LibTorch (the
+//! logits, loss, gradients, updated weights and BatchNorm statistics with flex's fused kernels
+//! and with Burn's own ops on flex (`effnet::native`, every build), on LibTorch (the
 //! `libtorch` feature) and on a wgpu device (the `wgpu` feature; in CI Mesa's lavapipe, a
 //! software Vulkan device). These are the tests that catch a host-only assumption, a tensor
 //! on the wrong device, or a fused kernel that computes something else.
-//!
-//! Without either feature the file has nothing to compare and compiles to no tests.
-#![cfg(any(feature = "libtorch", feature = "wgpu"))]
 
 use std::path::PathBuf;
 
@@ -143,8 +141,7 @@ enum Start {
     RandomB0(Padding),
     /// The real ImageNet Lite0 (ReLU6, TF-style "same" padding). A frozen random backbone
     /// passes next to nothing on (its activations shrink to ~1e-13), so the phase steps
-    /// start from real weights. Only the wgpu tests take phase steps.
-    #[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
+    /// start from real weights.
     Lite0,
 }
 
@@ -185,7 +182,23 @@ fn network(start: Start, kind: HeadKind, device: &Device) -> Classifier {
 }
 
 /// The same step on flex and on `other`, from the same weights and images, compared.
+#[cfg(any(feature = "libtorch", feature = "wgpu"))]
 fn compare_steps(other: &Device, how: Phase, start: Start) {
+    compare(other, Ops::Fused, how, start);
+}
+
+/// Which operations `other` runs in [`compare`].
+#[derive(Clone, Copy, PartialEq)]
+enum Ops {
+    /// Whatever `effnet::native` picks for the device (flex: the fused kernels).
+    #[cfg_attr(not(any(feature = "libtorch", feature = "wgpu")), allow(dead_code))]
+    Fused,
+    /// Burn's own (`effnet::native::with_burn_ops`).
+    Burn,
+}
+
+/// [`compare_steps`], with `other` running `ops`.
+fn compare(other: &Device, ops: Ops, how: Phase, start: Start) {
     if matches!(start, Start::Lite0) && lite0_weights().is_none() {
         return;
     }
@@ -204,7 +217,10 @@ fn compare_steps(other: &Device, how: Phase, start: Start) {
     let x = Tensor::<4>::random([4, 3, 48, 48], Distribution::Uniform(0.0, 255.0), &flex);
     let labels = TensorData::new(vec![0i64, 3, 7, 9], [4]);
     let a = step(model, how, &x, &labels, &flex);
-    let b = step(twin, how, &x, &labels, &other);
+    let b = match ops {
+        Ops::Fused => step(twin, how, &x, &labels, &other),
+        Ops::Burn => effnet::native::with_burn_ops(|| step(twin, how, &x, &labels, &other)),
+    };
     let what = format!("{how:?}, {start:?}");
     assert_close(&format!("{what}: logits"), &a.logits, &b.logits, 1e-3);
     assert!(
@@ -226,6 +242,41 @@ fn compare_steps(other: &Device, how: Phase, start: Start) {
         &b.after,
         1e-3,
     );
+}
+
+/// Flex's fused kernels (`cpu-kernels`, through `effnet::native`) against Burn's own ops on
+/// flex: every phase, both paddings, SiLU and squeeze-excitation (B0) and ReLU6 (Lite0).
+mod kernels {
+    use super::*;
+
+    #[test]
+    fn fused_kernels_train_from_scratch_as_burns_ops_do() {
+        for padding in [Padding::Symmetric, Padding::TfSame] {
+            compare(
+                &Device::flex(),
+                Ops::Burn,
+                Phase::Scratch,
+                Start::RandomB0(padding),
+            );
+        }
+    }
+
+    #[test]
+    fn fused_kernels_fine_tune_as_burns_ops_do() {
+        // Frozen BatchNorm: every convolution folded, with a bias.
+        compare(
+            &Device::flex(),
+            Ops::Burn,
+            Phase::FineTune,
+            Start::RandomB0(Padding::TfSame),
+        );
+        compare(&Device::flex(), Ops::Burn, Phase::FineTune, Start::Lite0);
+    }
+
+    #[test]
+    fn fused_kernels_take_phase1_steps_as_burns_ops_do() {
+        compare(&Device::flex(), Ops::Burn, Phase::Head, Start::Lite0);
+    }
 }
 
 #[cfg(feature = "libtorch")]
