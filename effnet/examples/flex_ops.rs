@@ -1,7 +1,8 @@
-//! A minimal reproduction of where Burn's CPU backends spend an EfficientNet-B0 step, op by
-//! op, at the shapes of B0's first stages (batch 16, 224 px input). Uses Burn alone, nothing
-//! of this project; `worker/scripts/torch_ops.py` runs the same ops in PyTorch. Flex by
-//! default; `libtorch` as the argument runs Burn's LibTorch backend (built with the feature).
+//! Where Burn's CPU backends spend an EfficientNet-B0 step, op by op, at the shapes of B0's
+//! first stages (batch 16, 224 px input): each op as Burn's own (`burn::tensor`) and as this
+//! project's fused kernel (`effnet::native`, `cpu-kernels` on flex, PyTorch's kernels on
+//! LibTorch). `worker/scripts/torch_ops.py` runs the same ops in PyTorch. Flex by default;
+//! `libtorch` as the argument runs Burn's LibTorch backend (built with the feature).
 //!
 //! ```sh
 //! cargo run --release -p effnet --example flex_ops
@@ -11,10 +12,11 @@
 
 use std::time::Instant;
 
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Distribution, Tensor};
+use effnet::native;
 
 fn median_ms(iters: usize, mut op: impl FnMut()) -> f64 {
     op();
@@ -45,6 +47,22 @@ fn libtorch() -> Device {
     std::process::exit(2)
 }
 
+/// One row: the op timed with Burn's ops and with `effnet::native`'s.
+struct Row {
+    name: &'static str,
+    burn: f64,
+    ours: f64,
+}
+
+/// Times `op(fused)` both ways.
+fn row(name: &'static str, iters: usize, op: impl Fn(bool)) -> Row {
+    Row {
+        name,
+        burn: median_ms(iters, || op(false)),
+        ours: median_ms(iters, || op(true)),
+    }
+}
+
 fn main() {
     let (plain, backend) = match std::env::args().nth(1).as_deref() {
         Some("libtorch") => (libtorch(), "libtorch"),
@@ -58,53 +76,74 @@ fn main() {
     let iters = 5;
     // [batch, channels, h, w] of the largest expanded activation of B0's stage 2.
     let act = [16, 96, 112, 112];
-    let mut rows: Vec<(&str, f64)> = Vec::new();
-
     let x = random(act, &plain);
-    rows.push((
-        "silu forward [16,96,112,112]",
-        median_ms(iters, || {
-            let _ = silu(x.clone()).into_data();
-        }),
-    ));
     let xg = random(act, &grad).require_grad();
-    rows.push((
-        "silu forward+backward",
-        median_ms(iters, || {
-            let _ = silu(xg.clone()).sum().backward();
-        }),
-    ));
-
     let dw = ConvOptions::new([1, 1], [1, 1], [1, 1], 96);
     let w = random([96, 1, 3, 3], &plain);
-    rows.push((
-        "depthwise 3x3 conv forward",
-        median_ms(iters, || {
-            let _ = conv2d(x.clone(), w.clone(), None, dw.clone()).into_data();
-        }),
-    ));
     let wg = random([96, 1, 3, 3], &grad).require_grad();
-    rows.push((
-        "depthwise 3x3 conv forward+backward",
-        median_ms(iters, || {
-            let _ = conv2d(xg.clone(), wg.clone(), None, dw.clone()).sum().backward();
-        }),
-    ));
-
+    // Stage 3's first depthwise layer: 5x5 at stride 2, 144 channels, 56 -> 28.
+    let x5 = random([16, 144, 56, 56], &grad).require_grad();
+    let w5 = random([144, 1, 5, 5], &grad).require_grad();
+    let dw5 = ConvOptions::new([2, 2], [2, 2], [1, 1], 144);
     // A stage-3 projection: 144 -> 24 channels at 56 x 56.
     let pw = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
     let x3 = random([16, 144, 56, 56], &grad).require_grad();
     let w3 = random([24, 144, 1, 1], &grad).require_grad();
-    rows.push((
-        "1x1 conv 144->24 at 56x56 fwd+bwd",
-        median_ms(iters, || {
-            let _ = conv2d(x3.clone(), w3.clone(), None, pw.clone()).sum().backward();
-        }),
-    ));
+    // Squeeze-excitation on stage 2's output of its depthwise layer.
+    let xs = random([16, 96, 56, 56], &grad).require_grad();
+    let gs = random([16, 96, 1, 1], &grad).require_grad();
 
-    println!("| op (Burn {backend}, f32) | median ms |");
-    println!("| --- | ---: |");
-    for (name, ms) in rows {
-        println!("| {name} | {ms:.1} |");
+    let conv = |fused: bool, x: Tensor<4>, w: Tensor<4>, options: &ConvOptions<2>| {
+        if fused {
+            native::conv2d(x, w, None, options.clone())
+        } else {
+            conv2d(x, w, None, options.clone())
+        }
+    };
+    let rows = [
+        row("silu forward [16,96,112,112]", iters, |fused| {
+            let y = if fused {
+                native::silu(x.clone())
+            } else {
+                silu(x.clone())
+            };
+            let _ = y.into_data();
+        }),
+        row("silu forward+backward", iters, |fused| {
+            let y = if fused {
+                native::silu(xg.clone())
+            } else {
+                silu(xg.clone())
+            };
+            let _ = y.sum().backward();
+        }),
+        row("depthwise 3x3 conv forward", iters, |fused| {
+            let _ = conv(fused, x.clone(), w.clone(), &dw).into_data();
+        }),
+        row("depthwise 3x3 conv forward+backward", iters, |fused| {
+            let _ = conv(fused, xg.clone(), wg.clone(), &dw).sum().backward();
+        }),
+        row("depthwise 5x5 stride 2 [16,144,56,56] fwd+bwd", iters, |fused| {
+            let _ = conv(fused, x5.clone(), w5.clone(), &dw5).sum().backward();
+        }),
+        row("1x1 conv 144->24 at 56x56 fwd+bwd", iters, |fused| {
+            let _ = conv(fused, x3.clone(), w3.clone(), &pw).sum().backward();
+        }),
+        row("SE pool + gate [16,96,56,56] fwd+bwd", iters, |fused| {
+            let y = if fused {
+                let pooled = native::plane_means(xs.clone());
+                native::gate(xs.clone(), gs.clone() + pooled)
+            } else {
+                let pooled = xs.clone().mean_dim(3).mean_dim(2);
+                xs.clone() * sigmoid(gs.clone() + pooled)
+            };
+            let _ = y.sum().backward();
+        }),
+    ];
+
+    println!("| op (f32, {backend}) | Burn's op ms | effnet::native ms | Burn / native |");
+    println!("| --- | ---: | ---: | ---: |");
+    for Row { name, burn, ours } in rows {
+        println!("| {name} | {burn:.1} | {ours:.1} | {:.2}x |", burn / ours);
     }
 }
