@@ -16,17 +16,14 @@ const CHUNK: usize = 1 << 15;
 
 multiversion! {
     fn silu_chunk(x: &[f32], y: &mut [f32]) {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = x * simd::sigmoid(x);
-        }
+        y.copy_from_slice(x);
+        simd::silu_in_place(y);
     }
 }
 
 multiversion! {
     fn silu_in_place_chunk(x: &mut [f32]) {
-        for x in x.iter_mut() {
-            *x *= simd::sigmoid(*x);
-        }
+        simd::silu_in_place(x);
     }
 }
 

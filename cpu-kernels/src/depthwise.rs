@@ -208,8 +208,27 @@ multiversion! {
     fn forward_plane(p: Padded, q: &[f32], w: &[f32], bias: f32, epilogue: Epilogue, wide: &mut [f32]) {
         let [kh, kw] = p.kernel;
         let len = p.wide();
-        for start in (0..len).step_by(BLOCK) {
-            let n = BLOCK.min(len - start);
+        let mut start = 0;
+        // Whole blocks: a fixed-size accumulator that LLVM keeps in vector registers across
+        // all taps (a slice of run-time length goes through memory at every tap).
+        while start + BLOCK <= len {
+            let mut acc = [bias; BLOCK];
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let weight = w[ky * kw + kx];
+                    let at = p.tap(ky, kx) + start;
+                    let source: &[f32; BLOCK] = q[at..at + BLOCK].try_into().expect("a block is BLOCK long");
+                    for (a, &v) in acc.iter_mut().zip(source) {
+                        *a += weight * v;
+                    }
+                }
+            }
+            epilogue.apply(&mut acc);
+            wide[start..start + BLOCK].copy_from_slice(&acc);
+            start += BLOCK;
+        }
+        if start < len {
+            let n = len - start;
             let mut acc = [bias; BLOCK];
             let acc = &mut acc[..n];
             for ky in 0..kh {
@@ -222,7 +241,7 @@ multiversion! {
                 }
             }
             epilogue.apply(acc);
-            wide[start..start + n].copy_from_slice(acc);
+            wide[start..].copy_from_slice(acc);
         }
     }
 }

@@ -36,9 +36,7 @@ impl Epilogue {
     #[inline(always)]
     pub(crate) fn apply(self, values: &mut [f32]) {
         if self == Self::Silu {
-            for v in values.iter_mut() {
-                *v *= simd::sigmoid(*v);
-            }
+            simd::silu_in_place(values);
         }
     }
 }
