@@ -77,9 +77,14 @@ fn the_zero_download_demo_learns_from_scratch() {
     );
     assert_eq!(history.len(), 4);
     let losses: Vec<f64> = history.iter().map(|e| f(e, "train_loss")).collect();
+    // Within each phase the loss falls every epoch. Across the boundary it need not: from
+    // scratch, the head epochs normalise with each batch's statistics and fine-tuning with the
+    // frozen running ones, so the first fine-tuning epoch computes a different function: with
+    // flex's fused kernels its loss came out 2% above the last head epoch's, with Burn's ops on
+    // the same build 52% below (float summation order alone moves this small run that much).
     assert!(
-        losses.windows(2).all(|w| w[1] < w[0]),
-        "the training loss falls every epoch: {losses:?}"
+        losses[1] < losses[0] && losses[3] < losses[2] && losses[3] < losses[1],
+        "the training loss falls within each phase and overall: {losses:?}"
     );
     // Chance is 10% (ln 10 = 2.303 of loss); a frozen random backbone stayed there.
     assert!(losses[1] < 1.5, "{losses:?}");

@@ -87,18 +87,6 @@ multiversion! {
     }
 }
 
-multiversion! {
-    fn plane_sum(x: &[f32]) -> f32 {
-        simd::sum(x)
-    }
-}
-
-multiversion! {
-    fn plane_dot(x: &[f32], y: &[f32]) -> f32 {
-        simd::dot(x, y)
-    }
-}
-
 /// The mean of each plane: `x` holds `means.len()` planes of `plane` values (`[b, c, h, w]`
 /// gives one mean per `(b, c)`).
 ///
@@ -113,7 +101,7 @@ pub fn plane_means(x: &[f32], plane: usize, means: &mut [f32]) {
         .zip(x.par_chunks(per * plane))
         .for_each(|(means, x)| {
             for (mean, x) in means.iter_mut().zip(x.chunks_exact(plane)) {
-                *mean = plane_sum(x) / plane as f32;
+                *mean = simd::plane_sum(x) / plane as f32;
             }
         });
 }
@@ -196,7 +184,7 @@ pub fn gate_backward(x: &[f32], gate: &[f32], grad: &[f32], plane: usize, dx: &m
             for (((dx, dgate), (x, grad)), &g) in planes.zip(gate) {
                 let s = simd::sigmoid(g);
                 scale_plane(grad, s, dx);
-                *dgate = plane_dot(grad, x) * s * (1.0 - s);
+                *dgate = simd::plane_dot(grad, x) * s * (1.0 - s);
             }
         });
 }

@@ -46,18 +46,6 @@ multiversion! {
 }
 
 multiversion! {
-    fn plane_sum(x: &[f32]) -> f32 {
-        simd::sum(x)
-    }
-}
-
-multiversion! {
-    fn plane_dot(x: &[f32], y: &[f32]) -> f32 {
-        simd::dot(x, y)
-    }
-}
-
-multiversion! {
     fn affine(x: &[f32], scale: f32, shift: f32, y: &mut [f32]) {
         for (y, &x) in y.iter_mut().zip(x) {
             *y = x * scale + shift;
@@ -107,7 +95,7 @@ pub fn forward(
     let statistics: Vec<(f32, f32)> = (0..channels)
         .into_par_iter()
         .map(|c| {
-            let mean = planes(x, channels, plane, c).map(plane_sum).sum::<f32>() / count;
+            let mean = planes(x, channels, plane, c).map(simd::plane_sum).sum::<f32>() / count;
             let variance = planes(x, channels, plane, c)
                 .map(|p| centred_squares(p, mean))
                 .sum::<f32>()
@@ -153,7 +141,7 @@ pub fn backward(
             let g = planes(grad, channels, plane, c);
             let xs = planes(x, channels, plane, c);
             g.zip(xs).fold((0.0, 0.0), |(s, sx), (g, x)| {
-                (s + plane_sum(g), sx + plane_dot(g, x))
+                (s + simd::plane_sum(g), sx + simd::plane_dot(g, x))
             })
         })
         .collect();

@@ -276,12 +276,6 @@ multiversion! {
     }
 }
 
-multiversion! {
-    fn plane_sum(x: &[f32]) -> f32 {
-        simd::sum(x)
-    }
-}
-
 /// Outputs accumulated in registers before one store.
 const BLOCK: usize = 64;
 
@@ -391,7 +385,7 @@ pub fn backward(g: &Depthwise, x: &[f32], weight: &[f32], grad: &[f32], wanted: 
                 weight_grad_plane(p, &scratch.padded, &scratch.wide, dw);
             }
             if let Some(db) = db {
-                db[0] = plane_sum(grad);
+                db[0] = simd::plane_sum(grad);
             }
         });
 
@@ -414,7 +408,7 @@ pub fn backward(g: &Depthwise, x: &[f32], weight: &[f32], grad: &[f32], wanted: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, values};
+    use crate::testing::{assert_close, assert_gradients, values};
 
     /// The definition, in f64, one output at a time.
     fn reference(g: &Depthwise, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
@@ -527,24 +521,7 @@ mod tests {
                 &grad,
             );
             let case = format!("{g:?}");
-            assert_close(
-                found.input.as_deref().unwrap(),
-                &dx,
-                1e-4,
-                &format!("input gradient {case}"),
-            );
-            assert_close(
-                found.weight.as_deref().unwrap(),
-                &dw,
-                1e-4,
-                &format!("weight gradient {case}"),
-            );
-            assert_close(
-                found.bias.as_deref().unwrap(),
-                &db,
-                1e-4,
-                &format!("bias gradient {case}"),
-            );
+            assert_gradients(&found, [&dx, &dw, &db], &case);
         }
     }
 

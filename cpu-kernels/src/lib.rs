@@ -68,6 +68,18 @@ pub(crate) mod testing {
             .collect()
     }
 
+    /// Fails unless each gradient in `found` is within 1e-4 of `expected` (`[input, weight,
+    /// bias]`).
+    pub fn assert_gradients(found: &crate::ConvGradients, expected: [&[f32]; 3], case: &str) {
+        let found = [&found.input, &found.weight, &found.bias];
+        for ((name, found), expected) in ["input", "weight", "bias"].iter().zip(found).zip(expected) {
+            let found = found
+                .as_deref()
+                .unwrap_or_else(|| panic!("{case}: no {name} gradient"));
+            assert_close(found, expected, 1e-4, &format!("{name} gradient {case}"));
+        }
+    }
+
     /// Fails unless every `found` is within `tolerance` of `expected`, relative to the largest
     /// magnitude in `expected`.
     pub fn assert_close(found: &[f32], expected: &[f32], tolerance: f32, what: &str) {

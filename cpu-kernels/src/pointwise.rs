@@ -255,12 +255,6 @@ multiversion! {
     }
 }
 
-multiversion! {
-    fn row_sum(x: &[f32]) -> f32 {
-        simd::sum(x)
-    }
-}
-
 /// The backward pass of [`forward`] for the gradient `grad` of its output: each gradient in
 /// `wanted` (`[input, weight, bias]`).
 ///
@@ -315,7 +309,7 @@ pub fn backward(g: &Pointwise, x: &[f32], weight: &[f32], grad: &[f32], wanted: 
         let mut db = vec![0f32; g.out_channels];
         for image in grad.chunks_exact(y_image.max(1)) {
             for (db, row) in db.iter_mut().zip(image.chunks_exact(g.plane.max(1))) {
-                *db += row_sum(row);
+                *db += simd::plane_sum(row);
             }
         }
         db
@@ -330,7 +324,7 @@ pub fn backward(g: &Pointwise, x: &[f32], weight: &[f32], grad: &[f32], wanted: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, values};
+    use crate::testing::{assert_close, assert_gradients, values};
 
     fn reference(g: &Pointwise, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
         let mut y = vec![0f32; g.batch * g.out_channels * g.plane];
@@ -408,24 +402,7 @@ mod tests {
             let dx = response(&x, &|x| score(x, &w, &bias));
             let dw = response(&w, &|w| score(&x, w, &bias));
             let db = response(&bias, &|b| score(&x, &w, b));
-            assert_close(
-                found.input.as_deref().unwrap(),
-                &dx,
-                1e-4,
-                &format!("input gradient {g:?}"),
-            );
-            assert_close(
-                found.weight.as_deref().unwrap(),
-                &dw,
-                1e-4,
-                &format!("weight gradient {g:?}"),
-            );
-            assert_close(
-                found.bias.as_deref().unwrap(),
-                &db,
-                1e-4,
-                &format!("bias gradient {g:?}"),
-            );
+            assert_gradients(&found, [&dx, &dw, &db], &format!("{g:?}"));
         }
     }
 

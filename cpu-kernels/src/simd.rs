@@ -37,6 +37,20 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+multiversion! {
+    /// [`sum`] compiled for the CPU's widest vector unit.
+    pub(crate) fn plane_sum(x: &[f32]) -> f32 {
+        sum(x)
+    }
+}
+
+multiversion! {
+    /// [`dot`] compiled for the CPU's widest vector unit.
+    pub(crate) fn plane_dot(x: &[f32], y: &[f32]) -> f32 {
+        dot(x, y)
+    }
+}
+
 /// Whether the CPU runs AVX-512 (foundation and byte/word instructions).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx512() -> bool {

@@ -2,6 +2,7 @@
 //! fused loops, with backward passes that are those kernels too (Burn's autodiff records each
 //! as one operation).
 
+use super::BatchNormTrain;
 use burn::backend::TensorMetadata;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -9,7 +10,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, ExtensionType, Flex, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Shape, Tensor, TensorData};
 use cpu_kernels::batch_norm::Statistics;
@@ -94,17 +95,6 @@ impl Conv {
             Self::Pointwise(g) => pointwise::backward(g, x, weight, grad, wanted),
         }
     }
-}
-
-/// What [`KernelOps::kernel_batch_norm_train`] returns.
-#[derive(ExtensionType)]
-pub struct BatchNormTrain<B: Backend> {
-    /// The normalised input.
-    pub output: FloatTensor<B>,
-    /// Batch mean per channel.
-    pub mean: FloatTensor<B>,
-    /// Batch (biased) variance per channel.
-    pub variance: FloatTensor<B>,
 }
 
 /// The operations this module routes to the kernels.
@@ -509,15 +499,23 @@ pub fn conv2d(
     bias: Option<Tensor<1>>,
     options: ConvOptions<2>,
 ) -> Tensor<4> {
-    let [out, ..] = weight.dims();
-    let bias = bias.unwrap_or_else(|| Tensor::zeros([out], &x.device()));
-    let output = <Dispatch as KernelOps>::kernel_conv2d(
-        x.into_dispatch(),
-        weight.into_dispatch(),
-        bias.into_dispatch(),
-        options,
-    );
-    Tensor::from_dispatch(output)
+    let bias = super::bias_or_zeros(bias, &weight);
+    let (x, weight, bias) = (x.into_dispatch(), weight.into_dispatch(), bias.into_dispatch());
+    Tensor::from_dispatch(<Dispatch as KernelOps>::kernel_conv2d(x, weight, bias, options))
+}
+
+/// [`super::conv2d_silu`] on flex, for a convolution [`Conv::of`] covers.
+pub fn conv2d_silu(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvOptions<2>,
+) -> Tensor<4> {
+    let bias = super::bias_or_zeros(bias, &weight);
+    let (x, weight, bias) = (x.into_dispatch(), weight.into_dispatch(), bias.into_dispatch());
+    Tensor::from_dispatch(<Dispatch as KernelOps>::kernel_conv2d_silu(
+        x, weight, bias, options,
+    ))
 }
 
 /// [`super::batch_norm_train`] on flex.
@@ -538,24 +536,6 @@ pub fn batch_norm_train(
         Tensor::from_dispatch(result.mean),
         Tensor::from_dispatch(result.variance),
     )
-}
-
-/// [`super::conv2d_silu`] on flex, for a convolution [`Conv::of`] covers.
-pub fn conv2d_silu(
-    x: Tensor<4>,
-    weight: Tensor<4>,
-    bias: Option<Tensor<1>>,
-    options: ConvOptions<2>,
-) -> Tensor<4> {
-    let [out, ..] = weight.dims();
-    let bias = bias.unwrap_or_else(|| Tensor::zeros([out], &x.device()));
-    let output = <Dispatch as KernelOps>::kernel_conv2d_silu(
-        x.into_dispatch(),
-        weight.into_dispatch(),
-        bias.into_dispatch(),
-        options,
-    );
-    Tensor::from_dispatch(output)
 }
 
 /// [`super::silu`] on flex.
@@ -581,30 +561,10 @@ mod tests {
     use burn::tensor::ops::ConvOptions;
     use burn::tensor::{Device, Distribution, Tensor, activation, module};
 
-    fn values<const D: usize>(x: Tensor<D>) -> Vec<f32> {
-        x.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
-    }
-
-    /// Largest difference relative to the largest magnitude in `expected`.
-    fn relative_error<const D: usize>(found: Tensor<D>, expected: Tensor<D>) -> f32 {
-        assert_eq!(found.dims(), expected.dims());
-        let (found, expected) = (values(found), values(expected));
-        let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!(scale > 0.0, "all zeros: the comparison would prove nothing");
-        let diff = found
-            .iter()
-            .zip(&expected)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        diff / scale
-    }
+    use crate::native::testing::{leaf, relative_error};
 
     fn flex() -> Device {
         Device::flex().autodiff()
-    }
-
-    /// The same values on `device`, tracked.
-    fn leaf<const D: usize>(data: &Tensor<D>) -> Tensor<D> {
-        Tensor::from_data(data.to_data(), &data.device()).require_grad()
     }
 
     /// A loss whose gradient differs per element, so a gradient in the wrong place shows.
@@ -796,41 +756,7 @@ mod tests {
 
     #[test]
     fn kernel_training_batchnorm_matches_burns() {
-        let device = flex();
-        device.seed(23);
-        let data = Tensor::<4>::random([4, 6, 5, 7], Distribution::Normal(2.0, 3.0), &device);
-        let gamma = Tensor::<1>::random([6], Distribution::Uniform(0.5, 2.0), &device);
-        let beta = Tensor::<1>::random([6], Distribution::Uniform(-1.0, 1.0), &device);
-        let run = |fused: bool| {
-            let (x, g, b) = (leaf(&data), leaf(&gamma), leaf(&beta));
-            let (y, mean, variance) = if fused {
-                crate::native::batch_norm_train(x.clone(), g.clone(), b.clone(), 1e-3)
-            } else {
-                let r = module::batch_norm_train(x.clone(), g.clone(), b.clone(), 1e-3);
-                (r.output, r.mean, r.variance)
-            };
-            let grads = score(y.clone()).backward();
-            let grads = [
-                x.grad(&grads).unwrap().reshape([-1]),
-                g.grad(&grads).unwrap(),
-                b.grad(&grads).unwrap(),
-            ];
-            (y, mean, variance, grads)
-        };
-        let (y, mean, variance, grads) = run(true);
-        let (y_ref, mean_ref, variance_ref, grads_ref) = run(false);
-        assert!(relative_error(y.inner(), y_ref.inner()) < 1e-5, "output");
-        assert!(relative_error(mean.inner(), mean_ref.inner()) < 1e-5, "mean");
-        assert!(
-            relative_error(variance.inner(), variance_ref.inner()) < 1e-4,
-            "variance"
-        );
-        for (name, (found, expected)) in ["input", "gamma", "beta"]
-            .iter()
-            .zip(grads.into_iter().zip(grads_ref))
-        {
-            assert!(relative_error(found, expected) < 1e-4, "{name} gradient");
-        }
+        crate::native::testing::batch_norm_matches_burns(&flex(), 23);
     }
 
     #[test]

@@ -22,6 +22,8 @@
 use std::cell::Cell;
 use std::sync::OnceLock;
 
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, ExtensionType};
 use burn::tensor::ops::ConvOptions;
 #[cfg(feature = "libtorch")]
 use burn::tensor::ops::PadMode;
@@ -30,6 +32,17 @@ use burn::tensor::{Tensor, activation, module};
 mod flex;
 #[cfg(feature = "libtorch")]
 mod torch;
+
+/// What the extensions' training BatchNorm returns (both extensions' `Dispatch` code maps it).
+#[derive(ExtensionType)]
+pub struct BatchNormTrain<B: Backend> {
+    /// The normalised input.
+    pub output: FloatTensor<B>,
+    /// Batch mean per channel.
+    pub mean: FloatTensor<B>,
+    /// Batch (biased) variance per channel.
+    pub variance: FloatTensor<B>,
+}
 
 thread_local! {
     static BURN_OPS: Cell<bool> = const { Cell::new(false) };
@@ -48,6 +61,12 @@ pub fn with_burn_ops<R>(f: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(BURN_OPS.replace(true));
     f()
+}
+
+/// The layer's bias, or zeros (the extensions' ops take one either way).
+fn bias_or_zeros(bias: Option<Tensor<1>>, weight: &Tensor<4>) -> Tensor<1> {
+    let [out, ..] = weight.dims();
+    bias.unwrap_or_else(|| Tensor::zeros([out], &weight.device()))
 }
 
 /// Whether the fused kernels run for `x`: on flex, in f32, unless switched off.
@@ -150,4 +169,71 @@ pub fn batch_norm_train(
     }
     let result = module::batch_norm_train(x, gamma, beta, epsilon);
     (result.output, result.mean, result.variance)
+}
+
+/// What the tests of both extensions compare with.
+#[cfg(test)]
+pub(crate) mod testing {
+    use burn::tensor::{Device, Distribution, Tensor, module};
+
+    fn values<const D: usize>(x: Tensor<D>) -> Vec<f32> {
+        x.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+    }
+
+    /// Largest difference relative to the largest magnitude in `expected`.
+    pub fn relative_error<const D: usize>(found: Tensor<D>, expected: Tensor<D>) -> f32 {
+        assert_eq!(found.dims(), expected.dims());
+        let (found, expected) = (values(found), values(expected));
+        let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0, "all zeros: the comparison would prove nothing");
+        let diff = found
+            .iter()
+            .zip(&expected)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        diff / scale
+    }
+
+    /// [`super::batch_norm_train`] on `device` (an autodiff device) against Burn's own op:
+    /// output, statistics and the three gradients.
+    pub fn batch_norm_matches_burns(device: &Device, seed: u64) {
+        device.seed(seed);
+        let data = Tensor::<4>::random([4, 6, 5, 7], Distribution::Normal(2.0, 3.0), device);
+        let gamma = Tensor::<1>::random([6], Distribution::Uniform(0.5, 2.0), device);
+        let beta = Tensor::<1>::random([6], Distribution::Uniform(-1.0, 1.0), device);
+        let run = |fused: bool| {
+            let (x, g, b) = (leaf(&data), leaf(&gamma), leaf(&beta));
+            let (y, mean, variance) = if fused {
+                super::batch_norm_train(x.clone(), g.clone(), b.clone(), 1e-3)
+            } else {
+                let r = module::batch_norm_train(x.clone(), g.clone(), b.clone(), 1e-3);
+                (r.output, r.mean, r.variance)
+            };
+            let grads = (y.clone() * y.clone().cos()).sum().backward();
+            let grads = [
+                x.grad(&grads).unwrap().reshape([-1]),
+                g.grad(&grads).unwrap(),
+                b.grad(&grads).unwrap(),
+            ];
+            (y, mean, variance, grads)
+        };
+        let (y, mean, variance, grads) = run(true);
+        let (y_ref, mean_ref, variance_ref, grads_ref) = run(false);
+        assert!(relative_error(y.inner(), y_ref.inner()) < 1e-5, "output");
+        assert!(relative_error(mean.inner(), mean_ref.inner()) < 1e-5, "mean");
+        assert!(
+            relative_error(variance.inner(), variance_ref.inner()) < 1e-4,
+            "variance"
+        );
+        for (name, (found, expected)) in ["input", "gamma", "beta"]
+            .iter()
+            .zip(grads.into_iter().zip(grads_ref))
+        {
+            assert!(relative_error(found, expected) < 1e-4, "{name} gradient");
+        }
+    }
+
+    /// The same values on the same device, tracked.
+    pub fn leaf<const D: usize>(data: &Tensor<D>) -> Tensor<D> {
+        Tensor::from_data(data.to_data(), &data.device()).require_grad()
+    }
 }

@@ -11,26 +11,15 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::libtorch::TchTensor;
 use burn::backend::ops::ModuleOps;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{
-    Autodiff, Backend, Dispatch, DispatchDevice, ExtensionType, LibTorch, backend_extension,
-};
+use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, LibTorch, backend_extension};
 use burn::tensor::Tensor;
 use burn::tensor::ops::ConvOptions;
+
+use super::BatchNormTrain;
 
 /// Whether `x` lives on the LibTorch backend (with or without autodiff).
 pub fn runs<const D: usize>(x: &Tensor<D>) -> bool {
     matches!(x.device().inner().as_dispatch(), DispatchDevice::LibTorch(_))
-}
-
-/// What [`AtenOps::aten_batch_norm_train`] returns.
-#[derive(ExtensionType)]
-pub struct BatchNormTrain<B: Backend> {
-    /// The normalised input.
-    pub output: FloatTensor<B>,
-    /// Batch mean per channel.
-    pub mean: FloatTensor<B>,
-    /// Batch (biased) variance per channel.
-    pub variance: FloatTensor<B>,
 }
 
 /// The operations this module routes to PyTorch.
@@ -202,8 +191,7 @@ pub fn conv2d(
     bias: Option<Tensor<1>>,
     options: ConvOptions<2>,
 ) -> Tensor<4> {
-    let [out, ..] = weight.dims();
-    let bias = bias.unwrap_or_else(|| Tensor::zeros([out], &x.device()));
+    let bias = super::bias_or_zeros(bias, &weight);
     let output = <Dispatch as AtenOps>::aten_conv2d(
         x.into_dispatch(),
         weight.into_dispatch(),
@@ -399,31 +387,10 @@ mod tests {
     use burn::tensor::{Device, Distribution, Tensor, activation, module};
 
     use crate::device::{CpuBackend, cpu};
+    use crate::native::testing::{leaf, relative_error};
 
     fn libtorch() -> Device {
         cpu(CpuBackend::Libtorch).unwrap().autodiff()
-    }
-
-    fn values<const D: usize>(x: Tensor<D>) -> Vec<f32> {
-        x.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
-    }
-
-    /// Largest difference relative to the largest magnitude in `expected`.
-    fn relative_error<const D: usize>(found: Tensor<D>, expected: Tensor<D>) -> f32 {
-        assert_eq!(found.dims(), expected.dims());
-        let (found, expected) = (values(found), values(expected));
-        let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!(scale > 0.0, "all zeros: the comparison would prove nothing");
-        let diff = found
-            .iter()
-            .zip(&expected)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        diff / scale
-    }
-
-    /// The same random values on `device`, tracked.
-    fn leaf<const D: usize>(data: &Tensor<D>, device: &Device) -> Tensor<D> {
-        Tensor::from_data(data.to_data(), device).require_grad()
     }
 
     #[test]
@@ -455,12 +422,8 @@ mod tests {
             let options =
                 ConvOptions::new_with_padding([stride, stride], pairs, [dilation, dilation], groups);
             let run = |native: bool| {
-                let x = if input_tracked {
-                    leaf(&x, &device)
-                } else {
-                    x.clone()
-                };
-                let (w, b) = (leaf(&w, &device), leaf(&b, &device));
+                let x = if input_tracked { leaf(&x) } else { x.clone() };
+                let (w, b) = (leaf(&w), leaf(&b));
                 let with_bias = bias.then(|| b.clone());
                 let y = if native {
                     crate::native::conv2d(x.clone(), w.clone(), with_bias, options.clone())
@@ -494,7 +457,7 @@ mod tests {
         device.seed(12);
         let data = Tensor::<3>::random([3, 5, 7], Distribution::Normal(0.0, 3.0), &device);
         let run = |native: bool| {
-            let x = leaf(&data, &device);
+            let x = leaf(&data);
             let y = if native {
                 crate::native::silu(x.clone())
             } else {
@@ -510,41 +473,6 @@ mod tests {
 
     #[test]
     fn libtorch_training_batchnorm_matches_burns() {
-        let device = libtorch();
-        device.seed(13);
-        let data = Tensor::<4>::random([4, 6, 5, 5], Distribution::Normal(2.0, 3.0), &device);
-        let gamma = Tensor::<1>::random([6], Distribution::Uniform(0.5, 2.0), &device);
-        let beta = Tensor::<1>::random([6], Distribution::Uniform(-1.0, 1.0), &device);
-        let run = |native: bool| {
-            let (x, g, b) = (leaf(&data, &device), leaf(&gamma, &device), leaf(&beta, &device));
-            let (y, mean, variance) = if native {
-                crate::native::batch_norm_train(x.clone(), g.clone(), b.clone(), 1e-3)
-            } else {
-                let r = module::batch_norm_train(x.clone(), g.clone(), b.clone(), 1e-3);
-                (r.output, r.mean, r.variance)
-            };
-            let target = y.clone().cos();
-            let grads = (y.clone() * target).sum().backward();
-            let grads = [
-                x.grad(&grads).unwrap().reshape([-1]),
-                g.grad(&grads).unwrap(),
-                b.grad(&grads).unwrap(),
-            ];
-            (y, mean, variance, grads)
-        };
-        let (y, mean, variance, grads) = run(true);
-        let (y_ref, mean_ref, variance_ref, grads_ref) = run(false);
-        assert!(relative_error(y.inner(), y_ref.inner()) < 1e-5, "output");
-        assert!(relative_error(mean.inner(), mean_ref.inner()) < 1e-5, "mean");
-        assert!(
-            relative_error(variance.inner(), variance_ref.inner()) < 1e-4,
-            "variance"
-        );
-        for (name, (found, expected)) in ["input", "gamma", "beta"]
-            .iter()
-            .zip(grads.into_iter().zip(grads_ref))
-        {
-            assert!(relative_error(found, expected) < 1e-4, "{name} gradient");
-        }
+        crate::native::testing::batch_norm_matches_burns(&libtorch(), 13);
     }
 }
