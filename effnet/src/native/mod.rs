@@ -30,6 +30,8 @@ use burn::tensor::ops::PadMode;
 use burn::tensor::{Tensor, activation, module};
 
 mod flex;
+#[cfg(test)]
+mod flex_tests;
 #[cfg(feature = "libtorch")]
 mod torch;
 
