@@ -15,19 +15,6 @@ use crate::simd::{self, multiversion};
 const CHUNK: usize = 1 << 15;
 
 multiversion! {
-    fn silu_chunk(x: &[f32], y: &mut [f32]) {
-        y.copy_from_slice(x);
-        simd::silu_in_place(y);
-    }
-}
-
-multiversion! {
-    fn silu_in_place_chunk(x: &mut [f32]) {
-        simd::silu_in_place(x);
-    }
-}
-
-multiversion! {
     fn silu_grad_chunk(x: &[f32], grad: &[f32], dx: &mut [f32]) {
         for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(grad) {
             let s = simd::sigmoid(x);
@@ -44,13 +31,16 @@ pub fn silu(x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), y.len(), "silu: input and output lengths");
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(y, x)| silu_chunk(x, y));
+        .for_each(|(y, x)| {
+            y.copy_from_slice(x);
+            simd::silu_in_place(y);
+        });
 }
 
 /// [`silu`] overwriting its input (inference: nothing else needs it, and one stream over
 /// memory replaces two).
 pub fn silu_in_place(x: &mut [f32]) {
-    x.par_chunks_mut(CHUNK).for_each(silu_in_place_chunk);
+    x.par_chunks_mut(CHUNK).for_each(simd::silu_in_place);
 }
 
 /// The gradient of SiLU's input: `dx = grad * s * (1 + x * (1 - s))` with `s = sigmoid(x)`.

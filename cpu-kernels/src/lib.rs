@@ -33,7 +33,6 @@ pub enum Epilogue {
 
 impl Epilogue {
     /// Applies the epilogue to `values` in place.
-    #[inline(always)]
     pub(crate) fn apply(self, values: &mut [f32]) {
         if self == Self::Silu {
             simd::silu_in_place(values);

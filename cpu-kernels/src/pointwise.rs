@@ -234,17 +234,11 @@ pub fn forward(
             );
             if epilogue != Epilogue::None {
                 for row in y.chunks_exact_mut(plane) {
-                    apply_epilogue(epilogue, &mut row[start..start + n]);
+                    epilogue.apply(&mut row[start..start + n]);
                 }
             }
         }
     });
-}
-
-multiversion! {
-    fn apply_epilogue(epilogue: Epilogue, values: &mut [f32]) {
-        epilogue.apply(values);
-    }
 }
 
 multiversion! {

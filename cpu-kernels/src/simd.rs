@@ -63,6 +63,23 @@ pub(crate) fn has_avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
+/// [`exp`]'s constants, shared by its vector versions in `x86`.
+/// Clamp: within it, `e^x` and `2^k` are normal floats.
+const EXP_MIN: f32 = -87.3;
+const EXP_MAX: f32 = 88.0;
+/// ln 2 split so that `k * LN2_HI` is exact for the `k` that occur.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// Cephes' polynomial for `(e^r - 1 - r) / r^2` on [-ln2/2, ln2/2], highest degree first.
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
 /// `e^x` for f32 without a library call, so that loops over it vectorise: Cephes' range
 /// reduction and degree-6 polynomial (within 2 ulp of `f32::exp` on the clamped range). The
 /// argument is clamped to [-87.3, 88.0], where the result is a normal float; NaN stays NaN.
@@ -70,22 +87,16 @@ pub(crate) fn has_avx2() -> bool {
 pub fn exp(x: f32) -> f32 {
     // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split so that k * LN2_HI is exact for the k that occur.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     // Selects rather than f32::min/max: those carry NaN rules that cost extra instructions.
-    let x = if x > 88.0 { 88.0 } else { x };
-    let x = if x < -87.3 { -87.3 } else { x };
-    let t = x * LOG2_E + ROUND;
+    let x = if x > EXP_MAX { EXP_MAX } else { x };
+    let x = if x < EXP_MIN { EXP_MIN } else { x };
+    let t = x * std::f32::consts::LOG2_E + ROUND;
     let k = t - ROUND;
     let r = x - k * LN2_HI - k * LN2_LO;
-    let mut p = 1.987_569_1e-4;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
+    let mut p = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        p = p * r + c;
+    }
     let e = p * r * r + r + 1.0;
     // 2^k, built from k's bits: the clamp keeps k + 127 within a normal exponent.
     let k_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
@@ -130,15 +141,18 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     fn silu16(x: __m512) -> __m512 {
         let neg = _mm512_sub_ps(_mm512_setzero_ps(), x);
-        let t = _mm512_min_ps(_mm512_max_ps(neg, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.0));
+        let t = _mm512_min_ps(
+            _mm512_max_ps(neg, _mm512_set1_ps(super::EXP_MIN)),
+            _mm512_set1_ps(super::EXP_MAX),
+        );
         let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
             t,
             _mm512_set1_ps(std::f32::consts::LOG2_E),
         ));
-        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_359_4), t);
-        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(super::LN2_HI), t);
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(super::LN2_LO), r);
+        let mut p = _mm512_set1_ps(super::EXP_POLY[0]);
+        for &c in &super::EXP_POLY[1..] {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
         }
         let e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
@@ -174,15 +188,18 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     fn silu8(x: __m256) -> __m256 {
         let neg = _mm256_sub_ps(_mm256_setzero_ps(), x);
-        let t = _mm256_min_ps(_mm256_max_ps(neg, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.0));
+        let t = _mm256_min_ps(
+            _mm256_max_ps(neg, _mm256_set1_ps(super::EXP_MIN)),
+            _mm256_set1_ps(super::EXP_MAX),
+        );
         let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
             t,
             _mm256_set1_ps(std::f32::consts::LOG2_E),
         ));
-        let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693_359_4), t);
-        let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+        let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(super::LN2_HI), t);
+        let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(super::LN2_LO), r);
+        let mut p = _mm256_set1_ps(super::EXP_POLY[0]);
+        for &c in &super::EXP_POLY[1..] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
         let e = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0));
